@@ -1,0 +1,1 @@
+"""theta-store: version ML model checkpoints in ordinary Git."""

@@ -1,0 +1,49 @@
+"""Exception hierarchy of theta-store.
+
+Every error says what failed, on which file / tensor / offset, and what the user can do.
+They subclass builtins so callers can catch them generically.
+"""
+
+from __future__ import annotations
+
+
+class ThetaStoreError(Exception):
+    """Base class of every error theta-store raises on purpose."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        if hint:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+class FormatError(ThetaStoreError, ValueError):
+    """A checkpoint file is malformed: names the file, the place and the fault."""
+
+    def __init__(self, path: str, where: str, problem: str, *, hint: str = "") -> None:
+        self.path = path
+        self.where = where
+        self.problem = problem
+        location = f"{path}: {where}: " if where else f"{path}: "
+        super().__init__(location + problem, hint=hint)
+
+
+class CorruptObject(ThetaStoreError, ValueError):
+    """A stored frame, manifest or pointer does not decode or does not match its id."""
+
+
+class ObjectNotFound(ThetaStoreError, FileNotFoundError):
+    """An object the manifest needs is not in this repository."""
+
+
+class NotARepository(ThetaStoreError, FileNotFoundError):
+    """The path is not inside a Git repository."""
+
+
+class PointerError(ThetaStoreError, ValueError):
+    """A file that should be a theta-store pointer is not one."""

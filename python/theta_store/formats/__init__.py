@@ -1,0 +1,59 @@
+"""Format adapters, detected from a file's content (magic bytes, structure), never from a flag.
+
+Each adapter module has NAME, EXTENSIONS, ``sniff(head, size) -> bool`` and
+``parse(path, f, size) -> Layout``. Detection tries every sniff on the first bytes; the first
+that claims the file parses it. A file no adapter claims is stored raw (content-defined chunks),
+unless its extension names a format, in which case that format's parser runs to report the fault:
+a corrupt ``model.safetensors`` should be an error, not silently opaque bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from ..errors import FormatError
+from . import raw, safetensors
+from .base import CODEC_DTYPES, Layout, TensorRegion, element_size
+
+HEAD_BYTES = 4096
+
+ADAPTERS: list[ModuleType] = [safetensors]
+
+
+def _register_optional() -> None:
+    # Adapters of other formats register here as they are added (see the formats issue).
+    import importlib
+
+    for mod in ("gguf", "torch", "numpy", "flax"):
+        try:
+            ADAPTERS.append(importlib.import_module(f"{__name__}.{mod}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+_register_optional()
+
+
+def detect(path: str | os.PathLike[str]) -> Layout:
+    """Parse the structure of the file at ``path`` into a Layout (never reads tensor data)."""
+    p = os.fspath(path)
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEAD_BYTES)
+        for adapter in ADAPTERS:
+            if adapter.sniff(head, size):
+                layout: Layout = adapter.parse(p, f, size)
+                layout.check(p)
+                return layout
+        lower = p.lower()
+        for adapter in ADAPTERS:
+            if lower.endswith(tuple(adapter.EXTENSIONS)):
+                layout = adapter.parse(p, f, size)  # raises the precise FormatError
+                layout.check(p)
+                return layout
+        return raw.parse(p, f, size)
+
+
+__all__ = ["ADAPTERS", "CODEC_DTYPES", "FormatError", "Layout", "TensorRegion", "detect", "element_size"]

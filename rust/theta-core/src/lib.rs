@@ -1,0 +1,18 @@
+//! theta-core: the byte work of theta-store, with no Python in it.
+//!
+//! - [`frame`]: chunk ids (BLAKE3) and frames (byte planes + rANS / zstd / raw per plane).
+//! - [`ans`]: the order-0 rANS coder used on float exponent planes.
+//! - [`cdc`]: content-defined chunking for opaque bytes.
+//! - [`pack`]: Git pack and index writing (zlib level 0), plain-blob reads.
+//! - [`pipeline`]: whole files: scan, write the new chunks, restore.
+
+pub mod ans;
+pub mod cdc;
+pub mod dtype;
+pub mod error;
+pub mod frame;
+pub mod pack;
+pub mod pipeline;
+
+pub use dtype::DType;
+pub use error::{Error, Result};

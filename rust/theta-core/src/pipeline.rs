@@ -1,0 +1,573 @@
+//! Whole-file work: cut a file into chunks and hash it, write the new chunks' frames into a pack,
+//! restore a file from frames. Memory stays O(threads x chunk): files are read with positioned
+//! reads in bounded windows, never mapped whole.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::cdc::{self, CdcParams};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::frame::{self, hex, ChunkId};
+use crate::pack::{self, ObjectId, PackWriter};
+
+/// A byte range of the file as the format adapter sees it.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub offset: u64,
+    pub len: u64,
+    pub dtype: DType,
+    /// Chunk boundaries inside a tensor span fall on multiples of this (element or block size).
+    pub align: u64,
+    /// Opaque spans (skeleton, unknown data) are cut by content-defined chunking.
+    pub opaque: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub offset: u64,
+    pub len: u64,
+    pub dtype: DType,
+    pub id: ChunkId,
+}
+
+#[derive(Debug)]
+pub struct Scan {
+    pub size: u64,
+    pub file_id: ChunkId,
+    /// Chunks of each span, in order.
+    pub spans: Vec<Vec<Chunk>>,
+}
+
+/// Progress and cancellation: called with bytes done since the last call; an error stops the work.
+pub trait Progress: Sync {
+    fn advance(&self, bytes: u64) -> Result<()>;
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn advance(&self, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+const WINDOW: u64 = 16 << 20;
+const BATCH: u64 = 32 << 20;
+
+fn read_exact_at(file: &File, path: &str, buf: &mut [u8], offset: u64) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::InvalidArgument(format!(
+                "{path}: file shrank while being read (wanted {} bytes at offset {offset})",
+                buf.len()
+            ))
+        } else {
+            Error::io(path, e)
+        }
+    })
+}
+
+fn open(path: &Path) -> Result<(File, String, u64)> {
+    let name = path.display().to_string();
+    let file = File::open(path).map_err(|e| Error::io(&name, e))?;
+    let size = file.metadata().map_err(|e| Error::io(&name, e))?.len();
+    Ok((file, name, size))
+}
+
+/// Chunk length for a tensor span: the largest multiple of `align` not above `chunk_bytes`.
+pub fn tensor_chunk_len(chunk_bytes: u64, align: u64) -> u64 {
+    let align = align.max(1);
+    (chunk_bytes / align).max(1) * align
+}
+
+/// Cut opaque span `[offset, offset+len)` with CDC, reading it through a rolling buffer.
+fn cdc_cuts(file: &File, path: &str, offset: u64, len: u64, p: &CdcParams) -> Result<Vec<u64>> {
+    let mut cuts = Vec::new();
+    if len <= p.min as u64 {
+        if len > 0 {
+            cuts.push(len);
+        }
+        return Ok(cuts);
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    let mut buf_start = 0u64; // span-relative offset of buf[0]
+    let mut pos = 0u64;
+    while pos < len {
+        let need = (p.max as u64).min(len - pos);
+        if pos + need > buf_start + buf.len() as u64 {
+            // Drop consumed bytes, then read enough for several chunks at once.
+            let keep_from = (pos - buf_start) as usize;
+            buf.drain(..keep_from);
+            buf_start = pos;
+            let want = (need.max(WINDOW)).min(len - pos) as usize;
+            let have = buf.len();
+            buf.resize(want, 0);
+            read_exact_at(
+                file,
+                path,
+                &mut buf[have..],
+                offset + buf_start + have as u64,
+            )?;
+        }
+        let rel = (pos - buf_start) as usize;
+        let cut = cdc::next_cut(&buf[rel..rel + need as usize], p) as u64;
+        cuts.push(cut);
+        pos += cut;
+    }
+    Ok(cuts)
+}
+
+/// Cut the file into chunks and hash it: the file's BLAKE3 and every chunk id.
+pub fn scan_file(
+    path: &Path,
+    spans: &[Span],
+    chunk_bytes: u64,
+    progress: &dyn Progress,
+) -> Result<Scan> {
+    let (file, name, size) = open(path)?;
+    let mut pos = 0u64;
+    for (i, s) in spans.iter().enumerate() {
+        if s.offset != pos {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: span {i} starts at {} but the previous one ends at {pos}",
+                s.offset
+            )));
+        }
+        pos = s
+            .offset
+            .checked_add(s.len)
+            .ok_or_else(|| Error::InvalidArgument("span overflows".into()))?;
+    }
+    if pos != size {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: spans cover {pos} bytes but the file has {size} (did it change while being added?)"
+        )));
+    }
+    let params = CdcParams::for_chunk_bytes(chunk_bytes as usize);
+    // 1. Boundaries.
+    let mut per_span: Vec<Vec<Chunk>> = Vec::with_capacity(spans.len());
+    for s in spans {
+        let lens: Vec<u64> = if s.opaque {
+            cdc_cuts(&file, &name, s.offset, s.len, &params)?
+        } else {
+            let step = tensor_chunk_len(chunk_bytes, s.align);
+            let mut v = Vec::with_capacity((s.len / step + 1) as usize);
+            let mut left = s.len;
+            while left > 0 {
+                let l = left.min(step);
+                v.push(l);
+                left -= l;
+            }
+            v
+        };
+        let mut off = s.offset;
+        per_span.push(
+            lens.into_iter()
+                .map(|l| {
+                    let c = Chunk {
+                        offset: off,
+                        len: l,
+                        dtype: if s.opaque { DType::Bytes } else { s.dtype },
+                        id: [0; 32],
+                    };
+                    off += l;
+                    c
+                })
+                .collect(),
+        );
+    }
+    // 2. Hash in windows of whole chunks: file hash on one thread, chunk ids on the others.
+    let mut all: Vec<&mut Chunk> = per_span.iter_mut().flatten().collect();
+    let mut file_hasher = blake3::Hasher::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut i = 0;
+    while i < all.len() {
+        let start = all[i].offset;
+        let mut j = i;
+        let mut end = start;
+        while j < all.len() && (j == i || end - start + all[j].len <= WINDOW) {
+            end += all[j].len;
+            j += 1;
+        }
+        buf.resize((end - start) as usize, 0);
+        read_exact_at(&file, &name, &mut buf, start)?;
+        let window = &mut all[i..j];
+        let data = &buf;
+        rayon::join(
+            || {
+                file_hasher.update(data);
+            },
+            || {
+                window.par_iter_mut().for_each(|c| {
+                    let a = (c.offset - start) as usize;
+                    c.id = frame::chunk_id(&data[a..a + c.len as usize]);
+                })
+            },
+        );
+        progress.advance(end - start)?;
+        i = j;
+    }
+    Ok(Scan {
+        size,
+        file_id: *file_hasher.finalize().as_bytes(),
+        spans: per_span,
+    })
+}
+
+/// What was written for one chunk.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub id: ChunkId,
+    pub object: ObjectId,
+    pub frame_len: u64,
+}
+
+fn batches<T>(items: &[T], len: impl Fn(&T) -> u64) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let mut j = i;
+        let mut bytes = 0;
+        while j < items.len() && (j == i || bytes + len(&items[j]) <= BATCH) {
+            bytes += len(&items[j]);
+            j += 1;
+        }
+        out.push(&items[i..j]);
+        i = j;
+    }
+    out
+}
+
+/// Encode `chunks` of the file at `path` into frames and write them as one pack in `pack_dir`.
+/// Each chunk is re-hashed as it is read, so a file that changed since the scan is an error,
+/// never a wrong object. Returns the pack name and what was written, in input order.
+pub fn write_pack(
+    path: &Path,
+    chunks: &[Chunk],
+    pack_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(Option<String>, Vec<Written>)> {
+    if chunks.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let (file, name, _) = open(path)?;
+    let count = u32::try_from(chunks.len())
+        .map_err(|_| Error::InvalidArgument("too many chunks for one pack".into()))?;
+    let mut writer = PackWriter::create(pack_dir, count)?;
+    let prepare = |batch: &[Chunk]| -> Result<Vec<(pack::PackEntry, Written)>> {
+        batch
+            .par_iter()
+            .map(|c| {
+                let mut raw = vec![0u8; c.len as usize];
+                read_exact_at(&file, &name, &mut raw, c.offset)?;
+                if frame::chunk_id(&raw) != c.id {
+                    return Err(Error::InvalidArgument(format!(
+                        "{name}: bytes at offset {} changed while being added; nothing was stored, add it again",
+                        c.offset
+                    )));
+                }
+                let f = frame::encode_frame_with_id(&raw, c.dtype, &c.id);
+                drop(raw);
+                let entry = pack::prepare_blob(&f);
+                let w = Written {
+                    id: c.id,
+                    object: entry.id,
+                    frame_len: f.len() as u64,
+                };
+                Ok((entry, w))
+            })
+            .collect()
+    };
+    let mut out = Vec::with_capacity(chunks.len());
+    let result = (|| -> Result<()> {
+        let groups = batches(chunks, |c| c.len);
+        let mut pending: Option<Vec<(pack::PackEntry, Written)>> = None;
+        for g in groups.iter().map(Some).chain(std::iter::once(None)) {
+            let (written, next) = rayon::join(
+                || -> Result<()> {
+                    if let Some(p) = pending.take() {
+                        let mut bytes = 0;
+                        for (entry, w) in p {
+                            writer.append(&entry)?;
+                            bytes += w.frame_len;
+                            out.push(w);
+                        }
+                        let _ = bytes;
+                    }
+                    Ok(())
+                },
+                || g.map(|g| prepare(g)).transpose(),
+            );
+            written?;
+            if let Some(g) = g {
+                progress.advance(g.iter().map(|c| c.len).sum())?;
+            }
+            pending = next?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let (pack_name, _) = writer.finish()?;
+            Ok((Some(pack_name), out))
+        }
+        Err(e) => {
+            writer.abort();
+            Err(e)
+        }
+    }
+}
+
+/// Where the frame of a chunk can be read from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A plain blob at this offset of pack number `pack` (index into the pack list).
+    Pack { pack: usize, offset: u64 },
+    /// Ask the object store (loose object, delta, remote...).
+    Object,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreChunk {
+    pub len: u64,
+    pub id: ChunkId,
+    pub object: ObjectId,
+    pub source: Source,
+}
+
+/// Reads objects the fast path cannot (implemented over dulwich by the bindings).
+pub trait ObjectStore: Sync {
+    fn read(&self, object: &ObjectId) -> Result<Vec<u8>>;
+}
+
+fn load_frame(
+    c: &RestoreChunk,
+    packs: &[(File, String)],
+    store: &dyn ObjectStore,
+) -> Result<Vec<u8>> {
+    let max = c.len * 2 + 4096;
+    if let Source::Pack { pack, offset } = c.source {
+        let (f, p) = packs
+            .get(pack)
+            .ok_or_else(|| Error::InvalidArgument(format!("pack number {pack} out of range")))?;
+        if let Some(frame) = pack::read_pack_blob(f, p, offset, max)? {
+            return Ok(frame);
+        }
+    }
+    store.read(&c.object)
+}
+
+/// Decode the frames of `chunks` (one after the other, they make the file) into `out_path`,
+/// verifying every chunk id, the total size and the file's BLAKE3, then fsync.
+pub fn restore_file(
+    out_path: &Path,
+    chunks: &[RestoreChunk],
+    packs: &[&Path],
+    size: u64,
+    file_id: &ChunkId,
+    store: &dyn ObjectStore,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let out_name = out_path.display().to_string();
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    if total != size {
+        return Err(Error::CorruptFrame(format!(
+            "manifest chunks add up to {total} bytes but the file should have {size}"
+        )));
+    }
+    let packs: Vec<(File, String)> = packs
+        .iter()
+        .map(|p| {
+            let n = p.display().to_string();
+            File::open(p)
+                .map(|f| (f, n.clone()))
+                .map_err(|e| Error::io(n, e))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out_path)
+        .map_err(|e| Error::io(&out_name, e))?;
+    let mut hasher = blake3::Hasher::new();
+    let decode = |batch: &[RestoreChunk]| -> Result<Vec<Vec<u8>>> {
+        batch
+            .par_iter()
+            .map(|c| {
+                let f = load_frame(c, &packs, store)?;
+                let mut raw = vec![0u8; c.len as usize];
+                let info = frame::decode_frame_into(&f, &mut raw)
+                    .map_err(|e| Error::CorruptFrame(format!("object {}: {e}", hex(&c.object))))?;
+                if info.id != c.id {
+                    return Err(Error::CorruptFrame(format!(
+                        "object {} holds chunk {} but the manifest wants {}",
+                        hex(&c.object),
+                        hex(&info.id),
+                        hex(&c.id)
+                    )));
+                }
+                Ok(raw)
+            })
+            .collect()
+    };
+    let groups = batches(chunks, |c| c.len);
+    let mut pending: Option<Vec<Vec<u8>>> = None;
+    for g in groups.iter().map(Some).chain(std::iter::once(None)) {
+        let (written, next) = rayon::join(
+            || -> Result<u64> {
+                let mut bytes = 0;
+                if let Some(p) = pending.take() {
+                    for raw in p {
+                        hasher.update(&raw);
+                        out.write_all(&raw).map_err(|e| Error::io(&out_name, e))?;
+                        bytes += raw.len() as u64;
+                    }
+                }
+                Ok(bytes)
+            },
+            || g.map(|g| decode(g)).transpose(),
+        );
+        progress.advance(written?)?;
+        pending = next?;
+    }
+    let got = *hasher.finalize().as_bytes();
+    if &got != file_id {
+        return Err(Error::CorruptFrame(format!(
+            "restored file hashes to {} but the manifest says {}",
+            hex(&got),
+            hex(file_id)
+        )));
+    }
+    out.sync_all().map_err(|e| Error::io(&out_name, e))?;
+    Ok(())
+}
+
+/// Decode chunks to memory (for lazy tensor reads), in parallel, verifying every id.
+pub fn read_chunks(
+    chunks: &[RestoreChunk],
+    packs: &[&Path],
+    store: &dyn ObjectStore,
+) -> Result<Vec<Vec<u8>>> {
+    let packs: Vec<(File, String)> = packs
+        .iter()
+        .map(|p| {
+            let n = p.display().to_string();
+            File::open(p)
+                .map(|f| (f, n.clone()))
+                .map_err(|e| Error::io(n, e))
+        })
+        .collect::<Result<_>>()?;
+    chunks
+        .par_iter()
+        .map(|c| {
+            let f = load_frame(c, &packs, store)?;
+            let mut raw = vec![0u8; c.len as usize];
+            let info = frame::decode_frame_into(&f, &mut raw)?;
+            if info.id != c.id {
+                return Err(Error::CorruptFrame(format!(
+                    "object {} holds the wrong chunk",
+                    hex(&c.object)
+                )));
+            }
+            Ok(raw)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoStore;
+    impl ObjectStore for NoStore {
+        fn read(&self, o: &ObjectId) -> Result<Vec<u8>> {
+            Err(Error::InvalidArgument(format!("no object {}", hex(o))))
+        }
+    }
+
+    #[test]
+    fn scan_write_restore_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        let mut data = Vec::new();
+        data.extend_from_slice(&[1u8; 1000]); // skeleton
+        for i in 0..300_000u32 {
+            data.extend_from_slice(&((i as f32) * 0.001).to_le_bytes());
+        }
+        data.extend_from_slice(b"tail");
+        std::fs::write(&path, &data).unwrap();
+        let spans = vec![
+            Span {
+                offset: 0,
+                len: 1000,
+                dtype: DType::Bytes,
+                align: 1,
+                opaque: true,
+            },
+            Span {
+                offset: 1000,
+                len: 1_200_000,
+                dtype: DType::F32,
+                align: 4,
+                opaque: false,
+            },
+            Span {
+                offset: 1_201_000,
+                len: 4,
+                dtype: DType::Bytes,
+                align: 1,
+                opaque: true,
+            },
+        ];
+        let scan = scan_file(&path, &spans, 65536, &NoProgress).unwrap();
+        assert_eq!(scan.file_id, *blake3::hash(&data).as_bytes());
+        let chunks: Vec<Chunk> = scan.spans.iter().flatten().cloned().collect();
+        let packdir = dir.path().join("pack");
+        let (name, written) = write_pack(&path, &chunks, &packdir, &NoProgress).unwrap();
+        assert!(name.is_some());
+        // Offsets: recompute by parsing the idx would be the git way; here re-read via the order.
+        let pack_path = packdir.join(format!("pack-{}.pack", name.unwrap()));
+        let mut off = 12u64;
+        let mut rc = Vec::new();
+        let bytes = std::fs::read(&pack_path).unwrap();
+        for (c, w) in chunks.iter().zip(&written) {
+            rc.push(RestoreChunk {
+                len: c.len,
+                id: c.id,
+                object: w.object,
+                source: Source::Pack {
+                    pack: 0,
+                    offset: off,
+                },
+            });
+            // Walk the entry to find the next offset: header + zlib stream.
+            let f = File::open(&pack_path).unwrap();
+            let blob = pack::read_pack_blob(&f, "p", off, 1 << 30)
+                .unwrap()
+                .unwrap();
+            let entry = pack::prepare_blob(&blob);
+            assert_eq!(
+                &bytes[off as usize..off as usize + entry.bytes.len()],
+                &entry.bytes[..]
+            );
+            off += entry.bytes.len() as u64;
+        }
+        let out = dir.path().join("out.bin");
+        restore_file(
+            &out,
+            &rc,
+            &[pack_path.as_path()],
+            data.len() as u64,
+            &scan.file_id,
+            &NoStore,
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+    }
+}
