@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import FormatError
 from .base import CODEC_DTYPES, Layout, TensorRegion
@@ -96,3 +96,39 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
             )
         prev = r
     return Layout(NAME, size, regions, metadata={"__metadata__": metadata})
+
+
+_NUMPY_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL"}
+
+
+def save(path: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write numpy arrays as a safetensors file (names sorted, header padded to 8 bytes).
+
+    numpy has no bfloat16: pass ``(uint16_array, "BF16")`` to store raw bf16 bit patterns.
+    """
+    import numpy as np
+
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    blobs = []
+    pos = 0
+    for name in sorted(tensors):
+        value = tensors[name]
+        arr, dtype = (value if isinstance(value, tuple) else (value, None))
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        st = dtype or _NUMPY_TO_ST[arr.dtype.name]
+        data = arr.tobytes()
+        header[name] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
+        blobs.append(data)
+        pos += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)

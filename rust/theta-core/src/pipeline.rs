@@ -224,6 +224,8 @@ pub struct Written {
     pub id: ChunkId,
     pub object: ObjectId,
     pub frame_len: u64,
+    /// How each byte plane was stored.
+    pub planes: Vec<frame::PlaneMode>,
 }
 
 fn batches<T>(items: &[T], len: impl Fn(&T) -> u64) -> Vec<&[T]> {
@@ -272,11 +274,13 @@ pub fn write_pack(
                 }
                 let f = frame::encode_frame_with_id(&raw, c.dtype, &c.id);
                 drop(raw);
+                let planes = frame::frame_info(&f)?.planes.into_iter().map(|p| p.0).collect();
                 let entry = pack::prepare_blob(&f);
                 let w = Written {
                     id: c.id,
                     object: entry.id,
                     frame_len: f.len() as u64,
+                    planes,
                 };
                 Ok((entry, w))
             })

@@ -129,6 +129,14 @@ fn decode_frame<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Boun
     Ok(PyBytes::new(py, &raw.0))
 }
 
+fn mode_name(m: &frame::PlaneMode) -> &'static str {
+    match m {
+        frame::PlaneMode::Raw => "raw",
+        frame::PlaneMode::Zstd => "zstd",
+        frame::PlaneMode::Rans => "rans",
+    }
+}
+
 /// Parse a frame header: codec, dtype, raw_len, id, planes [(mode, stored_len)].
 #[pyfunction]
 fn frame_info<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
@@ -141,14 +149,7 @@ fn frame_info<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<
     let modes: Vec<(&str, u64)> = info
         .planes
         .iter()
-        .map(|(m, l)| {
-            let name = match m {
-                frame::PlaneMode::Raw => "raw",
-                frame::PlaneMode::Zstd => "zstd",
-                frame::PlaneMode::Rans => "rans",
-            };
-            (name, *l)
-        })
+        .map(|(m, l)| (mode_name(m), *l))
         .collect();
     d.set_item("planes", modes)?;
     d.set_item("stored_len", info.stored_len())?;
@@ -281,7 +282,8 @@ fn scan_file<'py>(
 
 /// Encode the given chunks of a file and write them as one pack into pack_dir.
 ///
-/// chunks: [(offset, length, dtype, chunk_id)]. Returns (pack_name or None, [(chunk_id, object_id, frame_len)]).
+/// chunks: [(offset, length, dtype, chunk_id)]. Returns (pack_name or None,
+/// [(chunk_id, object_id, frame_len, "mode+mode+...")]).
 #[pyfunction]
 #[pyo3(signature = (path, chunks, pack_dir, progress=None))]
 #[allow(clippy::type_complexity)]
@@ -293,7 +295,7 @@ fn write_pack<'py>(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(
     Option<String>,
-    Vec<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, u64)>,
+    Vec<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, u64, String)>,
 )> {
     let chunks: Vec<Chunk> = chunks
         .into_iter()
@@ -320,10 +322,12 @@ fn write_pack<'py>(
         written
             .iter()
             .map(|w| {
+                let planes: Vec<&str> = w.planes.iter().map(mode_name).collect();
                 (
                     PyBytes::new(py, &w.id),
                     PyBytes::new(py, &w.object),
                     w.frame_len,
+                    planes.join("+"),
                 )
             })
             .collect(),

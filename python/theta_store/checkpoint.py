@@ -1,0 +1,148 @@
+"""Store and restore one checkpoint file: format adapter -> spans -> Rust core -> Git objects."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+from . import _native
+from .errors import CorruptObject
+from .formats import CODEC_DTYPES, Layout, detect
+from .gitstore import GitStore, StoredFrame
+from .manifest import Manifest, Pointer, SpanEntry
+from .progress import Progress
+
+# Chosen by benchmark (benches/bench_chunk_size.py): see README "Chunk size".
+DEFAULT_CHUNK_BYTES = 2 << 20
+
+
+@dataclass
+class AddResult:
+    pointer: Pointer
+    manifest: Manifest
+    raw_bytes: int
+    new_chunks: int
+    reused_chunks: int
+    new_bytes: int  # frame bytes written now
+    reused_bytes: int  # raw bytes that were already stored
+
+
+@dataclass(frozen=True)
+class PlannedSpan:
+    offset: int
+    length: int
+    codec_dtype: str  # what the Rust codec sees ("BYTES" for opaque data)
+    align: int
+    opaque: bool
+    name: str = ""
+    dtype: str = "BYTES"  # as the format names it (kept in the manifest), e.g. "Q8_0"
+    shape: tuple[int, ...] = ()
+
+
+def spans_of(layout: Layout) -> list[PlannedSpan]:
+    """Tile the file: tensor regions plus opaque gaps between them."""
+    out: list[PlannedSpan] = []
+    pos = 0
+    for r in layout.regions:
+        if r.offset > pos:
+            out.append(PlannedSpan(pos, r.offset - pos, "BYTES", 1, True))
+        codec = r.dtype if r.dtype in CODEC_DTYPES else "BYTES"
+        out.append(PlannedSpan(r.offset, r.length, codec, r.align, False, r.name, r.dtype, r.shape))
+        pos = r.end
+    if pos < layout.size:
+        out.append(PlannedSpan(pos, layout.size - pos, "BYTES", 1, True))
+    return out
+
+
+def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None) -> AddResult:
+    """Store the file at `path` and return its pointer. Nothing is changed if anything fails."""
+    layout = detect(path)
+    spans = spans_of(layout)
+    with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
+        size, file_id, chunked = _native.scan_file(
+            path, [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
+        )
+    entries: list[SpanEntry] = []
+    all_chunks: dict[bytes, tuple[int, int, str, bytes]] = {}
+    for span, chunks in zip(spans, chunked, strict=True):
+        entries.append(SpanEntry(
+            kind="skeleton" if span.opaque else "tensor", offset=span.offset, length=span.length,
+            chunks=tuple((cid, n) for _, n, _, cid in chunks), name=span.name, dtype=span.dtype, shape=span.shape,
+        ))
+        for c in chunks:
+            all_chunks.setdefault(c[3], c)
+    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note)
+    mbytes = manifest.to_bytes()
+    manifest_id = _native.chunk_id(mbytes)
+
+    frames: dict[bytes, StoredFrame] = {}
+    todo: list[tuple[int, int, str, bytes]] = []
+    for cid, c in all_chunks.items():
+        known = store.known_frame(cid)
+        if known is not None:
+            frames[cid] = known
+        else:
+            todo.append(c)
+    todo.sort()
+    with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
+        _, written = _native.write_pack(path, todo, str(store.pack_dir), p)
+    store.refresh()
+    new = {cid: StoredFrame(oid, flen, planes) for cid, oid, flen, planes in written}
+    frames.update(new)
+    store.write_version(manifest_id, mbytes, frames)
+    store.record_chunks(new)
+    pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
+    reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
+    return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
+
+
+def load_manifest(store: GitStore, manifest_id: bytes) -> Manifest:
+    data = store.read_manifest_bytes(manifest_id)
+    if _native.chunk_id(data) != manifest_id:
+        raise CorruptObject(f"manifest {manifest_id.hex()[:16]} does not hash to its id", hint="run `theta-store fsck`")
+    return Manifest.from_bytes(data, f"manifest {manifest_id.hex()[:16]}")
+
+
+def chunk_tuples(store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]]) -> tuple[list[str], list[tuple[int, int, bytes, bytes]]]:
+    frames = store.version_frames(manifest_id)
+    missing = [cid for cid, _ in chunks if cid not in frames]
+    if missing:
+        raise CorruptObject(f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`")
+    oids = [frames[cid].object_id for cid, _ in chunks]
+    packs, locs = store.locate(oids)
+    return packs, [(n, loc, cid, oid) for (cid, n), loc, oid in zip(chunks, locs, oids, strict=True)]
+
+
+def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:
+    """Rebuild the checkpoint of `pointer` at `dest`: temp file in the same folder, fsync, rename."""
+    manifest = load_manifest(store, pointer.manifest_id)
+    if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
+        raise CorruptObject(f"{dest}: pointer and manifest {pointer.manifest_id.hex()[:16]} disagree on the file")
+    chunks = [c for s in manifest.spans for c in s.chunks]
+    packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".theta-tmp", dir=folder)
+    os.close(fd)
+    try:
+        with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
+            _native.restore_file(tmp, tuples, packs, manifest.size, manifest.blake3, store.read_object, p)
+        try:
+            os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
+        except FileNotFoundError:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,298 @@
+"""The store, mapped onto Git objects. The only module that imports dulwich.
+
+Layout of one checkpoint version (all ordinary Git objects):
+
+    refs/theta/<manifest-id hex>  ->  commit (deterministic: fixed author, time 0, no parent)
+        tree
+          manifest            blob: the msgpack manifest
+          frames              blob: msgpack {chunk_id: [frame_len, plane modes]} (for show/stats)
+          <ab>/<cdef...>      blob: the frame of chunk abcdef... (256-way fan-out by id prefix)
+
+Frames are written by the Rust core straight into packs (zlib level 0, index written directly);
+the few small objects (manifest, trees, commit) go through dulwich's pack writer.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from dulwich.errors import NotGitRepository
+from dulwich.objects import Blob, Commit, Tree
+from dulwich.repo import Repo as DulwichRepo
+
+from .errors import CorruptObject, NotARepository, ObjectNotFound
+
+REF_PREFIX = b"refs/theta/"
+AUTHOR = b"theta-store <theta-store@localhost>"
+# chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
+_RECORD = struct.Struct("<32s20sQBH")
+_MODES = ("raw", "zstd", "rans")
+
+
+@dataclass(frozen=True)
+class StoredFrame:
+    object_id: bytes
+    frame_len: int
+    planes: str  # "raw+raw+raw+rans"
+
+
+def _pack_modes(planes: str) -> tuple[int, int]:
+    modes = planes.split("+") if planes else []
+    code = 0
+    for j, m in enumerate(modes):
+        code |= _MODES.index(m) << (2 * j)
+    return len(modes), code
+
+
+def _unpack_modes(n: int, code: int) -> str:
+    return "+".join(_MODES[(code >> (2 * j)) & 3] for j in range(n))
+
+
+class GitStore:
+    """A Git repository's object database as the chunk store."""
+
+    def __init__(self, path: str | os.PathLike[str] = ".") -> None:
+        try:
+            self.repo = DulwichRepo.discover(os.fspath(path))
+        except NotGitRepository:
+            raise NotARepository(f"{os.path.abspath(path)}: not inside a Git repository", hint="run git init first") from None
+        self.worktree = Path(self.repo.path).resolve()
+        self.common_dir = Path(self.repo.commondir()).resolve()
+        self.objects_dir = Path(self.repo.object_store.path)
+        self.pack_dir = self.objects_dir / "pack"
+        self.state_dir = self.common_dir / "theta-store"
+        self._index: dict[bytes, StoredFrame] | None = None
+
+    def close(self) -> None:
+        self.repo.close()
+
+    def __enter__(self) -> GitStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the chunk index: a cache BLAKE3 -> object, rebuildable from the version trees ----
+    @property
+    def _index_path(self) -> Path:
+        return self.state_dir / "chunks.idx"
+
+    def chunk_index(self) -> dict[bytes, StoredFrame]:
+        if self._index is None:
+            index: dict[bytes, StoredFrame] = {}
+            try:
+                data = self._index_path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            # A crash mid-append can leave a partial last record: ignore it.
+            usable = len(data) - len(data) % _RECORD.size
+            for cid, oid, flen, n, code in _RECORD.iter_unpack(data[:usable]):
+                index[cid] = StoredFrame(oid, flen, _unpack_modes(n, code))
+            self._index = index
+        return self._index
+
+    def record_chunks(self, frames: dict[bytes, StoredFrame]) -> None:
+        """Append to the chunk index in one write (after the objects and the ref are durable)."""
+        index = self.chunk_index()
+        new = {k: v for k, v in frames.items() if index.get(k) != v}
+        if not new:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        blob = b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(new.items()))
+        fd = os.open(self._index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size % _RECORD.size:  # drop a partial record left by a crash
+                os.ftruncate(fd, size - size % _RECORD.size)
+            os.write(fd, blob)
+        finally:
+            os.close(fd)
+        index.update(new)
+
+    def rebuild_chunk_index(self) -> int:
+        """Rebuild the chunk index from every version tree. Returns the number of chunks."""
+        frames: dict[bytes, StoredFrame] = {}
+        for mid in self.versions():
+            frames.update(self.version_frames(mid))
+        tmp = self._index_path.with_suffix(".tmp")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(frames.items())))
+        os.replace(tmp, self._index_path)
+        self._index = frames
+        return len(frames)
+
+    def known_frame(self, cid: bytes) -> StoredFrame | None:
+        """The stored frame of a chunk, if the index knows it and the object really exists."""
+        f = self.chunk_index().get(cid)
+        if f is not None and self.has_object(f.object_id):
+            return f
+        return None
+
+    # ---- objects ----
+    def has_object(self, oid: bytes) -> bool:
+        return oid.hex().encode() in self.repo.object_store
+
+    def refresh(self) -> None:
+        """See packs written behind dulwich's back (by the Rust core)."""
+        self.repo.object_store._update_pack_cache()
+
+    def read_object(self, oid: bytes) -> bytes:
+        try:
+            kind, data = self.repo.object_store.get_raw(oid.hex().encode())
+        except KeyError:
+            raise ObjectNotFound(f"object {oid.hex()} is not in {self.common_dir}", hint="run `theta-store fetch` or check the remote") from None
+        return bytes(data)
+
+    def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[int]]:
+        """Pack paths and, per object, (pack number << 48 | offset) or 2**64-1 if not in a pack."""
+        packs = self.repo.object_store.packs
+        paths: list[str] = []
+        numbers: dict[int, int] = {}
+        out: list[int] = []
+        for oid in oids:
+            loc = (1 << 64) - 1
+            for i, pack in enumerate(packs):
+                try:
+                    offset = pack.index.object_offset(oid)
+                except KeyError:
+                    continue
+                if i not in numbers:
+                    numbers[i] = len(paths)
+                    paths.append(pack._data_path)
+                loc = (numbers[i] << 48) | offset
+                break
+            out.append(loc)
+        return paths, out
+
+    # ---- versions ----
+    def write_version(self, manifest_id: bytes, manifest: bytes, frames: dict[bytes, StoredFrame]) -> bytes:
+        """Write manifest + trees + commit and point refs/theta/<id> at it. Returns the commit id."""
+        objects: list[Any] = []
+        mblob = Blob.from_string(manifest)
+        table = {cid: [f.frame_len, f.planes] for cid, f in sorted(frames.items())}
+        fblob = Blob.from_string(bytes(msgpack.packb(table, use_bin_type=True)))
+        objects += [mblob, fblob]
+        fan: dict[str, Tree] = {}
+        for cid, f in sorted(frames.items()):
+            h = cid.hex()
+            fan.setdefault(h[:2], Tree()).add(h[2:].encode(), 0o100644, f.object_id.hex().encode())
+        root = Tree()
+        root.add(b"manifest", 0o100644, mblob.id)
+        root.add(b"frames", 0o100644, fblob.id)
+        for prefix, sub in fan.items():
+            objects.append(sub)
+            root.add(prefix.encode(), 0o040000, sub.id)
+        objects.append(root)
+        commit = Commit()
+        commit.tree = root.id
+        commit.author = commit.committer = AUTHOR
+        commit.author_time = commit.commit_time = 0
+        commit.author_timezone = commit.commit_timezone = 0
+        commit.encoding = None
+        commit.message = f"theta-store version {manifest_id.hex()}\n".encode()
+        objects.append(commit)
+        missing = [(o, None) for o in objects if o.id not in self.repo.object_store]
+        if missing:
+            self.repo.object_store.add_objects(missing)
+        ref = REF_PREFIX + manifest_id.hex().encode()
+        self.repo.refs[ref] = commit.id
+        return bytes.fromhex(commit.id.decode())
+
+    def versions(self) -> list[bytes]:
+        out = []
+        for ref in self.repo.refs.keys(base=REF_PREFIX):
+            try:
+                out.append(bytes.fromhex(ref.decode()))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def _version_tree(self, manifest_id: bytes) -> Tree:
+        ref = REF_PREFIX + manifest_id.hex().encode()
+        try:
+            commit = self.repo[self.repo.refs[ref]]
+            tree = self.repo[commit.tree]
+        except KeyError:
+            raise ObjectNotFound(
+                f"checkpoint version {manifest_id.hex()[:16]} is not in this repository ({ref.decode()} missing)",
+                hint="run `theta-store fetch` to get it from the remote",
+            ) from None
+        assert isinstance(tree, Tree)
+        return tree
+
+    def read_manifest_bytes(self, manifest_id: bytes) -> bytes:
+        tree = self._version_tree(manifest_id)
+        _, sha = tree[b"manifest"]
+        return self.repo[sha].as_raw_string()
+
+    def version_frames(self, manifest_id: bytes) -> dict[bytes, StoredFrame]:
+        tree = self._version_tree(manifest_id)
+        _, fsha = tree[b"frames"]
+        try:
+            table = msgpack.unpackb(self.repo[fsha].as_raw_string(), raw=False, strict_map_key=False)
+        except Exception as e:
+            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {e}") from None
+        out: dict[bytes, StoredFrame] = {}
+        for entry in tree.items():
+            if entry.mode != 0o040000:
+                continue
+            sub = self.repo[entry.sha]
+            assert isinstance(sub, Tree)
+            for e in sub.items():
+                cid = bytes.fromhex((entry.path + e.path).decode())
+                flen, planes = table.get(cid, [0, ""])
+                out[cid] = StoredFrame(bytes.fromhex(e.sha.decode()), int(flen), str(planes))
+        return out
+
+    def version_commit(self, manifest_id: bytes) -> bytes | None:
+        try:
+            return bytes.fromhex(self.repo.refs[REF_PREFIX + manifest_id.hex().encode()].decode())
+        except KeyError:
+            return None
+
+    # ---- the work tree and the index (through the git binary: it owns the index format) ----
+    def git(self, *args: str, input: bytes | None = None) -> bytes:
+        r = subprocess.run(["git", "-C", str(self.worktree), *args], input=input, capture_output=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)} failed: {r.stderr.decode(errors='replace').strip()}")
+        return r.stdout
+
+    def stage_blob(self, relpath: str, data: bytes) -> None:
+        blob = Blob.from_string(data)
+        if blob.id not in self.repo.object_store:
+            self.repo.object_store.add_object(blob)
+        mode = "100755" if os.access(self.worktree / relpath, os.X_OK) else "100644"
+        self.git("update-index", "--add", "--cacheinfo", f"{mode},{blob.id.decode()},{relpath}")
+
+    def read_path(self, relpath: str, rev: str | None) -> bytes:
+        """The blob stored for `relpath` in the index (rev None) or in commit `rev`."""
+        spec = f":{relpath}" if rev is None else f"{rev}:{relpath}"
+        r = subprocess.run(["git", "-C", str(self.worktree), "cat-file", "blob", spec], capture_output=True, check=False)
+        if r.returncode != 0:
+            where = "the index" if rev is None else rev
+            raise ObjectNotFound(f"{relpath}: not in {where}", hint="add it with `theta-store add` first")
+        return r.stdout
+
+    def iter_paths(self, rev: str | None) -> Iterator[tuple[str, bytes]]:
+        """(path, blob id) of every file in the index or in `rev`."""
+        if rev is None:
+            out = self.git("ls-files", "-s", "-z")
+            for rec in out.split(b"\0"):
+                if rec:
+                    meta, path = rec.split(b"\t", 1)
+                    yield path.decode(), bytes.fromhex(meta.split()[1].decode())
+        else:
+            out = self.git("ls-tree", "-r", "-z", rev)
+            for rec in out.split(b"\0"):
+                if rec:
+                    meta, path = rec.split(b"\t", 1)
+                    parts = meta.split()
+                    if parts[1] == b"blob":
+                        yield path.decode(), bytes.fromhex(parts[2].decode())

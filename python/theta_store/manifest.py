@@ -1,0 +1,169 @@
+"""Manifests and pointers: the two documented, versioned, deterministic formats.
+
+A *manifest* (msgpack, maps with sorted keys, no timestamps) lists the spans that tile a file in
+order: skeleton spans (opaque bytes) and tensor spans (name, dtype, shape), each with its chunks
+as ``[chunk_id, length]``. Its id is the BLAKE3 of its bytes.
+
+A *pointer* is what Git commits in place of the checkpoint: a few lines of UTF-8 text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import CorruptObject, PointerError
+
+MANIFEST_TYPE = "theta-store/manifest"
+MANIFEST_VERSION = 1
+POINTER_VERSION = "theta-store/v1"
+POINTER_MAX = 1024
+
+
+@dataclass(frozen=True)
+class SpanEntry:
+    """One span of a manifest. ``kind`` is "tensor" or "skeleton"."""
+
+    kind: str
+    offset: int
+    length: int
+    chunks: tuple[tuple[bytes, int], ...]
+    name: str = ""
+    dtype: str = "BYTES"
+    shape: tuple[int, ...] = ()
+
+    def to_obj(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "offset": self.offset,
+            "length": self.length,
+            "chunks": [[cid, n] for cid, n in self.chunks],
+        }
+        if self.kind == "tensor":
+            d.update(name=self.name, dtype=self.dtype, shape=list(self.shape))
+        return d
+
+
+@dataclass
+class Manifest:
+    format: str
+    size: int
+    blake3: bytes
+    chunk_bytes: int
+    spans: list[SpanEntry]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def tensors(self) -> list[SpanEntry]:
+        return [s for s in self.spans if s.kind == "tensor"]
+
+    def chunk_ids(self) -> set[bytes]:
+        return {cid for s in self.spans for cid, _ in s.chunks}
+
+    def to_bytes(self) -> bytes:
+        obj = {
+            "type": MANIFEST_TYPE,
+            "version": MANIFEST_VERSION,
+            "format": self.format,
+            "file": {"size": self.size, "blake3": self.blake3},
+            "chunk_bytes": self.chunk_bytes,
+            "spans": [s.to_obj() for s in self.spans],
+            "metadata": self.metadata,
+            "note": self.note,
+        }
+        return bytes(msgpack.packb(_sorted(obj), use_bin_type=True))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if obj.get("type") != MANIFEST_TYPE:
+                raise ValueError("not a theta-store manifest")
+            if obj.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"manifest version {obj.get('version')} is not supported (this build reads {MANIFEST_VERSION})")
+            spans = []
+            pos = 0
+            for s in obj["spans"]:
+                chunks = tuple((bytes(c[0]), int(c[1])) for c in s["chunks"])
+                if any(len(c) != 32 for c, _ in chunks):
+                    raise ValueError("chunk id is not 32 bytes")
+                entry = SpanEntry(
+                    kind=s["kind"], offset=int(s["offset"]), length=int(s["length"]), chunks=chunks,
+                    name=s.get("name", ""), dtype=s.get("dtype", "BYTES"), shape=tuple(s.get("shape", ())),
+                )
+                if entry.offset != pos or sum(n for _, n in chunks) != entry.length:
+                    raise ValueError(f"span at {entry.offset} does not tile the file")
+                pos += entry.length
+                spans.append(entry)
+            f = obj["file"]
+            if pos != f["size"]:
+                raise ValueError(f"spans cover {pos} bytes, file has {f['size']}")
+            return cls(obj["format"], int(f["size"]), bytes(f["blake3"]), int(obj["chunk_bytes"]), spans, obj.get("metadata", {}), obj.get("note", ""))
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
+            raise CorruptObject(f"{where}: cannot read manifest: {e}") from None
+
+
+def _sorted(obj: Any) -> Any:
+    """Recursively sort map keys so equal manifests are equal bytes."""
+    if isinstance(obj, dict):
+        return {k: _sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [_sorted(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """The small text Git stores instead of the checkpoint."""
+
+    manifest_id: bytes
+    size: int
+    blake3: bytes
+    tensors: int
+    format: str
+
+    def to_bytes(self) -> bytes:
+        return (
+            f"version {POINTER_VERSION}\n"
+            f"format {self.format}\n"
+            f"manifest {self.manifest_id.hex()}\n"
+            f"size {self.size}\n"
+            f"blake3 {self.blake3.hex()}\n"
+            f"tensors {self.tensors}\n"
+        ).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, where: str = "pointer") -> Pointer:
+        if len(data) > POINTER_MAX:
+            raise PointerError(f"{where}: {len(data)} bytes is too large to be a theta-store pointer")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PointerError(f"{where}: not a theta-store pointer (not UTF-8 text)") from None
+        fields: dict[str, str] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            key, sep, value = line.partition(" ")
+            if not sep or key in fields:
+                raise PointerError(f"{where}: line {n} {line[:60]!r} is not 'key value'", hint="restore the pointer with git checkout")
+            fields[key] = value
+        if fields.get("version") != POINTER_VERSION:
+            raise PointerError(f"{where}: not a theta-store pointer (version line is {fields.get('version')!r}, expected {POINTER_VERSION!r})")
+        hexes = {k: fields.get(k, "") for k in ("manifest", "blake3")}
+        for k, v in hexes.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", v):
+                raise PointerError(f"{where}: field {k} {v[:70]!r} is not 64 hex digits")
+        for k in ("size", "tensors"):
+            if not re.fullmatch(r"[0-9]{1,20}", fields.get(k, "")):
+                raise PointerError(f"{where}: field {k} {fields.get(k, '')[:30]!r} is not a number")
+        if data != cls(bytes.fromhex(hexes["manifest"]), int(fields["size"]), bytes.fromhex(hexes["blake3"]),
+                       int(fields["tensors"]), fields.get("format", "")).to_bytes():
+            raise PointerError(f"{where}: pointer is not in canonical form", hint="restore the pointer with git checkout")
+        return cls(bytes.fromhex(hexes["manifest"]), int(fields["size"]), bytes.fromhex(hexes["blake3"]), int(fields["tensors"]), fields.get("format", ""))
+
+
+def looks_like_pointer(data: bytes) -> bool:
+    return len(data) <= POINTER_MAX and data.startswith(f"version {POINTER_VERSION}\n".encode())
