@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -66,10 +67,17 @@ def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     entries: list[SpanEntry] = []
     all_chunks: dict[bytes, tuple[int, int, str, bytes]] = {}
     for span, chunks in zip(spans, chunked, strict=True):
-        entries.append(SpanEntry(
-            kind="skeleton" if span.opaque else "tensor", offset=span.offset, length=span.length,
-            chunks=tuple((cid, n) for _, n, _, cid in chunks), name=span.name, dtype=span.dtype, shape=span.shape,
-        ))
+        entries.append(
+            SpanEntry(
+                kind="skeleton" if span.opaque else "tensor",
+                offset=span.offset,
+                length=span.length,
+                chunks=tuple((cid, n) for _, n, _, cid in chunks),
+                name=span.name,
+                dtype=span.dtype,
+                shape=span.shape,
+            )
+        )
         for c in chunks:
             all_chunks.setdefault(c[3], c)
     manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note)
@@ -104,11 +112,15 @@ def load_manifest(store: GitStore, manifest_id: bytes) -> Manifest:
     return Manifest.from_bytes(data, f"manifest {manifest_id.hex()[:16]}")
 
 
-def chunk_tuples(store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]]) -> tuple[list[str], list[tuple[int, int, bytes, bytes]]]:
+def chunk_tuples(
+    store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]]
+) -> tuple[list[str], list[tuple[int, int, bytes, bytes]]]:
     frames = store.version_frames(manifest_id)
     missing = [cid for cid, _ in chunks if cid not in frames]
     if missing:
-        raise CorruptObject(f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`")
+        raise CorruptObject(
+            f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`"
+        )
     oids = [frames[cid].object_id for cid, _ in chunks]
     packs, locs = store.locate(oids)
     return packs, [(n, loc, cid, oid) for (cid, n), loc, oid in zip(chunks, locs, oids, strict=True)]
@@ -134,10 +146,8 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return manifest
 

@@ -54,10 +54,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     rev, _, path = args.path.rpartition(":") if ":" in args.path else (None, "", args.path)
     with Repo(args.C) as repo:
         info = repo.show(path, rev or None)
-    rows = [[r["name"], r["dtype"], "x".join(map(str, r["shape"])) or "-", _mb(r["bytes"]), _mb(r["stored"]),
-             f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-", r["codec"]] for r in info["rows"]]
-    head = (f"{info['path']}: {info['format']}, {info['tensors']} tensors, {_mb(info['size'])} stored as {_mb(info['stored'])}"
-            f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n")
+    rows = [
+        [
+            r["name"],
+            r["dtype"],
+            "x".join(map(str, r["shape"])) or "-",
+            _mb(r["bytes"]),
+            _mb(r["stored"]),
+            f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-",
+            r["codec"],
+        ]
+        for r in info["rows"]
+    ]
+    head = (
+        f"{info['path']}: {info['format']}, {info['tensors']} tensors, {_mb(info['size'])} stored as {_mb(info['stored'])}"
+        f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
+    )
     _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "codec (per byte plane)"]))
     return 0
 
@@ -68,10 +80,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     rows = [[v["manifest"][:12], v["format"], str(v["tensors"]), _mb(v["size"]), _mb(v["stored"])] for v in s["versions"]]
     text = _table(rows, ["version", "format", "tensors", "raw", "stored (all its chunks)"])
     if s["checkpoints"]:
-        text += "\n\n" + _table([[c["path"], c["manifest"][:12], _mb(c["size"]), _mb(c["stored"])] for c in s["checkpoints"]],
-                                ["checkpoint (index)", "version", "raw", "stored"])
-    text += (f"\n\n{len(s['versions'])} versions, {_mb(s['raw_bytes'])} raw in all, {_mb(s['stored_bytes'])} stored "
-             f"in {s['unique_chunks']} unique chunks (ratio {s['ratio']:.3f})")
+        text += "\n\n" + _table(
+            [[c["path"], c["manifest"][:12], _mb(c["size"]), _mb(c["stored"])] for c in s["checkpoints"]],
+            ["checkpoint (index)", "version", "raw", "stored"],
+        )
+    text += (
+        f"\n\n{len(s['versions'])} versions, {_mb(s['raw_bytes'])} raw in all, {_mb(s['stored_bytes'])} stored "
+        f"in {s['unique_chunks']} unique chunks (ratio {s['ratio']:.3f})"
+    )
     _out(args, s, text)
     return 0
 
@@ -80,7 +96,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     with Repo(args.C) as repo:
         r = repo.fsck(progress=args.progress)
     lines = [f"{p['version'][:12]} {p['object'][:12]} {p['problem']}" for p in r["problems"]]
-    lines.append(f"{r['versions']} versions, {r['chunks_checked']} chunks checked: " + ("ok" if r["ok"] else f"{len(r['problems'])} problems"))
+    lines.append(
+        f"{r['versions']} versions, {r['chunks_checked']} chunks checked: " + ("ok" if r["ok"] else f"{len(r['problems'])} problems")
+    )
     _out(args, r, "\n".join(lines))
     return 0 if r["ok"] else 1
 
@@ -89,6 +107,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.dir, json_out=args.json, quiet=args.quiet)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import install
+
+    done = install(".", "global" if args.global_ else "local")
+    _out(args, {"configured": done}, "\n".join(done))
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from .install import track
+
+    added = track(args.patterns)
+    _out(args, {"tracked": added}, "\n".join(f"tracking {p}" for p in added) or "already tracked")
+    return 0
+
+
+def cmd_untrack(args: argparse.Namespace) -> int:
+    from .install import untrack
+
+    removed = untrack(args.patterns)
+    _out(args, {"untracked": removed}, "\n".join(f"untracked {p}" for p in removed) or "nothing to untrack")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .gitstore import GitStore
+    from .remote import fetch
+
+    with GitStore(".") as store:
+        r = fetch(store, args.remote, args.revs, all_versions=args.all)
+    _out(args, r, f"{r['fetched']} version(s) fetched, {r['needed'] - r['fetched']} already here")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .gitstore import GitStore
+    from .remote import gc
+
+    with GitStore(".") as store:
+        r = gc(store, dry_run=args.dry_run, prune=args.prune)
+    verb = "would drop" if args.dry_run else "dropped"
+    dropped = r["dropped"]
+    assert isinstance(dropped, list)
+    lines = [f"{verb} {v}" for v in dropped]
+    freed = r["freed_bytes"]
+    assert isinstance(freed, int)
+    lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({_mb(freed)} of frames no other version uses)")
+    if not args.dry_run and not args.prune and dropped:
+        lines.append("run `git gc --prune=now` (or theta-store gc --prune) to free the disk space")
+    _out(args, r, "\n".join(lines))
+    return 0
+
+
+def cmd_filter_process(args: argparse.Namespace) -> int:
+    from .filterproc import run
+
+    return run()
+
+
+def cmd_pre_push(args: argparse.Namespace) -> int:
+    from .gitstore import GitStore
+    from .remote import pre_push
+
+    with GitStore(".") as store:
+        pre_push(store, args.remote, args.url, sys.stdin.read().splitlines())
+    return 0
+
+
+def cmd_textconv(args: argparse.Namespace) -> int:
+    from .gitdrivers import textconv
+
+    textconv(args.file)
+    return 0
+
+
+def cmd_merge_driver(args: argparse.Namespace) -> int:
+    from .gitdrivers import merge_driver
+
+    return merge_driver(args.base, args.ours, args.theirs, args.pathname)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +215,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", metavar="[REV:]PATH")
     verb("stats", "raw vs stored bytes, dedup, per checkpoint", cmd_stats)
     verb("fsck", "re-hash every stored object; report missing or corrupt ones", cmd_fsck)
+    sp = verb("install", "configure git to use theta-store (filter, diff, merge drivers, hooks)", cmd_install)
+    sp.add_argument("--global", dest="global_", action="store_true", help="in ~/.gitconfig for every repository")
+    sp.add_argument("--local", dest="global_", action="store_false", help="in this repository (default)")
+    sp = verb("track", "store files matching these patterns with theta-store (.gitattributes)", cmd_track)
+    sp.add_argument("patterns", nargs="+", metavar="PATTERN")
+    sp = verb("untrack", "stop tracking these patterns (other tools' lines are left alone)", cmd_untrack)
+    sp.add_argument("patterns", nargs="+", metavar="PATTERN")
+    sp = verb("fetch", "fetch the checkpoint versions that REVs (default HEAD) point to", cmd_fetch)
+    sp.add_argument("remote", nargs="?", default=None)
+    sp.add_argument("revs", nargs="*", metavar="REV")
+    sp.add_argument("--all", action="store_true", help="every version the remote has")
+    sp = verb("gc", "drop stored versions that no branch, tag or remote-tracking ref needs", cmd_gc)
+    sp.add_argument("--dry-run", "-n", action="store_true", help="only show what would go")
+    sp.add_argument("--prune", action="store_true", help="then run git gc --prune=now to free the space")
     sp = verb("demo", "run the built-in example in a temporary directory", cmd_demo)
     sp.add_argument("--dir", help="work in this (new or empty) directory instead of a temporary one")
+    # plumbing that git calls
+    sub.add_parser("filter-process", help=argparse.SUPPRESS).set_defaults(fn=cmd_filter_process)
+    sp = sub.add_parser("pre-push", help=argparse.SUPPRESS)
+    sp.set_defaults(fn=cmd_pre_push)
+    sp.add_argument("remote")
+    sp.add_argument("url", nargs="?", default="")
+    sp = sub.add_parser("textconv", help=argparse.SUPPRESS)
+    sp.set_defaults(fn=cmd_textconv)
+    sp.add_argument("file")
+    sp = sub.add_parser("merge-driver", help=argparse.SUPPRESS)
+    sp.set_defaults(fn=cmd_merge_driver)
+    for a in ("base", "ours", "theirs", "pathname"):
+        sp.add_argument(a)
     return p
 
 

@@ -24,12 +24,13 @@ from typing import Any
 
 import msgpack
 from dulwich.errors import NotGitRepository
-from dulwich.objects import Blob, Commit, Tree
+from dulwich.objects import Blob, Commit, ObjectID, Tree
+from dulwich.refs import Ref
 from dulwich.repo import Repo as DulwichRepo
 
 from .errors import CorruptObject, NotARepository, ObjectNotFound
 
-REF_PREFIX = b"refs/theta/"
+REF_PREFIX = Ref(b"refs/theta/")
 AUTHOR = b"theta-store <theta-store@localhost>"
 # chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
 _RECORD = struct.Struct("<32s20sQBH")
@@ -41,6 +42,15 @@ class StoredFrame:
     object_id: bytes
     frame_len: int
     planes: str  # "raw+raw+raw+rans"
+
+
+def _hex(oid: bytes) -> ObjectID:
+    """A binary object id as dulwich's hex ObjectID."""
+    return ObjectID(oid.hex().encode())
+
+
+def _ref(manifest_id: bytes) -> Ref:
+    return Ref(REF_PREFIX + manifest_id.hex().encode())
 
 
 def _pack_modes(planes: str) -> tuple[int, int]:
@@ -137,7 +147,7 @@ class GitStore:
 
     # ---- objects ----
     def has_object(self, oid: bytes) -> bool:
-        return oid.hex().encode() in self.repo.object_store
+        return _hex(oid) in self.repo.object_store
 
     def refresh(self) -> None:
         """See packs written behind dulwich's back (by the Rust core)."""
@@ -145,9 +155,11 @@ class GitStore:
 
     def read_object(self, oid: bytes) -> bytes:
         try:
-            kind, data = self.repo.object_store.get_raw(oid.hex().encode())
+            _, data = self.repo.object_store.get_raw(_hex(oid))
         except KeyError:
-            raise ObjectNotFound(f"object {oid.hex()} is not in {self.common_dir}", hint="run `theta-store fetch` or check the remote") from None
+            raise ObjectNotFound(
+                f"object {oid.hex()} is not in {self.common_dir}", hint="run `theta-store fetch` or check the remote"
+            ) from None
         return bytes(data)
 
     def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[int]]:
@@ -160,7 +172,7 @@ class GitStore:
             loc = (1 << 64) - 1
             for i, pack in enumerate(packs):
                 try:
-                    offset = pack.index.object_offset(oid)
+                    offset = pack.index.object_offset(_hex(oid))
                 except KeyError:
                     continue
                 if i not in numbers:
@@ -182,7 +194,7 @@ class GitStore:
         fan: dict[str, Tree] = {}
         for cid, f in sorted(frames.items()):
             h = cid.hex()
-            fan.setdefault(h[:2], Tree()).add(h[2:].encode(), 0o100644, f.object_id.hex().encode())
+            fan.setdefault(h[:2], Tree()).add(h[2:].encode(), 0o100644, _hex(f.object_id))
         root = Tree()
         root.add(b"manifest", 0o100644, mblob.id)
         root.add(b"frames", 0o100644, fblob.id)
@@ -201,8 +213,7 @@ class GitStore:
         missing = [(o, None) for o in objects if o.id not in self.repo.object_store]
         if missing:
             self.repo.object_store.add_objects(missing)
-        ref = REF_PREFIX + manifest_id.hex().encode()
-        self.repo.refs[ref] = commit.id
+        self.repo.refs[_ref(manifest_id)] = commit.id
         return bytes.fromhex(commit.id.decode())
 
     def versions(self) -> list[bytes]:
@@ -215,9 +226,10 @@ class GitStore:
         return sorted(out)
 
     def _version_tree(self, manifest_id: bytes) -> Tree:
-        ref = REF_PREFIX + manifest_id.hex().encode()
+        ref = _ref(manifest_id)
         try:
             commit = self.repo[self.repo.refs[ref]]
+            assert isinstance(commit, Commit)
             tree = self.repo[commit.tree]
         except KeyError:
             raise ObjectNotFound(
@@ -245,15 +257,15 @@ class GitStore:
                 continue
             sub = self.repo[entry.sha]
             assert isinstance(sub, Tree)
-            for e in sub.items():
-                cid = bytes.fromhex((entry.path + e.path).decode())
+            for leaf in sub.items():
+                cid = bytes.fromhex((entry.path + leaf.path).decode())
                 flen, planes = table.get(cid, [0, ""])
-                out[cid] = StoredFrame(bytes.fromhex(e.sha.decode()), int(flen), str(planes))
+                out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), int(flen), str(planes))
         return out
 
     def version_commit(self, manifest_id: bytes) -> bytes | None:
         try:
-            return bytes.fromhex(self.repo.refs[REF_PREFIX + manifest_id.hex().encode()].decode())
+            return bytes.fromhex(self.repo.refs[_ref(manifest_id)].decode())
         except KeyError:
             return None
 

@@ -92,8 +92,13 @@ class Manifest:
                 if any(len(c) != 32 for c, _ in chunks):
                     raise ValueError("chunk id is not 32 bytes")
                 entry = SpanEntry(
-                    kind=s["kind"], offset=int(s["offset"]), length=int(s["length"]), chunks=chunks,
-                    name=s.get("name", ""), dtype=s.get("dtype", "BYTES"), shape=tuple(s.get("shape", ())),
+                    kind=s["kind"],
+                    offset=int(s["offset"]),
+                    length=int(s["length"]),
+                    chunks=chunks,
+                    name=s.get("name", ""),
+                    dtype=s.get("dtype", "BYTES"),
+                    shape=tuple(s.get("shape", ())),
                 )
                 if entry.offset != pos or sum(n for _, n in chunks) != entry.length:
                     raise ValueError(f"span at {entry.offset} does not tile the file")
@@ -102,7 +107,15 @@ class Manifest:
             f = obj["file"]
             if pos != f["size"]:
                 raise ValueError(f"spans cover {pos} bytes, file has {f['size']}")
-            return cls(obj["format"], int(f["size"]), bytes(f["blake3"]), int(obj["chunk_bytes"]), spans, obj.get("metadata", {}), obj.get("note", ""))
+            return cls(
+                obj["format"],
+                int(f["size"]),
+                bytes(f["blake3"]),
+                int(obj["chunk_bytes"]),
+                spans,
+                obj.get("metadata", {}),
+                obj.get("note", ""),
+            )
         except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
             raise CorruptObject(f"{where}: cannot read manifest: {e}") from None
 
@@ -151,7 +164,9 @@ class Pointer:
                 raise PointerError(f"{where}: line {n} {line[:60]!r} is not 'key value'", hint="restore the pointer with git checkout")
             fields[key] = value
         if fields.get("version") != POINTER_VERSION:
-            raise PointerError(f"{where}: not a theta-store pointer (version line is {fields.get('version')!r}, expected {POINTER_VERSION!r})")
+            raise PointerError(
+                f"{where}: not a theta-store pointer (version line is {fields.get('version')!r}, expected {POINTER_VERSION!r})"
+            )
         hexes = {k: fields.get(k, "") for k in ("manifest", "blake3")}
         for k, v in hexes.items():
             if not re.fullmatch(r"[0-9a-f]{64}", v):
@@ -159,10 +174,24 @@ class Pointer:
         for k in ("size", "tensors"):
             if not re.fullmatch(r"[0-9]{1,20}", fields.get(k, "")):
                 raise PointerError(f"{where}: field {k} {fields.get(k, '')[:30]!r} is not a number")
-        if data != cls(bytes.fromhex(hexes["manifest"]), int(fields["size"]), bytes.fromhex(hexes["blake3"]),
-                       int(fields["tensors"]), fields.get("format", "")).to_bytes():
+        if (
+            data
+            != cls(
+                bytes.fromhex(hexes["manifest"]),
+                int(fields["size"]),
+                bytes.fromhex(hexes["blake3"]),
+                int(fields["tensors"]),
+                fields.get("format", ""),
+            ).to_bytes()
+        ):
             raise PointerError(f"{where}: pointer is not in canonical form", hint="restore the pointer with git checkout")
-        return cls(bytes.fromhex(hexes["manifest"]), int(fields["size"]), bytes.fromhex(hexes["blake3"]), int(fields["tensors"]), fields.get("format", ""))
+        return cls(
+            bytes.fromhex(hexes["manifest"]),
+            int(fields["size"]),
+            bytes.fromhex(hexes["blake3"]),
+            int(fields["tensors"]),
+            fields.get("format", ""),
+        )
 
 
 def looks_like_pointer(data: bytes) -> bool:

@@ -63,8 +63,9 @@ class Repo:
         return rel.replace(os.sep, "/")
 
     # ---- add / restore ----
-    def add(self, paths: Sequence[str], *, stage: bool = True, progress: bool | None = None,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[AddReport]:
+    def add(
+        self, paths: Sequence[str], *, stage: bool = True, progress: bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> list[AddReport]:
         """Store each checkpoint and stage its pointer in the Git index."""
         reports = []
         for path in paths:
@@ -74,8 +75,19 @@ class Repo:
             r = add_file(self.store, path, chunk_bytes=chunk_bytes, progress=progress)
             if stage:
                 self.store.stage_blob(rel, r.pointer.to_bytes())
-            reports.append(AddReport(rel, r.manifest.format, r.raw_bytes, len(r.manifest.tensors), r.pointer.manifest_id.hex(),
-                                     r.new_chunks, r.reused_chunks, r.new_bytes, r.reused_bytes))
+            reports.append(
+                AddReport(
+                    rel,
+                    r.manifest.format,
+                    r.raw_bytes,
+                    len(r.manifest.tensors),
+                    r.pointer.manifest_id.hex(),
+                    r.new_chunks,
+                    r.reused_chunks,
+                    r.new_bytes,
+                    r.reused_bytes,
+                )
+            )
         return reports
 
     def pointer(self, path: str, rev: str | None = None) -> Pointer:
@@ -83,8 +95,10 @@ class Repo:
         rel = self.relpath(path)
         data = self.store.read_path(rel, rev)
         if not looks_like_pointer(data):
-            raise PointerError(f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer",
-                               hint="add it with `theta-store add` (or track it with `theta-store track`)")
+            raise PointerError(
+                f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer",
+                hint="add it with `theta-store add` (or track it with `theta-store track`)",
+            )
         return Pointer.parse(data, f"{rel} ({'index' if rev is None else rev})")
 
     def restore(self, paths: Sequence[str], *, rev: str | None = None, progress: bool | None = None) -> list[str]:
@@ -106,24 +120,52 @@ class Repo:
         for s in m.spans:
             stored = sum(frames[c].frame_len for c, _ in s.chunks if c in frames)
             codecs = sorted({frames[c].planes for c, _ in s.chunks if c in frames})
-            rows.append({"name": s.name if s.kind == "tensor" else "(skeleton)", "kind": s.kind, "dtype": s.dtype, "shape": list(s.shape),
-                         "offset": s.offset, "bytes": s.length, "stored": stored, "chunks": len(s.chunks), "codec": ",".join(codecs)})
+            rows.append(
+                {
+                    "name": s.name if s.kind == "tensor" else "(skeleton)",
+                    "kind": s.kind,
+                    "dtype": s.dtype,
+                    "shape": list(s.shape),
+                    "offset": s.offset,
+                    "bytes": s.length,
+                    "stored": stored,
+                    "chunks": len(s.chunks),
+                    "codec": ",".join(codecs),
+                }
+            )
         unique = {c for s in m.spans for c, _ in s.chunks}
-        return {"path": self.relpath(path), "format": m.format, "size": m.size, "blake3": m.blake3.hex(), "manifest": p.manifest_id.hex(),
-                "tensors": len(m.tensors), "stored": sum(frames[c].frame_len for c in unique if c in frames), "rows": rows, "note": m.note}
+        return {
+            "path": self.relpath(path),
+            "format": m.format,
+            "size": m.size,
+            "blake3": m.blake3.hex(),
+            "manifest": p.manifest_id.hex(),
+            "tensors": len(m.tensors),
+            "stored": sum(frames[c].frame_len for c in unique if c in frames),
+            "rows": rows,
+            "note": m.note,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Raw vs stored bytes per checkpoint in the index, and for every stored version."""
         frame_len: dict[bytes, int] = {}
-        versions = []
+        versions: list[dict[str, Any]] = []
         for mid in self.store.versions():
             m = load_manifest(self.store, mid)
             fr = self.store.version_frames(mid)
             for cid, f in fr.items():
                 frame_len[cid] = f.frame_len
             ids = m.chunk_ids()
-            versions.append({"manifest": mid.hex(), "format": m.format, "size": m.size, "tensors": len(m.tensors),
-                             "stored": sum(fr[c].frame_len for c in ids if c in fr), "chunks": len(ids)})
+            versions.append(
+                {
+                    "manifest": mid.hex(),
+                    "format": m.format,
+                    "size": m.size,
+                    "tensors": len(m.tensors),
+                    "stored": sum(fr[c].frame_len for c in ids if c in fr),
+                    "chunks": len(ids),
+                }
+            )
         checkpoints = []
         for rel, oid in self.store.iter_paths(None):
             data = self.store.read_object(oid)
@@ -133,8 +175,14 @@ class Repo:
                 checkpoints.append({"path": rel, "size": p.size, "manifest": p.manifest_id.hex(), "stored": v["stored"] if v else None})
         raw_total = sum(v["size"] for v in versions)
         stored_total = sum(frame_len.values())
-        return {"versions": versions, "checkpoints": checkpoints, "raw_bytes": raw_total, "stored_bytes": stored_total,
-                "unique_chunks": len(frame_len), "ratio": stored_total / raw_total if raw_total else 0.0}
+        return {
+            "versions": versions,
+            "checkpoints": checkpoints,
+            "raw_bytes": raw_total,
+            "stored_bytes": stored_total,
+            "unique_chunks": len(frame_len),
+            "ratio": stored_total / raw_total if raw_total else 0.0,
+        }
 
     def fsck(self, progress: bool | None = None) -> dict[str, Any]:
         """Re-hash every stored object; report missing and corrupt ones (never raises for them)."""
@@ -151,7 +199,7 @@ class Repo:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
             for i in range(0, len(tuples), FSCK_BATCH):
-                batch = tuples[i:i + FSCK_BATCH]
+                batch = tuples[i : i + FSCK_BATCH]
                 try:
                     _native.read_chunks(batch, packs, self.store.read_object)
                 except (ObjectNotFound, CorruptObject, OSError):
@@ -167,7 +215,9 @@ class Repo:
                 try:
                     p = Pointer.parse(data, rel)
                     if p.manifest_id not in set(versions):
-                        problems.append({"version": p.manifest_id.hex(), "object": "", "problem": f"{rel}: its version is not in this repository"})
+                        problems.append(
+                            {"version": p.manifest_id.hex(), "object": "", "problem": f"{rel}: its version is not in this repository"}
+                        )
                 except PointerError as e:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
         return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}

@@ -42,17 +42,23 @@ def detect(path: str | os.PathLike[str]) -> Layout:
     with open(p, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEAD_BYTES)
+        claimed = [a for a in ADAPTERS if p.lower().endswith(tuple(a.EXTENSIONS))]
         for adapter in ADAPTERS:
             if adapter.sniff(head, size):
-                layout: Layout = adapter.parse(p, f, size)
-                layout.check(p)
+                try:
+                    layout: Layout = adapter.parse(p, f, size)
+                    layout.check(p)
+                except FormatError as e:
+                    if adapter in claimed:
+                        raise
+                    # Looks like the format but is not, and the name does not claim it: keep it
+                    # losslessly as opaque bytes rather than refuse it.
+                    return raw.parse(p, f, size, note=f"looked like {adapter.NAME} but is not ({e.problem}); stored as opaque bytes")
                 return layout
-        lower = p.lower()
-        for adapter in ADAPTERS:
-            if lower.endswith(tuple(adapter.EXTENSIONS)):
-                layout = adapter.parse(p, f, size)  # raises the precise FormatError
-                layout.check(p)
-                return layout
+        for adapter in claimed:
+            layout = adapter.parse(p, f, size)  # raises the precise FormatError
+            layout.check(p)
+            return layout
         return raw.parse(p, f, size)
 
 

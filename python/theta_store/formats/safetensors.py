@@ -37,7 +37,9 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
     (n,) = struct.unpack("<Q", f.read(8))
     if n > size - 8:
         raise FormatError(
-            path, "header length (bytes 0-8)", f"claims a {n}-byte JSON header but the file has only {size - 8} bytes after it",
+            path,
+            "header length (bytes 0-8)",
+            f"claims a {n}-byte JSON header but the file has only {size - 8} bytes after it",
             hint="the file is truncated or not safetensors",
         )
     if n > MAX_HEADER:
@@ -75,7 +77,8 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
             raise FormatError(path, where, f"data_offsets [{begin}, {end}) are not ordered")
         if end > data_len:
             raise FormatError(
-                path, where,
+                path,
+                where,
                 f"data_offsets [{begin}, {end}) end past the {data_len}-byte data section (file offset {data_start + end} > size {size})",
                 hint="the file is truncated or its header is corrupt",
             )
@@ -83,7 +86,9 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
         bits = elem * 8 if elem is not None else _OPAQUE_BITS.get(dtype)
         count = math.prod(shape)
         if bits is not None and (count * bits + 7) // 8 != end - begin:
-            raise FormatError(path, where, f"{dtype} shape {shape} needs {(count * bits + 7) // 8} bytes but data_offsets span {end - begin}")
+            raise FormatError(
+                path, where, f"{dtype} shape {shape} needs {(count * bits + 7) // 8} bytes but data_offsets span {end - begin}"
+            )
         align = elem if elem is not None else max(1, (bits or 8) // 8) if (bits or 8) % 8 == 0 else 1
         regions.append(TensorRegion(name, dtype, tuple(shape), data_start + begin, end - begin, align))
     regions.sort(key=lambda r: (r.offset, r.length))
@@ -91,15 +96,29 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
     for r in regions:
         if prev is not None and r.offset < prev.end:
             raise FormatError(
-                path, f"tensors {prev.name!r} and {r.name!r}",
-                f"overlap in the data section ([{prev.offset - data_start}, {prev.end - data_start}) and [{r.offset - data_start}, {r.end - data_start}))",
+                path,
+                f"tensors {prev.name!r} and {r.name!r}",
+                f"overlap in the data section ([{prev.offset - data_start}, {prev.end - data_start}) "
+                f"and [{r.offset - data_start}, {r.end - data_start}))",
             )
         prev = r
     return Layout(NAME, size, regions, metadata={"__metadata__": metadata})
 
 
-_NUMPY_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-                "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL"}
+_NUMPY_TO_ST = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+}
 
 
 def save(path: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
@@ -116,8 +135,10 @@ def save(path: str, tensors: dict[str, Any], metadata: dict[str, str] | None = N
     pos = 0
     for name in sorted(tensors):
         value = tensors[name]
-        arr, dtype = (value if isinstance(value, tuple) else (value, None))
-        arr = np.ascontiguousarray(arr)
+        arr, dtype = value if isinstance(value, tuple) else (value, None)
+        arr = np.asarray(arr)  # not ascontiguousarray: it turns 0-d arrays into 1-d
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         st = dtype or _NUMPY_TO_ST[arr.dtype.name]

@@ -18,6 +18,7 @@
 use crate::ans;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use std::cell::RefCell;
 
 pub const MAGIC: [u8; 4] = [0x89, b'T', b'S', b'F'];
 pub const VERSION: u8 = 1;
@@ -59,110 +60,210 @@ pub fn chunk_id(data: &[u8]) -> ChunkId {
 /// Planes below this size are stored raw: tables and headers would eat any gain.
 const MIN_CODED_PLANE: usize = 64;
 
-/// Split `data` into `p` byte planes (rotating float bit patterns first).
-fn split_planes(data: &[u8], dtype: DType, p: usize) -> Vec<Vec<u8>> {
-    let n = data.len() / p;
-    let mut planes: Vec<Vec<u8>> = (0..p).map(|_| vec![0u8; n]).collect();
-    macro_rules! split {
-        ($t:ty, $k:expr) => {{
-            let rotate = dtype.rotates();
-            let mut outs: Vec<&mut [u8]> = planes.iter_mut().map(|v| v.as_mut_slice()).collect();
-            for (i, e) in data.chunks_exact($k).enumerate() {
-                let mut v = <$t>::from_le_bytes(e.try_into().unwrap());
-                if rotate {
-                    v = v.rotate_left(1);
-                }
-                let b = v.to_le_bytes();
-                for j in 0..$k {
-                    outs[j][i] = b[j];
-                }
-            }
-        }};
-    }
-    match p {
-        1 => planes[0].copy_from_slice(data),
-        2 => split!(u16, 2),
-        4 => split!(u32, 4),
-        8 => split!(u64, 8),
-        _ => unreachable!("plane count is an element size"),
-    }
-    planes
+/// Size of the leading sample of a plane that the codec decisions look at.
+const SAMPLE: usize = 64 * 1024;
+
+/// Elements per block in the plane split/merge loops (fixed-size inner loops vectorise).
+const BLOCK: usize = 16;
+
+thread_local! {
+    /// Split planes on encode, decoded planes on decode.
+    static PLANES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// zstd contexts are expensive to create (and to zero): one per thread, reused.
+    static ZSTD_C: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static ZSTD_D: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    static ZSTD_OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn merge_planes(planes: &[Vec<u8>], dtype: DType, out: &mut [u8]) {
-    let p = planes.len();
-    macro_rules! merge {
-        ($t:ty, $k:expr) => {{
-            let rotate = dtype.rotates();
-            for (i, e) in out.chunks_exact_mut($k).enumerate() {
-                let mut b = [0u8; $k];
-                for j in 0..$k {
-                    b[j] = planes[j][i];
-                }
-                let mut v = <$t>::from_le_bytes(b);
-                if rotate {
-                    v = v.rotate_right(1);
-                }
-                e.copy_from_slice(&v.to_le_bytes());
-            }
-        }};
-    }
-    match p {
-        1 => out.copy_from_slice(&planes[0]),
-        2 => merge!(u16, 2),
-        4 => merge!(u32, 4),
-        8 => merge!(u64, 8),
-        _ => unreachable!("plane count is an element size"),
-    }
-}
-
-/// Pick the smallest of raw, rANS and zstd-1 for one plane. Integer-only decisions: the same
-/// plane gives the same bytes everywhere.
-fn encode_plane(plane: &[u8]) -> (PlaneMode, Vec<u8>) {
-    let n = plane.len();
-    if n < MIN_CODED_PLANE {
-        return (PlaneMode::Raw, plane.to_vec());
-    }
-    let hist = ans::histogram(plane);
-    // Collision entropy bounds Shannon entropy from below: if sum(p^2) <= 1.02/256 no order-0
-    // coder can save more than log2(1.02)/8 = 0.36%, so don't spend time trying.
-    let sum_sq: u128 = hist.iter().map(|&c| c as u128 * c as u128).sum();
-    let near_uniform = sum_sq * 256 * 100 <= (n as u128 * n as u128) * 102;
-    let mut best = (PlaneMode::Raw, None::<Vec<u8>>, n);
-    if !near_uniform {
-        let mut r = Vec::new();
-        ans::encode_with_hist(plane, &hist, &mut r);
-        if r.len() < best.2 {
-            best = (PlaneMode::Rans, None, r.len());
-            best.1 = Some(r);
+/// zstd level 1 of `src` into the thread's scratch buffer; calls `f` with the result.
+fn with_zstd<R>(src: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    ZSTD_C.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(1).ok();
         }
-    }
-    // zstd finds repeats an order-0 coder cannot (structured or duplicated weights). Try it on a
-    // sample first; only planes where it beats the current best on the sample get a full run.
-    let sample = &plane[..n.min(64 * 1024)];
-    let sample_best = match best.0 {
-        PlaneMode::Raw => sample.len(),
-        _ => {
-            let mut r = Vec::new();
-            ans::encode(sample, &mut r);
-            r.len()
+        let Some(comp) = c.as_mut() else {
+            return f(None);
+        };
+        ZSTD_OUT.with(|o| {
+            let mut o = o.borrow_mut();
+            o.clear();
+            o.reserve(zstd::zstd_safe::compress_bound(src.len()));
+            match comp.compress_to_buffer(src, &mut *o) {
+                Ok(_) => f(Some(&o)),
+                Err(_) => f(None),
+            }
+        })
+    })
+}
+
+fn unzstd(src: &[u8], dst: &mut [u8]) -> std::result::Result<usize, String> {
+    ZSTD_D.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        let dec = d.as_mut().expect("set above");
+        dec.decompress_to_buffer(src, dst)
+            .map_err(|e| e.to_string())
+    })
+}
+
+macro_rules! split_merge {
+    ($split:ident, $merge:ident, $t:ty, $k:expr) => {
+        /// Split elements into `$k` planes of `n` bytes each (`planes` is `$k * n` bytes).
+        fn $split(data: &[u8], rot: u32, planes: &mut [u8]) {
+            const K: usize = $k;
+            let n = data.len() / K;
+            let mut outs: [&mut [u8]; K] = split_n::<K>(&mut planes[..K * n], n);
+            let whole = n / BLOCK * BLOCK;
+            for (b, blk) in data[..whole * K].chunks_exact(BLOCK * K).enumerate() {
+                let mut vals = [0 as $t; BLOCK];
+                for (v, e) in vals.iter_mut().zip(blk.chunks_exact(K)) {
+                    *v = <$t>::from_le_bytes(e.try_into().unwrap()).rotate_left(rot);
+                }
+                for (j, out) in outs.iter_mut().enumerate() {
+                    let o: &mut [u8; BLOCK] =
+                        (&mut out[b * BLOCK..(b + 1) * BLOCK]).try_into().unwrap();
+                    for i in 0..BLOCK {
+                        o[i] = (vals[i] >> (8 * j)) as u8;
+                    }
+                }
+            }
+            for (i, e) in data[whole * K..n * K].chunks_exact(K).enumerate() {
+                let v = <$t>::from_le_bytes(e.try_into().unwrap()).rotate_left(rot);
+                for (j, out) in outs.iter_mut().enumerate() {
+                    out[whole + i] = (v >> (8 * j)) as u8;
+                }
+            }
+        }
+
+        /// Inverse of the split: interleave `$k` planes back into elements.
+        fn $merge(planes: &[&[u8]], rot: u32, out: &mut [u8]) {
+            const K: usize = $k;
+            let n = out.len() / K;
+            let ins: [&[u8]; K] = std::array::from_fn(|j| &planes[j][..n]);
+            let whole = n / BLOCK * BLOCK;
+            for (b, blk) in out[..whole * K].chunks_exact_mut(BLOCK * K).enumerate() {
+                let mut vals = [0 as $t; BLOCK];
+                for (j, src) in ins.iter().enumerate() {
+                    let s: &[u8; BLOCK] = src[b * BLOCK..(b + 1) * BLOCK].try_into().unwrap();
+                    for i in 0..BLOCK {
+                        vals[i] |= (s[i] as $t) << (8 * j);
+                    }
+                }
+                for (v, e) in vals.iter().zip(blk.chunks_exact_mut(K)) {
+                    e.copy_from_slice(&v.rotate_right(rot).to_le_bytes());
+                }
+            }
+            for (i, e) in out[whole * K..n * K].chunks_exact_mut(K).enumerate() {
+                let mut v: $t = 0;
+                for (j, src) in ins.iter().enumerate() {
+                    v |= (src[whole + i] as $t) << (8 * j);
+                }
+                e.copy_from_slice(&v.rotate_right(rot).to_le_bytes());
+            }
         }
     };
-    let zs = zstd::bulk::compress(sample, 1)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
-    if zs < sample_best {
-        if let Ok(z) = zstd::bulk::compress(plane, 1) {
-            if z.len() < best.2 {
-                best = (PlaneMode::Zstd, Some(z), 0);
+}
+
+split_merge!(split2, merge2, u16, 2);
+split_merge!(split4, merge4, u32, 4);
+split_merge!(split8, merge8, u64, 8);
+
+/// Cut `buf` (`K * n` bytes) into `K` consecutive slices of `n` bytes.
+fn split_n<const K: usize>(buf: &mut [u8], n: usize) -> [&mut [u8]; K] {
+    let mut rest = buf;
+    std::array::from_fn(|_| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        rest = tail;
+        head
+    })
+}
+
+/// Split `data` into `p` byte planes (rotating float bit patterns first), plane `j` at
+/// `planes[j * n..(j + 1) * n]`.
+fn split_planes(data: &[u8], dtype: DType, p: usize, planes: &mut [u8]) {
+    let rot = dtype.rotates() as u32;
+    match p {
+        2 => split2(data, rot, planes),
+        4 => split4(data, rot, planes),
+        8 => split8(data, rot, planes),
+        _ => unreachable!("plane count is an element size"),
+    }
+}
+
+fn merge_planes(planes: &[&[u8]], dtype: DType, out: &mut [u8]) {
+    let rot = dtype.rotates() as u32;
+    match planes.len() {
+        1 => out.copy_from_slice(planes[0]),
+        2 => merge2(planes, rot, out),
+        4 => merge4(planes, rot, out),
+        8 => merge8(planes, rot, out),
+        _ => unreachable!("plane count is an element size"),
+    }
+}
+
+/// Encode one plane, appending the smallest of raw, rANS and zstd-1 to `out`.
+///
+/// The decisions are integer-only (the same plane gives the same bytes everywhere):
+/// - the leading 64 KiB sample's order-0 information content (exact fixed-point log2 of the
+///   normalised frequencies) predicts what rANS would save on the whole plane; planes where that
+///   is under 0.1% go raw without a full histogram (uniform mantissa bytes: the common case);
+/// - otherwise the full histogram's estimate decides, and the actual rANS output must still be
+///   shorter than raw;
+/// - zstd finds repeats an order-0 coder cannot (structured or duplicated weights). It is tried on
+///   the sample first and run on the whole plane only if it beats the best sample estimate.
+fn encode_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
+    let n = plane.len();
+    let start = out.len();
+    if n < MIN_CODED_PLANE {
+        out.extend_from_slice(plane);
+        return PlaneMode::Raw;
+    }
+    let sample = &plane[..n.min(SAMPLE)];
+    let sample_hist = ans::histogram(sample);
+    let sample_rans = ans::estimate_len(&sample_hist);
+    // Extrapolate the sample's stream bits to the plane (table and states are per plane).
+    let sample_stream = ans::estimate_stream_bits(&sample_hist);
+    let predicted = ((sample_stream as u128 * n as u128 / sample.len() as u128) >> 19) as usize;
+    let mut mode = PlaneMode::Raw;
+    let mut sample_best = sample.len();
+    let mut best_len = n;
+    if predicted * 1000 < n * 999 {
+        let hist = if sample.len() == n {
+            sample_hist
+        } else {
+            ans::histogram(plane)
+        };
+        if ans::estimate_len(&hist) < n {
+            ans::encode_with_hist(plane, &hist, out);
+            let len = out.len() - start;
+            if len < n {
+                mode = PlaneMode::Rans;
+                best_len = len;
+                sample_best = sample_rans.min(sample.len());
+            } else {
+                out.truncate(start);
             }
         }
     }
-    match best {
-        (PlaneMode::Raw, _, _) => (PlaneMode::Raw, plane.to_vec()),
-        (mode, Some(payload), _) => (mode, payload),
-        (_, None, _) => (PlaneMode::Raw, plane.to_vec()),
+    let zstd_sample_wins = with_zstd(sample, |z| z.is_some_and(|z| z.len() < sample_best));
+    if zstd_sample_wins {
+        with_zstd(plane, |z| {
+            if let Some(z) = z {
+                if z.len() < best_len {
+                    out.truncate(start);
+                    out.extend_from_slice(z);
+                    mode = PlaneMode::Zstd;
+                }
+            }
+        });
     }
+    if mode == PlaneMode::Raw {
+        out.extend_from_slice(plane);
+    }
+    mode
 }
 
 /// Encode one chunk whose BLAKE3 is already known.
@@ -173,16 +274,9 @@ pub fn encode_frame_with_id(data: &[u8], dtype: DType, id: &ChunkId) -> Vec<u8> 
     } else {
         1
     };
-    let encoded: Vec<(PlaneMode, Vec<u8>)> = if p == 1 {
-        vec![encode_plane(data)]
-    } else {
-        split_planes(data, dtype, p)
-            .iter()
-            .map(|pl| encode_plane(pl))
-            .collect()
-    };
-    let payload_len: usize = encoded.iter().map(|e| e.1.len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + 9 * p + payload_len);
+    let table = HEADER_LEN + 9 * p;
+    // Every plane is at most its raw size.
+    let mut out = Vec::with_capacity(table + data.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(CODEC_PLANES);
@@ -190,12 +284,33 @@ pub fn encode_frame_with_id(data: &[u8], dtype: DType, id: &ChunkId) -> Vec<u8> 
     out.push(p as u8);
     out.extend_from_slice(&(data.len() as u64).to_le_bytes());
     out.extend_from_slice(id);
-    for (mode, payload) in &encoded {
-        out.push(*mode as u8);
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    }
-    for (_, payload) in encoded {
-        out.extend_from_slice(&payload);
+    out.resize(table, 0);
+    let record = |out: &mut Vec<u8>, j: usize, mode: PlaneMode, len: usize| {
+        let at = HEADER_LEN + 9 * j;
+        out[at] = mode as u8;
+        out[at + 1..at + 9].copy_from_slice(&(len as u64).to_le_bytes());
+    };
+    if p == 1 {
+        let mode = encode_plane(data, &mut out);
+        let len = out.len() - table;
+        record(&mut out, 0, mode, len);
+    } else {
+        PLANES.with(|cell| {
+            let mut planes = cell.borrow_mut();
+            if planes.len() < data.len() {
+                planes.resize(data.len(), 0);
+            }
+            let planes = &mut planes[..data.len()];
+            split_planes(data, dtype, p, planes);
+            let n = data.len() / p;
+            for j in 0..p {
+                let plane = &planes[j * n..(j + 1) * n];
+                let before = out.len();
+                let mode = encode_plane(plane, &mut out);
+                let len = out.len() - before;
+                record(&mut out, j, mode, len);
+            }
+        });
     }
     out
 }
@@ -219,7 +334,7 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
     }
     if frame[4] != VERSION {
         return Err(bad(format!(
-            "frame format version {} is not supported (this build reads 1)",
+            "frame format version {} is not supported (this build reads {VERSION})",
             frame[4]
         )));
     }
@@ -295,16 +410,12 @@ pub fn decode_frame_into(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
     }
     let p = info.planes.len();
     let n = out.len() / p;
-    let mut pos = HEADER_LEN + 9 * p;
-    let mut decode_plane = |j: usize, dst: &mut [u8]| -> Result<()> {
-        let (mode, len) = info.planes[j];
-        let src = &frame[pos..pos + len as usize];
-        pos += len as usize;
-        match mode {
+    let decode_plane = |j: usize, src: &[u8], dst: &mut [u8]| -> Result<()> {
+        match info.planes[j].0 {
             PlaneMode::Raw => dst.copy_from_slice(src),
             PlaneMode::Rans => ans::decode(src, dst)?,
             PlaneMode::Zstd => {
-                let got = zstd::bulk::decompress_to_buffer(src, dst)
+                let got = unzstd(src, dst)
                     .map_err(|e| Error::CorruptFrame(format!("plane {j}: zstd: {e}")))?;
                 if got != dst.len() {
                     return Err(Error::CorruptFrame(format!(
@@ -316,14 +427,37 @@ pub fn decode_frame_into(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
         }
         Ok(())
     };
+    // frame_info checked that the plane lengths add up to the frame's length.
+    let mut srcs: Vec<&[u8]> = Vec::with_capacity(p);
+    let mut pos = HEADER_LEN + 9 * p;
+    for &(_, len) in &info.planes {
+        srcs.push(&frame[pos..pos + len as usize]);
+        pos += len as usize;
+    }
     if p == 1 {
-        decode_plane(0, out)?;
+        decode_plane(0, srcs[0], out)?;
     } else {
-        let mut planes: Vec<Vec<u8>> = (0..p).map(|_| vec![0u8; n]).collect();
-        for (j, plane) in planes.iter_mut().enumerate() {
-            decode_plane(j, plane)?;
-        }
-        merge_planes(&planes, info.dtype, out);
+        PLANES.with(|cell| -> Result<()> {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < out.len() {
+                scratch.resize(out.len(), 0);
+            }
+            // Raw planes are merged straight from the frame; the others are decoded first.
+            let mut planes: Vec<&[u8]> = Vec::with_capacity(p);
+            let mut rest = &mut scratch[..out.len()];
+            for (j, &src) in srcs.iter().enumerate() {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                if info.planes[j].0 == PlaneMode::Raw {
+                    planes.push(src);
+                } else {
+                    decode_plane(j, src, dst)?;
+                    planes.push(dst);
+                }
+            }
+            merge_planes(&planes, info.dtype, out);
+            Ok(())
+        })?;
     }
     let got = chunk_id(out);
     if got != info.id {

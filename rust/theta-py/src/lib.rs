@@ -417,6 +417,35 @@ fn read_chunks<'py>(
         .collect())
 }
 
+/// Incremental BLAKE3 (for streams: the filter process hashes what git sends as it arrives).
+#[pyclass(name = "Hasher")]
+struct PyHasher(blake3::Hasher);
+
+#[pymethods]
+impl PyHasher {
+    #[new]
+    fn new() -> Self {
+        PyHasher(blake3::Hasher::new())
+    }
+
+    fn update(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let h = &mut self.0;
+        with_bytes(py, data, |py, d| {
+            if d.len() < GIL_MINSIZE {
+                h.update(d);
+            } else {
+                py.detach(|| {
+                    h.update(d);
+                });
+            }
+        })
+    }
+
+    fn digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.finalize().as_bytes())
+    }
+}
+
 /// Tensor chunk length for a chunk size and alignment (the Python side plans with it).
 #[pyfunction]
 fn tensor_chunk_len(chunk_bytes: u64, align: u64) -> u64 {
@@ -436,5 +465,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(restore_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_chunk_len, m)?)?;
+    m.add_class::<PyHasher>()?;
     Ok(())
 }

@@ -1,0 +1,140 @@
+"""`install`, `track`, `untrack`: git configuration, hooks that chain, .gitattributes lines."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ThetaStoreError
+from .gitstore import GitStore
+
+ATTRS = "filter=thetastore diff=thetastore merge=thetastore -text"
+HOOK_MARK = "# theta-store pre-push hook"
+CHAINED_SUFFIX = ".before-theta-store"
+# Our version trees name frames <2 hex>/<62 hex>: never let git waste time on delta search for them.
+NO_DELTA_LINE = "??/" + "?" * 62 + " -delta"
+
+
+def command() -> str:
+    """How git should call us: the installed script if it is on PATH, else this Python."""
+    exe = shutil.which("theta-store")
+    if exe:
+        return "theta-store"
+    return f"{shlex.quote(sys.executable)} -m theta_store"
+
+
+def config_items() -> list[tuple[str, str]]:
+    cmd = command()
+    return [
+        ("filter.thetastore.process", f"{cmd} filter-process"),
+        ("filter.thetastore.required", "true"),
+        ("diff.thetastore.textconv", f"{cmd} textconv"),
+        ("merge.thetastore.name", "theta-store checkpoint merge"),
+        ("merge.thetastore.driver", f"{cmd} merge-driver %O %A %B %P"),
+    ]
+
+
+def install(path: str = ".", scope: str = "local") -> list[str]:
+    """Set the git config (local: this repo; global: ~/.gitconfig) and, for a repo, the hooks."""
+    done = []
+    cwd = path if scope == "local" else None
+    for key, value in config_items():
+        subprocess.run(["git", "config", f"--{scope}", key, value], cwd=cwd, check=True, capture_output=True)
+        done.append(f"{key}={value}")
+    if scope == "local":
+        with GitStore(path) as store:
+            done += ensure_hooks(store)
+    return done
+
+
+def _hooks_dir(store: GitStore) -> Path:
+    out = subprocess.run(["git", "rev-parse", "--git-path", "hooks"], cwd=store.worktree, capture_output=True, text=True, check=True)
+    p = Path(out.stdout.strip())
+    return p if p.is_absolute() else store.worktree / p
+
+
+def hook_script() -> str:
+    cmd = command()
+    return f"""#!/bin/sh
+{HOOK_MARK}: sends the checkpoint versions the pushed commits need.
+# A hook that was here before is kept as pre-push{CHAINED_SUFFIX} and runs after this one.
+input=$(mktemp) || exit 1
+trap 'rm -f "$input"' EXIT
+cat > "$input"
+{cmd} pre-push "$@" < "$input" || exit $?
+if [ -x "$0{CHAINED_SUFFIX}" ]; then
+  "$0{CHAINED_SUFFIX}" "$@" < "$input" || exit $?
+fi
+"""
+
+
+def ensure_hooks(store: GitStore) -> list[str]:
+    """Install the pre-push hook (idempotent); an existing foreign hook is kept and chained."""
+    done: list[str] = []
+    hooks = _hooks_dir(store)
+    hooks.mkdir(parents=True, exist_ok=True)
+    hook = hooks / "pre-push"
+    script = hook_script()
+    if hook.exists():
+        current = hook.read_text(errors="replace")
+        if HOOK_MARK in current:
+            if current == script:
+                return done
+        else:
+            chained = hooks / ("pre-push" + CHAINED_SUFFIX)
+            if chained.exists():
+                raise ThetaStoreError(f"{hook}: a foreign hook is here and {chained.name} exists too; merge them by hand")
+            os.replace(hook, chained)
+            done.append(f"kept the existing pre-push hook as {chained.name}")
+    tmp = hook.with_suffix(".theta-tmp")
+    tmp.write_text(script)
+    tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.replace(tmp, hook)
+    done.append(f"installed {hook}")
+    info = store.common_dir / "info" / "attributes"
+    info.parent.mkdir(parents=True, exist_ok=True)
+    lines = info.read_text().splitlines() if info.exists() else []
+    if NO_DELTA_LINE not in lines:
+        info.write_text("\n".join([*lines, NO_DELTA_LINE]) + "\n")
+    return done
+
+
+def _attributes(store: GitStore) -> Path:
+    return store.worktree / ".gitattributes"
+
+
+def track(patterns: list[str], path: str = ".") -> list[str]:
+    """Add `PATTERN filter=thetastore ...` lines to .gitattributes (idempotent)."""
+    with GitStore(path) as store:
+        ensure_hooks(store)
+        f = _attributes(store)
+        lines = f.read_text().splitlines() if f.exists() else []
+        added = []
+        for pat in patterns:
+            if any(" " in pat for pat in patterns):
+                raise ThetaStoreError(f"pattern {pat!r} has a space; quote it as git does ([[:space:]])")
+            line = f"{pat} {ATTRS}"
+            if line not in lines:
+                lines.append(line)
+                added.append(pat)
+        if added:
+            f.write_text("\n".join(lines) + "\n")
+        return added
+
+
+def untrack(patterns: list[str], path: str = ".") -> list[str]:
+    """Remove our lines for these patterns; lines of other tools (filter=lfs, filter=theta) stay."""
+    with GitStore(path) as store:
+        f = _attributes(store)
+        if not f.exists():
+            return []
+        lines = f.read_text().splitlines()
+        keep = [ln for ln in lines if not (ln.split(" ", 1)[0] in patterns and "filter=thetastore" in ln.split())]
+        removed = [ln.split(" ", 1)[0] for ln in lines if ln not in keep]
+        f.write_text("\n".join(keep) + ("\n" if keep else ""))
+        return removed

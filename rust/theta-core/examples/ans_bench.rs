@@ -1,0 +1,51 @@
+//! rANS alone on the byte planes of an f32 file:
+//! `cargo run --release -p theta-core --example ans_bench -- FILE`
+use std::time::Instant;
+
+/// Time this thread spent on a CPU (the machine is shared; wall time would count other work).
+fn cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ns| ns / 1e9)
+        .unwrap_or_else(|| {
+            static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+            T0.get_or_init(Instant::now).elapsed().as_secs_f64()
+        })
+}
+use theta_core::ans;
+
+fn main() {
+    let path = std::env::args().nth(1).expect("FILE");
+    let data = std::fs::read(path).expect("read");
+    let n = (data.len() / 4).min(8 << 20);
+    for j in [3usize, 2] {
+        let plane: Vec<u8> = data[..4 * n]
+            .chunks_exact(4)
+            .map(|e| (u32::from_le_bytes(e.try_into().unwrap()).rotate_left(1) >> (8 * j)) as u8)
+            .collect();
+        let chunk = 512 * 1024;
+        let mut encs = Vec::new();
+        let t = cpu_secs();
+        let mut size = 0;
+        for c in plane.chunks(chunk) {
+            let mut e = Vec::new();
+            ans::encode(c, &mut e);
+            size += e.len();
+            encs.push(e);
+        }
+        let enc = n as f64 / (cpu_secs() - t) / 1e6;
+        let mut out = vec![0u8; chunk];
+        let t = cpu_secs();
+        for _ in 0..4 {
+            for (c, e) in plane.chunks(chunk).zip(&encs) {
+                ans::decode(e, &mut out[..c.len()]).unwrap();
+            }
+        }
+        let dec = 4.0 * n as f64 / (cpu_secs() - t) / 1e6;
+        println!(
+            "plane {j}: ratio {:.4}  encode {enc:.0} Msym/s  decode {dec:.0} Msym/s",
+            size as f64 / n as f64
+        );
+    }
+}
