@@ -15,12 +15,14 @@ from .errors import CorruptObject, FormatError, NotARepository, ObjectNotFound, 
 from .formats import Layout, TensorRegion, detect
 from .formats.safetensors import save as save_safetensors
 from .manifest import Manifest, Pointer
+from .reader import CheckpointReader, TensorSlice, open
 from .repo import AddReport, Repo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddReport",
+    "CheckpointReader",
     "CorruptObject",
     "FormatError",
     "Layout",
@@ -31,8 +33,10 @@ __all__ = [
     "PointerError",
     "Repo",
     "TensorRegion",
+    "TensorSlice",
     "ThetaStoreError",
     "__version__",
     "detect",
+    "open",
     "save_safetensors",
 ]

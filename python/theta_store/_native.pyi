@@ -15,13 +15,14 @@ def scan_file(
     spans: list[tuple[int, int, str, int, bool]],
     chunk_bytes: int,
     progress: Callable[[int], object] | None = None,
-) -> tuple[int, bytes, list[list[tuple[int, int, str, bytes]]]]: ...
+) -> tuple[int, bytes, list[list[tuple[int, int, str, bytes]]], tuple[int, int, int, int, int]]: ...
 def write_pack(
     path: str,
     chunks: list[tuple[int, int, str, bytes]],
     pack_dir: str,
+    stamp: tuple[int, int, int, int, int] | None = None,
     progress: Callable[[int], object] | None = None,
-) -> tuple[str | None, list[tuple[bytes, bytes, int, str]]]: ...
+) -> tuple[list[str], list[tuple[bytes, bytes, int, str]]]: ...
 def restore_file(
     out_path: str,
     chunks: list[tuple[int, int, bytes, bytes]],

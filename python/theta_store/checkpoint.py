@@ -61,7 +61,7 @@ def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     layout = detect(path)
     spans = spans_of(layout)
     with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
-        size, file_id, chunked = _native.scan_file(
+        size, file_id, chunked, stamp = _native.scan_file(
             path, [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
         )
     entries: list[SpanEntry] = []
@@ -94,7 +94,7 @@ def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             todo.append(c)
     todo.sort()
     with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
-        _, written = _native.write_pack(path, todo, str(store.pack_dir), p)
+        _, written = _native.write_pack(path, todo, str(store.pack_dir), stamp, p)
     store.refresh()
     new = {cid: StoredFrame(oid, flen, planes) for cid, oid, flen, planes in written}
     frames.update(new)

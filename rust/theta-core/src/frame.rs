@@ -204,12 +204,15 @@ fn merge_planes(planes: &[&[u8]], dtype: DType, out: &mut [u8]) {
     }
 }
 
+/// A plane is entropy-coded only if the estimate is below this percentage of its raw size.
+const MIN_RANS_GAIN_PERCENT: usize = 98;
+
 /// Encode one plane, appending the smallest of raw, rANS and zstd-1 to `out`.
 ///
 /// The decisions are integer-only (the same plane gives the same bytes everywhere):
 /// - the leading 64 KiB sample's order-0 information content (exact fixed-point log2 of the
 ///   normalised frequencies) predicts what rANS would save on the whole plane; planes where that
-///   is under 0.1% go raw without a full histogram (uniform mantissa bytes: the common case);
+///   is under 2% go raw without a full histogram (mantissa bytes: the common case);
 /// - otherwise the full histogram's estimate decides, and the actual rANS output must still be
 ///   shorter than raw;
 /// - zstd finds repeats an order-0 coder cannot (structured or duplicated weights). It is tried on
@@ -230,7 +233,10 @@ fn encode_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     let mut mode = PlaneMode::Raw;
     let mut sample_best = sample.len();
     let mut best_len = n;
-    if predicted * 1000 < n * 999 {
+    // rANS runs at ~0.4 G symbols/s: only worth it where it saves at least 2% (exponent planes
+    // save ~65%, random mantissa planes ~0-1%). Measured: this keeps MiniLM fp32 at 0.818 and
+    // bf16 at 0.662 while cutting encode time of randn weights by half.
+    if predicted * 100 < n * MIN_RANS_GAIN_PERCENT {
         let hist = if sample.len() == n {
             sample_hist
         } else {

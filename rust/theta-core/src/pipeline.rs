@@ -35,8 +35,34 @@ pub struct Chunk {
     pub id: ChunkId,
 }
 
+/// What identifies one state of a file's content without reading it: a write changes ctime
+/// (which no one can set by hand), so an equal stamp means the bytes scanned are still there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(file: &File, name: &str) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata().map_err(|e| Error::io(name, e))?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Scan {
+    pub stamp: FileStamp,
     pub size: u64,
     pub file_id: ChunkId,
     /// Chunks of each span, in order.
@@ -129,6 +155,7 @@ pub fn scan_file(
     progress: &dyn Progress,
 ) -> Result<Scan> {
     let (file, name, size) = open(path)?;
+    let stamp = FileStamp::of(&file, &name)?;
     let mut pos = 0u64;
     for (i, s) in spans.iter().enumerate() {
         if s.offset != pos {
@@ -211,7 +238,11 @@ pub fn scan_file(
         progress.advance(end - start)?;
         i = j;
     }
+    if FileStamp::of(&file, &name)? != stamp {
+        return Err(changed(&name));
+    }
     Ok(Scan {
+        stamp,
         size,
         file_id: *file_hasher.finalize().as_bytes(),
         spans: per_span,
@@ -244,86 +275,139 @@ fn batches<T>(items: &[T], len: impl Fn(&T) -> u64) -> Vec<&[T]> {
     out
 }
 
-/// Encode `chunks` of the file at `path` into frames and write them as one pack in `pack_dir`.
-/// Each chunk is re-hashed as it is read, so a file that changed since the scan is an error,
-/// never a wrong object. Returns the pack name and what was written, in input order.
+fn changed(name: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "{name}: changed while being added; nothing was stored, add it again"
+    ))
+}
+
+/// Each worker thread writes its own pack, of at least this many raw bytes.
+const PACK_MIN: u64 = 64 << 20;
+
+/// Split `chunks` into `n` contiguous groups of about equal bytes.
+fn split_even(chunks: &[Chunk], n: usize) -> Vec<&[Chunk]> {
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    let mut acc = 0u64;
+    for (i, c) in chunks.iter().enumerate() {
+        acc += c.len;
+        let target = total * (out.len() as u64 + 1) / n as u64;
+        if acc >= target && out.len() + 1 < n && i + 1 < chunks.len() {
+            out.push(&chunks[start..=i]);
+            start = i + 1;
+        }
+    }
+    out.push(&chunks[start..]);
+    out
+}
+
+/// Encode `chunks` of the file at `path` into frames and write them as packs in `pack_dir`.
+///
+/// The chunks are split into one contiguous group per worker thread; each worker encodes its
+/// group and writes its own pack, so the packs' SHA-1 trailers are computed in parallel rather
+/// than on one writer thread (memory: one chunk and its frame per worker).
+///
+/// A file that changed since the scan is an error, never a wrong object: with the scan's
+/// `stamp` the file's stamp is compared before and after (a write changes ctime); without
+/// one, every chunk is re-hashed as it is read. On error no pack is left behind. Returns the
+/// pack names and what was written, in input order.
 pub fn write_pack(
     path: &Path,
     chunks: &[Chunk],
     pack_dir: &Path,
+    stamp: Option<FileStamp>,
     progress: &dyn Progress,
-) -> Result<(Option<String>, Vec<Written>)> {
+) -> Result<(Vec<String>, Vec<Written>)> {
     if chunks.is_empty() {
-        return Ok((None, Vec::new()));
+        return Ok((Vec::new(), Vec::new()));
     }
     let (file, name, _) = open(path)?;
-    let count = u32::try_from(chunks.len())
-        .map_err(|_| Error::InvalidArgument("too many chunks for one pack".into()))?;
-    let mut writer = PackWriter::create(pack_dir, count)?;
-    let prepare = |batch: &[Chunk]| -> Result<Vec<(pack::PackEntry, Written)>> {
-        batch
-            .par_iter()
-            .map(|c| {
-                let mut raw = vec![0u8; c.len as usize];
-                read_exact_at(&file, &name, &mut raw, c.offset)?;
-                if frame::chunk_id(&raw) != c.id {
-                    return Err(Error::InvalidArgument(format!(
-                        "{name}: bytes at offset {} changed while being added; nothing was stored, add it again",
-                        c.offset
-                    )));
-                }
-                let f = frame::encode_frame_with_id(&raw, c.dtype, &c.id);
-                drop(raw);
-                let planes = frame::frame_info(&f)?.planes.into_iter().map(|p| p.0).collect();
-                let entry = pack::prepare_blob(&f);
-                let w = Written {
-                    id: c.id,
-                    object: entry.id,
-                    frame_len: f.len() as u64,
-                    planes,
-                };
-                Ok((entry, w))
-            })
-            .collect()
+    if stamp.is_some_and(|s| FileStamp::of(&file, &name).ok() != Some(s)) {
+        return Err(changed(&name));
+    }
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    let n = (total / PACK_MIN).clamp(1, rayon::current_num_threads().max(1) as u64) as usize;
+    let groups = split_even(chunks, n.min(chunks.len()));
+    let encode = |c: &Chunk| -> Result<(pack::PackEntry, Written)> {
+        let mut raw = vec![0u8; c.len as usize];
+        read_exact_at(&file, &name, &mut raw, c.offset)?;
+        if stamp.is_none() && frame::chunk_id(&raw) != c.id {
+            return Err(changed(&name));
+        }
+        let f = frame::encode_frame_with_id(&raw, c.dtype, &c.id);
+        drop(raw);
+        let planes = frame::frame_info(&f)?
+            .planes
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        let entry = pack::prepare_blob(&f);
+        let w = Written {
+            id: c.id,
+            object: entry.id,
+            frame_len: f.len() as u64,
+            planes,
+        };
+        Ok((entry, w))
     };
-    let mut out = Vec::with_capacity(chunks.len());
-    let result = (|| -> Result<()> {
-        let groups = batches(chunks, |c| c.len);
-        let mut pending: Option<Vec<(pack::PackEntry, Written)>> = None;
-        for g in groups.iter().map(Some).chain(std::iter::once(None)) {
-            let (written, next) = rayon::join(
-                || -> Result<()> {
-                    if let Some(p) = pending.take() {
-                        let mut bytes = 0;
-                        for (entry, w) in p {
-                            writer.append(&entry)?;
-                            bytes += w.frame_len;
-                            out.push(w);
-                        }
-                        let _ = bytes;
-                    }
-                    Ok(())
-                },
-                || g.map(|g| prepare(g)).transpose(),
-            );
-            written?;
-            if let Some(g) = g {
-                progress.advance(g.iter().map(|c| c.len).sum())?;
+    let results: Vec<Result<(PackWriter, Vec<Written>)>> = groups
+        .par_iter()
+        .map(|g| {
+            let count = u32::try_from(g.len())
+                .map_err(|_| Error::InvalidArgument("too many chunks for one pack".into()))?;
+            let mut writer = PackWriter::create(pack_dir, count)?;
+            let mut out = Vec::with_capacity(g.len());
+            let r = g.iter().try_for_each(|c| {
+                let (entry, w) = encode(c)?;
+                writer.append(&entry)?;
+                out.push(w);
+                progress.advance(c.len)
+            });
+            match r {
+                Ok(()) => Ok((writer, out)),
+                Err(e) => {
+                    writer.abort();
+                    Err(e)
+                }
             }
-            pending = next?;
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            let (pack_name, _) = writer.finish()?;
-            Ok((Some(pack_name), out))
-        }
-        Err(e) => {
-            writer.abort();
-            Err(e)
+        })
+        .collect();
+    let mut writers = Vec::with_capacity(results.len());
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(w) => writers.push(w),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
         }
     }
+    if first_err.is_none() {
+        if let Some(s) = stamp {
+            if FileStamp::of(&file, &name)? != s {
+                first_err = Some(changed(&name));
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for (w, _) in writers {
+            w.abort();
+        }
+        return Err(e);
+    }
+    let finished: Vec<Result<(String, Vec<Written>)>> = writers
+        .into_par_iter()
+        .map(|(w, out)| w.finish().map(|(name, _)| (name, out)))
+        .collect();
+    let mut names = Vec::new();
+    let mut written = Vec::with_capacity(chunks.len());
+    for f in finished {
+        let (name, out) = f?;
+        names.push(name);
+        written.extend(out);
+    }
+    Ok((names, written))
 }
 
 /// Where the frame of a chunk can be read from.
@@ -532,10 +616,11 @@ mod tests {
         assert_eq!(scan.file_id, *blake3::hash(&data).as_bytes());
         let chunks: Vec<Chunk> = scan.spans.iter().flatten().cloned().collect();
         let packdir = dir.path().join("pack");
-        let (name, written) = write_pack(&path, &chunks, &packdir, &NoProgress).unwrap();
-        assert!(name.is_some());
+        let (name, written) =
+            write_pack(&path, &chunks, &packdir, Some(scan.stamp), &NoProgress).unwrap();
+        assert_eq!(name.len(), 1);
         // Offsets: recompute by parsing the idx would be the git way; here re-read via the order.
-        let pack_path = packdir.join(format!("pack-{}.pack", name.unwrap()));
+        let pack_path = packdir.join(format!("pack-{}.pack", name[0]));
         let mut off = 12u64;
         let mut rc = Vec::new();
         let bytes = std::fs::read(&pack_path).unwrap();

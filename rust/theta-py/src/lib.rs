@@ -213,6 +213,9 @@ impl ObjectStore for PyStore<'_> {
     }
 }
 
+/// (dev, ino, size, mtime_ns, ctime_ns) of a scanned file.
+type Stamp = (u64, u64, u64, i128, i128);
+
 type ChunkTuple<'py> = (u64, u64, Bound<'py, PyBytes>, Bound<'py, PyBytes>);
 
 /// Cut a file into chunks and hash it.
@@ -232,6 +235,7 @@ fn scan_file<'py>(
     u64,
     Bound<'py, PyBytes>,
     Vec<Vec<(u64, u64, String, Bound<'py, PyBytes>)>>,
+    Stamp,
 )> {
     if chunk_bytes < 64 {
         return Err(PyValueError::new_err("chunk_bytes must be at least 64"));
@@ -277,24 +281,31 @@ fn scan_file<'py>(
                 .collect()
         })
         .collect();
-    Ok((scan.size, PyBytes::new(py, &scan.file_id), out))
+    let st = scan.stamp;
+    Ok((
+        scan.size,
+        PyBytes::new(py, &scan.file_id),
+        out,
+        (st.dev, st.ino, st.size, st.mtime_ns, st.ctime_ns),
+    ))
 }
 
-/// Encode the given chunks of a file and write them as one pack into pack_dir.
+/// Encode the given chunks of a file and write them as packs (one per worker) into pack_dir.
 ///
-/// chunks: [(offset, length, dtype, chunk_id)]. Returns (pack_name or None,
+/// chunks: [(offset, length, dtype, chunk_id)]. Returns ([pack names],
 /// [(chunk_id, object_id, frame_len, "mode+mode+...")]).
 #[pyfunction]
-#[pyo3(signature = (path, chunks, pack_dir, progress=None))]
+#[pyo3(signature = (path, chunks, pack_dir, stamp=None, progress=None))]
 #[allow(clippy::type_complexity)]
 fn write_pack<'py>(
     py: Python<'py>,
     path: PathBuf,
     chunks: Vec<(u64, u64, String, Vec<u8>)>,
     pack_dir: PathBuf,
+    stamp: Option<Stamp>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(
-    Option<String>,
+    Vec<String>,
     Vec<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, u64, String)>,
 )> {
     let chunks: Vec<Chunk> = chunks
@@ -314,7 +325,14 @@ fn write_pack<'py>(
             callback: progress.as_ref(),
             errors: &errors,
         };
-        py.detach(|| pipeline::write_pack(&path, &chunks, &pack_dir, &p))
+        let stamp = stamp.map(|(dev, ino, size, mtime_ns, ctime_ns)| pipeline::FileStamp {
+            dev,
+            ino,
+            size,
+            mtime_ns,
+            ctime_ns,
+        });
+        py.detach(|| pipeline::write_pack(&path, &chunks, &pack_dir, stamp, &p))
     };
     let (name, written) = errors.finish(r)?;
     Ok((

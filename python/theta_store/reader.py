@@ -1,0 +1,228 @@
+"""Lazy, read-only access to any stored revision of a checkpoint, like safetensors' `safe_open`.
+
+    with theta_store.open("model.safetensors", rev="HEAD~3") as f:
+        f.keys()                       # tensor names
+        w = f.get_tensor("lm_head.weight")        # numpy array; decodes only that tensor's chunks
+        rows = f.get_slice("embed.weight")[100:200]  # decodes only the chunks those rows live in
+
+Values come back as numpy arrays of the stored dtype. numpy has no bfloat16 or float8: those
+come back as `ml_dtypes` arrays when that package is installed, else as their raw bit patterns
+(uint16 / uint8). Quantized or opaque dtypes (GGUF Q8_0, big-endian data...) come back as uint8.
+Missing versions are fetched from the remote (whole versions: git moves refs, not byte ranges).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .checkpoint import chunk_tuples, load_manifest
+from .errors import PointerError, ThetaStoreError
+from .gitstore import GitStore
+from .manifest import Manifest, Pointer, SpanEntry, looks_like_pointer
+
+_NUMPY = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "U16": "<u2",
+    "U32": "<u4",
+    "U64": "<u8",
+    "BOOL": "?",
+}
+_BITS = {"BF16": ("bfloat16", "<u2"), "F8_E4M3": ("float8_e4m3fn", "u1"), "F8_E5M2": ("float8_e5m2", "u1")}
+
+
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype a stored dtype name reads as (see the module docstring for bf16/fp8)."""
+    if name in _NUMPY:
+        return np.dtype(_NUMPY[name])
+    if name in _BITS:
+        try:
+            import ml_dtypes  # type: ignore[import-not-found,unused-ignore]
+
+            found: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _BITS[name][0]))
+            return found
+        except ImportError:
+            return np.dtype(_BITS[name][1])
+    return np.dtype("u1")
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """Where a tensor lives: a region (span) and, for torch views, offset and strides in elements."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    span: SpanEntry | None
+    storage_offset: int = 0
+    stride: tuple[int, ...] | None = None
+    fortran: bool = False
+
+
+class CheckpointReader:
+    """A stored checkpoint revision; tensors are decoded on demand. Use as a context manager."""
+
+    def __init__(self, store: GitStore, manifest_id: bytes, manifest: Manifest, path: str) -> None:
+        self._store = store
+        self._id = manifest_id
+        self.manifest = manifest
+        self.path = path
+        self._views = _views(manifest)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._views)
+
+    def metadata(self) -> dict[str, Any]:
+        """Format metadata: safetensors' `__metadata__` dict, or the adapter's metadata."""
+        meta = self.manifest.metadata
+        if self.manifest.format == "safetensors":
+            return dict(meta.get("__metadata__") or {})
+        return dict(meta)
+
+    def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of a span, decoding only the chunks that overlap them."""
+        end = span.length if end is None else end
+        picked, pos, first = [], 0, None
+        for cid, n in span.chunks:
+            if pos + n > start and pos < end:
+                picked.append((cid, n))
+                first = pos if first is None else first
+            pos += n
+        if not picked:
+            return b""
+        packs, tuples = chunk_tuples(self._store, self._id, picked)
+        data = b"".join(_native.read_chunks(tuples, packs, self._store.read_object))
+        assert first is not None
+        return data[start - first : end - first]
+
+    def _view(self, name: str) -> TensorView:
+        try:
+            return self._views[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r} (it has {len(self._views)}: see keys())") from None
+
+    def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
+        """The tensor as a numpy array (a copy; decodes only the chunks it needs)."""
+        v = self._view(name)
+        dt = numpy_dtype(v.dtype)
+        if v.span is None:
+            raise ThetaStoreError(f"{self.path}: tensor {name!r} is stored inside the skeleton (compressed member); read the file")
+        if v.stride is None:
+            raw = self._bytes(v.span)
+            if dt.itemsize == 1 and v.dtype not in _NUMPY and v.dtype not in _BITS:
+                return np.frombuffer(raw, np.uint8).copy()
+            arr = np.frombuffer(raw, dt)
+            return arr.reshape(v.shape, order="F" if v.fortran else "C").copy()
+        # A torch view: offset and strides (in elements) into its storage.
+        count = int(np.prod(v.shape)) if v.shape else 1
+        if count == 0:
+            return np.zeros(v.shape, dt)
+        last = v.storage_offset + sum((d - 1) * s for d, s in zip(v.shape, v.stride, strict=True))
+        raw = self._bytes(v.span, v.storage_offset * dt.itemsize, (last + 1) * dt.itemsize)
+        base = np.frombuffer(raw, dt)
+        strides = tuple(s * dt.itemsize for s in v.stride)
+        return np.lib.stride_tricks.as_strided(base, shape=v.shape, strides=strides).copy()
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self, self._view(name))
+
+
+class TensorSlice:
+    """`reader.get_slice(name)[a:b, ...]`: decodes only the chunks holding rows a..b."""
+
+    def __init__(self, reader: CheckpointReader, view: TensorView) -> None:
+        self._r = reader
+        self._v = view
+
+    def get_shape(self) -> list[int]:
+        return list(self._v.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray[Any, Any]:
+        v = self._v
+        first = key[0] if isinstance(key, tuple) and key else key
+        rest = key[1:] if isinstance(key, tuple) else ()
+        if not v.shape or v.stride is not None or v.fortran or v.span is None or not isinstance(first, builtins.slice):
+            return np.asarray(self._r.get_tensor(v.name)[key])
+        start, stop, step = first.indices(v.shape[0])
+        if step != 1 or stop <= start:
+            return np.asarray(self._r.get_tensor(v.name)[key])
+        dt = numpy_dtype(v.dtype)
+        row = int(np.prod(v.shape[1:])) * dt.itemsize
+        raw = self._r._bytes(v.span, start * row, stop * row)
+        rows = np.frombuffer(raw, dt).reshape((stop - start, *v.shape[1:])).copy()
+        return rows[(builtins.slice(None), *rest)] if rest else rows
+
+
+def _views(m: Manifest) -> dict[str, TensorView]:
+    spans = {s.name: s for s in m.tensors}
+    out: dict[str, TensorView] = {}
+    views = m.metadata.get("views")
+    if m.format == "torch" and isinstance(views, list):
+        for v in views:
+            region = v.get("region")
+            out[v["name"]] = TensorView(
+                v["name"],
+                v["dtype"],
+                tuple(v["shape"]),
+                spans.get(region) if region is not None else None,
+                int(v["storage_offset"]),
+                tuple(v["stride"]),
+            )
+        return out
+    fortran = {a["name"]: bool(a.get("fortran_order")) for a in m.metadata.get("arrays", []) if isinstance(a, dict) and "name" in a}
+    for s in m.tensors:
+        out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran.get(s.name, False))
+    return out
+
+
+def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None) -> CheckpointReader:
+    """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily.
+
+    Example:
+        >>> import theta_store, tempfile, subprocess, numpy as np
+        >>> d = tempfile.mkdtemp(); _ = subprocess.run(["git", "init", "-q", d])
+        >>> theta_store.save_safetensors(f"{d}/m.safetensors", {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+        >>> with theta_store.Repo(d) as r:
+        ...     _ = r.add([f"{d}/m.safetensors"])
+        >>> with theta_store.open(f"{d}/m.safetensors", rev=None) as f:
+        ...     f.get_tensor("w")[1]
+        array([3., 4., 5.], dtype=float32)
+    """
+    p = os.fspath(path)
+    store = GitStore(repo if repo is not None else os.path.dirname(os.path.abspath(p)))
+    try:
+        rel = os.path.relpath(os.path.realpath(p), store.worktree).replace(os.sep, "/")
+        data = store.read_path(rel, rev)
+        if not looks_like_pointer(data):
+            raise PointerError(f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer")
+        pointer = Pointer.parse(data, f"{rel} ({rev or 'index'})")
+        if store.version_commit(pointer.manifest_id) is None:
+            from .remote import ensure_versions
+
+            ensure_versions(store, {pointer.manifest_id}, what=rel)
+        manifest = load_manifest(store, pointer.manifest_id)
+        return CheckpointReader(store, pointer.manifest_id, manifest, rel)
+    except BaseException:
+        store.close()
+        raise
