@@ -11,12 +11,50 @@ Example:
 
 from __future__ import annotations
 
-from .errors import CorruptObject, FormatError, NotARepository, ObjectNotFound, PointerError, ThetaStoreError
-from .formats import Layout, TensorRegion, detect
-from .formats.safetensors import save as save_safetensors
-from .manifest import Manifest, Pointer
-from .reader import CheckpointReader, TensorSlice, open
-from .repo import AddReport, Repo
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import CorruptObject, FormatError, NotARepository, ObjectNotFound, PointerError, ThetaStoreError
+    from .formats import Layout, TensorRegion, detect
+    from .formats.safetensors import save as save_safetensors
+    from .manifest import Manifest, Pointer
+    from .reader import CheckpointReader, TensorSlice, open
+    from .repo import AddReport, Repo
+
+# Imported on first use (PEP 562): git runs `theta-store filter-process` for every command that
+# needs it, and numpy / dulwich imports would add ~0.1 s to each.
+_LAZY = {
+    "CorruptObject": "errors",
+    "FormatError": "errors",
+    "NotARepository": "errors",
+    "ObjectNotFound": "errors",
+    "PointerError": "errors",
+    "ThetaStoreError": "errors",
+    "Layout": "formats",
+    "TensorRegion": "formats",
+    "detect": "formats",
+    "save_safetensors": "formats.safetensors:save",
+    "Manifest": "manifest",
+    "Pointer": "manifest",
+    "CheckpointReader": "reader",
+    "TensorSlice": "reader",
+    "open": "reader",
+    "AddReport": "repo",
+    "Repo": "repo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'theta_store' has no attribute {name!r}")
+    import importlib
+
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr or name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from . import _native
 from .errors import CorruptObject
-from .formats import CODEC_DTYPES, Layout, detect
+from .formats.base import CODEC_DTYPES, Layout
 from .gitstore import GitStore, StoredFrame
 from .manifest import Manifest, Pointer, SpanEntry
 from .progress import Progress
@@ -58,6 +58,8 @@ def spans_of(layout: Layout) -> list[PlannedSpan]:
 
 def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None) -> AddResult:
     """Store the file at `path` and return its pointer. Nothing is changed if anything fails."""
+    from .formats import detect  # imports every adapter: only when a file is really stored
+
     layout = detect(path)
     spans = spans_of(layout)
     with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:

@@ -7,10 +7,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ThetaStoreError
-from .repo import Repo, report_dict
+
+if TYPE_CHECKING:
+    pass
 
 
 def _mb(n: int | float | None) -> str:
@@ -32,6 +34,8 @@ def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from .repo import Repo, report_dict
+
     with Repo(args.C) as repo:
         reports = repo.add(args.paths, progress=args.progress)
     lines = [
@@ -44,6 +48,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
     with Repo(args.C) as repo:
         done = repo.restore(args.paths, rev=args.source, progress=args.progress)
     _out(args, {"restored": done}, "\n".join(f"restored {p}" for p in done))
@@ -51,6 +57,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
     rev, _, path = args.path.rpartition(":") if ":" in args.path else (None, "", args.path)
     with Repo(args.C) as repo:
         info = repo.show(path, rev or None)
@@ -75,6 +83,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
     with Repo(args.C) as repo:
         s = repo.stats()
     rows = [[v["manifest"][:12], v["format"], str(v["tensors"]), _mb(v["size"]), _mb(v["stored"])] for v in s["versions"]]
@@ -93,6 +103,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
     with Repo(args.C) as repo:
         r = repo.fsck(progress=args.progress)
     lines = [f"{p['version'][:12]} {p['object'][:12]} {p['problem']}" for p in r["problems"]]
