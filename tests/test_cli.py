@@ -137,6 +137,7 @@ def test_sigkill_during_add_leaves_a_valid_repo(repo_dir: Path) -> None:
     assert killed >= 2, "the add finished too fast to be killed: make the file bigger"
     m.write_bytes(original)
     theta(repo_dir, "add", "big.safetensors")
+    assert not list((repo_dir / ".git/objects/pack").glob("tmp_pack_theta_*")), "stale packs of killed adds are removed"
     m.unlink()
     theta(repo_dir, "restore", "big.safetensors")
     assert m.read_bytes() == original

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, fixture_entries, git
 
 import theta_store
+from conftest import FIXTURES, fixture_entries, git
 
 
 def add_commit(repo_dir: Path, path: Path) -> None:

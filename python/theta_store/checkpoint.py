@@ -6,11 +6,12 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import _native
 from .errors import CorruptObject
 from .formats.base import CODEC_DTYPES, Layout
-from .gitstore import GitStore, StoredFrame
+from .gitstore import GitStore, StoredFrame, remove_stale
 from .manifest import Manifest, Pointer, SpanEntry
 from .progress import Progress
 
@@ -60,6 +61,7 @@ def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     """Store the file at `path` and return its pointer. Nothing is changed if anything fails."""
     from .formats import detect  # imports every adapter: only when a file is really stored
 
+    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
     layout = detect(path)
     spans = spans_of(layout)
     with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
@@ -137,7 +139,9 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".theta-tmp", dir=folder)
+    prefix = f".{os.path.basename(dest)}.theta-tmp."
+    remove_stale(Path(folder), prefix)  # left by a restore that was killed
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}_", dir=folder)
     os.close(fd)
     try:
         with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:

@@ -14,6 +14,7 @@ the few small objects (manifest, trees, commit) go through dulwich's pack writer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -43,6 +44,32 @@ class StoredFrame:
     object_id: bytes
     frame_len: int
     planes: str  # "raw+raw+raw+rans"
+
+
+def remove_stale(folder: Path, prefix: str) -> int:
+    """Remove files `<prefix><pid>_...` left by a killed process (whose pid is gone). Returns the count."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("_", 1)[0].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
+            removed += 1
+    return removed
 
 
 def _hex(oid: bytes) -> ObjectID:
