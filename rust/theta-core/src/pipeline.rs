@@ -3,7 +3,6 @@
 //! reads in bounded windows, never mapped whole.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -82,7 +81,6 @@ impl Progress for NoProgress {
 }
 
 const WINDOW: u64 = 16 << 20;
-const BATCH: u64 = 32 << 20;
 
 fn read_exact_at(file: &File, path: &str, buf: &mut [u8], offset: u64) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
@@ -259,22 +257,6 @@ pub struct Written {
     pub planes: Vec<frame::PlaneMode>,
 }
 
-fn batches<T>(items: &[T], len: impl Fn(&T) -> u64) -> Vec<&[T]> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < items.len() {
-        let mut j = i;
-        let mut bytes = 0;
-        while j < items.len() && (j == i || bytes + len(&items[j]) <= BATCH) {
-            bytes += len(&items[j]);
-            j += 1;
-        }
-        out.push(&items[i..j]);
-        i = j;
-    }
-    out
-}
-
 fn changed(name: &str) -> Error {
     Error::InvalidArgument(format!(
         "{name}: changed while being added; nothing was stored, add it again"
@@ -449,8 +431,59 @@ fn load_frame(
     store.read(&c.object)
 }
 
+/// Decode one chunk's frame into `out` (its exact length), checking it is the chunk wanted.
+fn decode_chunk(
+    c: &RestoreChunk,
+    packs: &[(File, String)],
+    store: &dyn ObjectStore,
+    out: &mut [u8],
+) -> Result<()> {
+    let f = load_frame(c, packs, store)?;
+    let info = frame::decode_frame_into(&f, out)
+        .map_err(|e| Error::CorruptFrame(format!("object {}: {e}", hex(&c.object))))?;
+    if info.id != c.id {
+        return Err(Error::CorruptFrame(format!(
+            "object {} holds chunk {} but the manifest wants {}",
+            hex(&c.object),
+            hex(&info.id),
+            hex(&c.id)
+        )));
+    }
+    Ok(())
+}
+
+fn open_packs(packs: &[&Path]) -> Result<Vec<(File, String)>> {
+    packs
+        .iter()
+        .map(|p| {
+            let n = p.display().to_string();
+            File::open(p)
+                .map(|f| (f, n.clone()))
+                .map_err(|e| Error::io(n, e))
+        })
+        .collect()
+}
+
+/// BLAKE3 of a whole file, read back in windows and hashed on all cores.
+fn hash_file(file: &File, name: &str, size: u64) -> Result<ChunkId> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; WINDOW as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(WINDOW) as usize;
+        read_exact_at(file, name, &mut buf[..n], pos)?;
+        hasher.update_rayon(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
 /// Decode the frames of `chunks` (one after the other, they make the file) into `out_path`,
 /// verifying every chunk id, the total size and the file's BLAKE3, then fsync.
+///
+/// Workers decode chunks and write them at their offsets in parallel (page-cache writes are
+/// copy-bound: one writer thread was the bottleneck); the file's BLAKE3 is then computed by
+/// reading it back on all cores while the fsync runs.
 pub fn restore_file(
     out_path: &Path,
     chunks: &[RestoreChunk],
@@ -467,63 +500,37 @@ pub fn restore_file(
             "manifest chunks add up to {total} bytes but the file should have {size}"
         )));
     }
-    let packs: Vec<(File, String)> = packs
-        .iter()
-        .map(|p| {
-            let n = p.display().to_string();
-            File::open(p)
-                .map(|f| (f, n.clone()))
-                .map_err(|e| Error::io(n, e))
-        })
-        .collect::<Result<_>>()?;
-    let mut out = OpenOptions::new()
+    let packs = open_packs(packs)?;
+    let out = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .open(out_path)
         .map_err(|e| Error::io(&out_name, e))?;
-    let mut hasher = blake3::Hasher::new();
-    let decode = |batch: &[RestoreChunk]| -> Result<Vec<Vec<u8>>> {
-        batch
-            .par_iter()
-            .map(|c| {
-                let f = load_frame(c, &packs, store)?;
-                let mut raw = vec![0u8; c.len as usize];
-                let info = frame::decode_frame_into(&f, &mut raw)
-                    .map_err(|e| Error::CorruptFrame(format!("object {}: {e}", hex(&c.object))))?;
-                if info.id != c.id {
-                    return Err(Error::CorruptFrame(format!(
-                        "object {} holds chunk {} but the manifest wants {}",
-                        hex(&c.object),
-                        hex(&info.id),
-                        hex(&c.id)
-                    )));
-                }
-                Ok(raw)
-            })
-            .collect()
-    };
-    let groups = batches(chunks, |c| c.len);
-    let mut pending: Option<Vec<Vec<u8>>> = None;
-    for g in groups.iter().map(Some).chain(std::iter::once(None)) {
-        let (written, next) = rayon::join(
-            || -> Result<u64> {
-                let mut bytes = 0;
-                if let Some(p) = pending.take() {
-                    for raw in p {
-                        hasher.update(&raw);
-                        out.write_all(&raw).map_err(|e| Error::io(&out_name, e))?;
-                        bytes += raw.len() as u64;
-                    }
-                }
-                Ok(bytes)
-            },
-            || g.map(|g| decode(g)).transpose(),
-        );
-        progress.advance(written?)?;
-        pending = next?;
+    out.set_len(size).map_err(|e| Error::io(&out_name, e))?;
+    let mut offsets = Vec::with_capacity(chunks.len());
+    let mut pos = 0u64;
+    for c in chunks {
+        offsets.push(pos);
+        pos += c.len;
     }
-    let got = *hasher.finalize().as_bytes();
+    chunks
+        .par_iter()
+        .zip(offsets.par_iter())
+        .try_for_each_init(Vec::new, |buf, (c, &off)| {
+            buf.resize(c.len as usize, 0);
+            decode_chunk(c, &packs, store, buf)?;
+            out.write_all_at(buf, off)
+                .map_err(|e| Error::io(&out_name, e))?;
+            progress.advance(c.len)
+        })?;
+    let (synced, got) = rayon::join(
+        || out.sync_all().map_err(|e| Error::io(&out_name, e)),
+        || hash_file(&out, &out_name, size),
+    );
+    synced?;
+    let got = got?;
     if &got != file_id {
         return Err(Error::CorruptFrame(format!(
             "restored file hashes to {} but the manifest says {}",
@@ -531,7 +538,6 @@ pub fn restore_file(
             hex(file_id)
         )));
     }
-    out.sync_all().map_err(|e| Error::io(&out_name, e))?;
     Ok(())
 }
 
@@ -541,27 +547,12 @@ pub fn read_chunks(
     packs: &[&Path],
     store: &dyn ObjectStore,
 ) -> Result<Vec<Vec<u8>>> {
-    let packs: Vec<(File, String)> = packs
-        .iter()
-        .map(|p| {
-            let n = p.display().to_string();
-            File::open(p)
-                .map(|f| (f, n.clone()))
-                .map_err(|e| Error::io(n, e))
-        })
-        .collect::<Result<_>>()?;
+    let packs = open_packs(packs)?;
     chunks
         .par_iter()
         .map(|c| {
-            let f = load_frame(c, &packs, store)?;
             let mut raw = vec![0u8; c.len as usize];
-            let info = frame::decode_frame_into(&f, &mut raw)?;
-            if info.id != c.id {
-                return Err(Error::CorruptFrame(format!(
-                    "object {} holds the wrong chunk",
-                    hex(&c.object)
-                )));
-            }
+            decode_chunk(c, &packs, store, &mut raw)?;
             Ok(raw)
         })
         .collect()
