@@ -14,9 +14,9 @@ from pathlib import Path
 
 import blake3
 import numpy as np
-from common import bert_like, fresh_repo, median, sh, timed, write_json
 
 import theta_store
+from common import bert_like, fresh_repo, median, sh, timed, write_json
 
 
 def main() -> None:
@@ -32,7 +32,8 @@ def main() -> None:
     bias["encoder.layer.3.output.dense.bias"] = bias["encoder.layer.3.output.dense.bias"] + np.float32(1e-3)
     sparse = dict(model)
     rng = np.random.default_rng(5)
-    for name in ("encoder.layer.1.intermediate.dense.weight", "encoder.layer.5.output.dense.weight", "encoder.layer.9.attention.self.query.weight"):
+    changed = [f"encoder.layer.{n}" for n in ("1.intermediate.dense.weight", "5.output.dense.weight", "9.attention.self.query.weight")]
+    for name in changed:
         w = sparse[name].copy()
         w.flat[rng.choice(w.size, w.size // 100, replace=False)] += np.float32(1e-3)
         sparse[name] = w
@@ -58,14 +59,22 @@ def main() -> None:
                 for label, path in variants.items():
                     shutil.copy(path, repo / "model.safetensors")
                     changes[label] = r.add([str(repo / "model.safetensors")], chunk_bytes=mib << 20, progress=False)[0].new_bytes
-        res[f"{mib} MiB"] = {"add_s": median(adds), "restore_s": median(restores), "stored_ratio": first.new_bytes / raw,
-                             "chunks": first.new_chunks, **{f"new_bytes[{k}]": v for k, v in changes.items()}}
+        res[f"{mib} MiB"] = {
+            "add_s": median(adds),
+            "restore_s": median(restores),
+            "stored_ratio": first.new_bytes / raw,
+            "chunks": first.new_chunks,
+            **{f"new_bytes[{k}]": v for k, v in changes.items()},
+        }
     write_json("chunk_size", {"raw_bytes": raw, "blake3_s": hash_s, "sizes": res})
     print(f"== chunk size on a {raw / 1e6:.0f} MB fp32 model (median of {args.runs}); plain BLAKE3 of the file: {hash_s:.3f} s")
-    print(f"{'chunk':7} {'chunks':>7} {'add s':>7} {'add/BLAKE3':>10} {'restore s':>9} {'stored':>7} {'one bias MB':>12} {'1% of 3 MB':>11}")
+    print(f"{'chunk':7} {'chunks':>7} {'add s':>7} {'add/BLAKE3':>10} {'restore s':>9} {'stored':>7}", end=" ")
+    print(f"{'one bias MB':>12} {'1% of 3 MB':>11}")
     for k, v in res.items():
-        print(f"{k:7} {v['chunks']:7} {v['add_s']:7.3f} {v['add_s'] / hash_s:10.1f} {v['restore_s']:9.3f} {v['stored_ratio']:7.3f} "
-              f"{v['new_bytes[one bias]'] / 1e6:12.3f} {v['new_bytes[1% of 3 matrices]'] / 1e6:11.2f}")
+        print(
+            f"{k:7} {v['chunks']:7} {v['add_s']:7.3f} {v['add_s'] / hash_s:10.1f} {v['restore_s']:9.3f} {v['stored_ratio']:7.3f} "
+            f"{v['new_bytes[one bias]'] / 1e6:12.3f} {v['new_bytes[1% of 3 matrices]'] / 1e6:11.2f}"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -59,8 +59,21 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="theta-refs-"))
     res: dict[str, dict[str, float]] = {}
     port = free_port()
-    daemon = subprocess.Popen(["git", "daemon", f"--port={port}", "--listen=127.0.0.1", "--export-all", "--enable=receive-pack",
-                               "--reuseaddr", f"--base-path={root}", str(root)], env=ENV, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [
+            "git",
+            "daemon",
+            f"--port={port}",
+            "--listen=127.0.0.1",
+            "--export-all",
+            "--enable=receive-pack",
+            "--reuseaddr",
+            f"--base-path={root}",
+            str(root),
+        ],
+        env=ENV,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for label, n in (("without", 0), ("with", args.versions)):
             bare = make_remote(root, label, n)
@@ -78,8 +91,12 @@ def main() -> None:
                     if n:
                         ref = f"refs/theta/{i:064x}"
                         fetch.append(timed_run(client, "git", "fetch", "-q", url, f"{ref}:{ref}")[0])
-                res[f"{label}/{transport}"] = {"advertised_bytes": adv, "ls_remote_s": median(ls), "push_s": median(push),
-                                               "fetch_one_version_s": median(fetch) if fetch else 0.0}
+                res[f"{label}/{transport}"] = {
+                    "advertised_bytes": adv,
+                    "ls_remote_s": median(ls),
+                    "push_s": median(push),
+                    "fetch_one_version_s": median(fetch) if fetch else 0.0,
+                }
     finally:
         daemon.terminate()
         daemon.wait()
@@ -87,8 +104,10 @@ def main() -> None:
     print(f"== ref scheme: one ref per version, {args.versions} versions vs none (median of {args.runs})")
     print(f"{'remote':18} {'advertised':>11} {'ls-remote':>10} {'push 1 commit':>14} {'fetch 1 version (v2)':>21}")
     for k, v in res.items():
-        print(f"{k:18} {v['advertised_bytes'] / 1e3:9.1f}KB {v['ls_remote_s'] * 1e3:8.1f}ms {v['push_s'] * 1e3:12.1f}ms "
-              f"{v['fetch_one_version_s'] * 1e3:19.1f}ms")
+        print(
+            f"{k:18} {v['advertised_bytes'] / 1e3:9.1f}KB {v['ls_remote_s'] * 1e3:8.1f}ms {v['push_s'] * 1e3:12.1f}ms "
+            f"{v['fetch_one_version_s'] * 1e3:19.1f}ms"
+        )
     for t in ("file", "daemon"):
         w, wo = res[f"with/{t}"], res[f"without/{t}"]
         print(f"{t}: push with {args.versions} version refs costs {w['push_s'] / wo['push_s']:.2f}x the push without them")
