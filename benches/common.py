@@ -84,7 +84,8 @@ def fresh_repo(root: Path, name: str) -> Path:
 def bert_like(n_params: int = 100_000_000, seed: int = 0) -> dict[str, np.ndarray]:
     """A BERT-base-like fp32 state dict of about n_params parameters (randn * 0.02)."""
     rng = np.random.default_rng(seed)
-    hidden, layers, ffn = 768, 12, 3072
+    hidden, ffn = 768, 3072
+    layers = 12 if n_params >= 100_000_000 else max(1, n_params // 10_000_000)
     per_layer = 4 * hidden * hidden + 2 * hidden * ffn + 9 * hidden + ffn
     vocab = max(1000, (n_params - layers * per_layer - 512 * hidden) // hidden)
     m: dict[str, np.ndarray] = {}
