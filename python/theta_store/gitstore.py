@@ -18,6 +18,7 @@ import contextlib
 import os
 import struct
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +317,12 @@ class GitStore:
         if blob.id not in self.repo.object_store:
             self.repo.object_store.add_object(blob)
         st = os.stat(self.worktree / relpath)
+        # Racy git: an entry whose mtime is not older than the index (in whole seconds) is
+        # re-read by the next git command. Wait out the second the file was written in, so the
+        # index we write is newer than it (only files modified less than a second ago wait).
+        wait = int(st.st_mtime) + 1 - time.time()
+        if 0 < wait <= 1:
+            time.sleep(wait)
         mode = 0o100755 if st.st_mode & 0o111 else 0o100644
         try:
             index = self.repo.open_index()
