@@ -311,14 +311,13 @@ pub fn write_pack(
     let total: u64 = chunks.iter().map(|c| c.len).sum();
     let n = (total / PACK_MIN).clamp(1, rayon::current_num_threads().max(1) as u64) as usize;
     let groups = split_even(chunks, n.min(chunks.len()));
-    let encode = |c: &Chunk| -> Result<(pack::PackEntry, Written)> {
-        let mut raw = vec![0u8; c.len as usize];
-        read_exact_at(&file, &name, &mut raw, c.offset)?;
-        if stamp.is_none() && frame::chunk_id(&raw) != c.id {
+    let encode = |c: &Chunk, raw: &mut Vec<u8>| -> Result<(pack::PackEntry, Written)> {
+        raw.resize(c.len as usize, 0);
+        read_exact_at(&file, &name, raw, c.offset)?;
+        if stamp.is_none() && frame::chunk_id(raw) != c.id {
             return Err(changed(&name));
         }
-        let f = frame::encode_frame_with_id(&raw, c.dtype, &c.id);
-        drop(raw);
+        let f = frame::encode_frame_with_id(raw, c.dtype, &c.id);
         let planes = frame::frame_info(&f)?
             .planes
             .into_iter()
@@ -340,8 +339,9 @@ pub fn write_pack(
                 .map_err(|_| Error::InvalidArgument("too many chunks for one pack".into()))?;
             let mut writer = PackWriter::create(pack_dir, count)?;
             let mut out = Vec::with_capacity(g.len());
+            let mut raw = Vec::new();
             let r = g.iter().try_for_each(|c| {
-                let (entry, w) = encode(c)?;
+                let (entry, w) = encode(c, &mut raw)?;
                 writer.append(&entry)?;
                 out.push(w);
                 progress.advance(c.len)
