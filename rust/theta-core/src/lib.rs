@@ -5,6 +5,7 @@
 //! - [`cdc`]: content-defined chunking for opaque bytes.
 //! - [`pack`]: Git pack and index writing (zlib level 0), plain-blob reads.
 //! - [`pipeline`]: whole files: scan, write the new chunks, restore.
+//! - [`pktline`]: git's pkt-line content framing for the filter process.
 
 pub mod ans;
 pub mod cdc;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod frame;
 pub mod pack;
 pub mod pipeline;
+pub mod pktline;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -541,6 +541,73 @@ pub fn restore_file(
     Ok(())
 }
 
+/// Decode `chunks` in order and send them as pkt-line content packets to `out` (the smudge side
+/// of the filter process), verifying every chunk and then the file's BLAKE3. Batches of about
+/// 32 MiB are decoded in parallel while the previous batch is being written.
+pub fn stream_file(
+    out: &mut (dyn std::io::Write + Send),
+    chunks: &[RestoreChunk],
+    packs: &[&Path],
+    size: u64,
+    file_id: &ChunkId,
+    store: &dyn ObjectStore,
+) -> Result<()> {
+    const BATCH: u64 = 32 << 20;
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    if total != size {
+        return Err(Error::CorruptFrame(format!(
+            "manifest chunks add up to {total} bytes but the file should have {size}"
+        )));
+    }
+    let packs = open_packs(packs)?;
+    let mut groups: Vec<&[RestoreChunk]> = Vec::new();
+    let mut i = 0;
+    while i < chunks.len() {
+        let (mut j, mut bytes) = (i, 0);
+        while j < chunks.len() && (j == i || bytes + chunks[j].len <= BATCH) {
+            bytes += chunks[j].len;
+            j += 1;
+        }
+        groups.push(&chunks[i..j]);
+        i = j;
+    }
+    let decode = |g: &[RestoreChunk]| -> Result<Vec<Vec<u8>>> {
+        g.par_iter()
+            .map(|c| {
+                let mut raw = vec![0u8; c.len as usize];
+                decode_chunk(c, &packs, store, &mut raw)?;
+                Ok(raw)
+            })
+            .collect()
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut pending: Option<Vec<Vec<u8>>> = None;
+    for g in groups.iter().map(Some).chain(std::iter::once(None)) {
+        let (sent, next) = rayon::join(
+            || -> Result<()> {
+                for raw in pending.take().unwrap_or_default() {
+                    hasher.update(&raw);
+                    crate::pktline::send(out, &raw)
+                        .map_err(|e| Error::io("git (filter output)", e))?;
+                }
+                Ok(())
+            },
+            || g.map(|g| decode(g)).transpose(),
+        );
+        sent?;
+        pending = next?;
+    }
+    let got = *hasher.finalize().as_bytes();
+    if &got != file_id {
+        return Err(Error::CorruptFrame(format!(
+            "restored file hashes to {} but the manifest says {}",
+            hex(&got),
+            hex(file_id)
+        )));
+    }
+    Ok(())
+}
+
 /// Decode chunks to memory (for lazy tensor reads), in parallel, verifying every id.
 pub fn read_chunks(
     chunks: &[RestoreChunk],

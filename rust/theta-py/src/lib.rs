@@ -410,6 +410,73 @@ fn restore_file(
     errors.finish(r)
 }
 
+/// Smudge: decode a checkpoint's chunks and send them as pkt-line content packets to the file
+/// `out_path` (the filter's stdout, e.g. "/dev/fd/1"), verifying chunks and the file's BLAKE3.
+/// The caller writes the flush packet and the status.
+#[pyfunction]
+fn send_file(
+    py: Python<'_>,
+    out_path: PathBuf,
+    chunks: Vec<ChunkTuple<'_>>,
+    packs: Vec<PathBuf>,
+    size: u64,
+    file_id: Vec<u8>,
+    read_object: Py<PyAny>,
+) -> PyResult<()> {
+    let chunks = restore_chunks(chunks)?;
+    let file_id = id32(&file_id, "file id")?;
+    let errors = ErrorSlot::default();
+    let r = {
+        let store = PyStore {
+            read: &read_object,
+            errors: &errors,
+        };
+        let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
+        py.detach(|| -> Result<(), Error> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&out_path)
+                .map_err(|e| Error::io(out_path.display().to_string(), e))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            pipeline::stream_file(&mut w, &chunks, &packs, size, &file_id, &store)?;
+            std::io::Write::flush(&mut w).map_err(|e| Error::io(out_path.display().to_string(), e))
+        })
+    };
+    errors.finish(r)
+}
+
+/// Clean: read pkt-line content packets up to the flush packet from `in_path` (the filter's
+/// stdin, e.g. "/dev/fd/0"), hashing them; compared with the work-tree file `worktree`, and
+/// copied to a file in `spill_dir` from the first difference on. Returns
+/// (length, blake3, first head_max bytes, spill path or None).
+#[pyfunction]
+#[pyo3(signature = (in_path, worktree, spill_dir, head_max=1025))]
+#[allow(clippy::type_complexity)]
+fn receive_content<'py>(
+    py: Python<'py>,
+    in_path: PathBuf,
+    worktree: Option<PathBuf>,
+    spill_dir: PathBuf,
+    head_max: usize,
+) -> PyResult<(
+    u64,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Option<PathBuf>,
+)> {
+    let r = py
+        .detach(|| {
+            theta_core::pktline::receive(&in_path, worktree.as_deref(), &spill_dir, head_max)
+        })
+        .map_err(to_py)?;
+    Ok((
+        r.len,
+        PyBytes::new(py, &r.blake3),
+        PyBytes::new(py, &r.head),
+        r.spill,
+    ))
+}
+
 /// Decode chunks to bytes (same chunk tuples as restore_file).
 #[pyfunction]
 fn read_chunks<'py>(
@@ -482,6 +549,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_pack, m)?)?;
     m.add_function(wrap_pyfunction!(restore_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(send_file, m)?)?;
+    m.add_function(wrap_pyfunction!(receive_content, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_chunk_len, m)?)?;
     m.add_class::<PyHasher>()?;
     Ok(())

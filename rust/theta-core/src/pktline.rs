@@ -1,0 +1,178 @@
+//! git's pkt-line framing for the content part of the long-running filter protocol, so that a
+//! checkpoint streams between git and the core without a Python call per 64 KiB packet.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Largest payload of one packet (65520 - 4).
+pub const MAX_DATA: usize = 65516;
+
+fn protocol(what: String) -> Error {
+    Error::InvalidArgument(format!("filter protocol: {what}"))
+}
+
+/// Read one packet's payload into `buf`; `Ok(false)` on a flush packet.
+fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head)
+        .map_err(|e| protocol(format!("reading a packet header: {e}")))?;
+    let text =
+        std::str::from_utf8(&head).map_err(|_| protocol(format!("bad packet header {head:?}")))?;
+    let n = usize::from_str_radix(text, 16)
+        .map_err(|_| protocol(format!("bad packet header {text:?}")))?;
+    if n == 0 {
+        return Ok(false);
+    }
+    if !(5..=MAX_DATA + 4).contains(&n) {
+        return Err(protocol(format!("packet length {n} out of range")));
+    }
+    buf.resize(n - 4, 0);
+    r.read_exact(buf)
+        .map_err(|e| protocol(format!("reading a packet: {e}")))?;
+    Ok(true)
+}
+
+/// What a content stream turned out to be.
+#[derive(Debug)]
+pub struct Received {
+    pub len: u64,
+    pub blake3: [u8; 32],
+    /// The first `head_max` bytes (to recognise a pointer).
+    pub head: Vec<u8>,
+    /// Where the content can be read again: `None` if it equals `worktree` byte for byte,
+    /// else the spill file it was copied to.
+    pub spill: Option<PathBuf>,
+}
+
+/// Read content packets up to the flush packet from `input`, hashing them. While they match the
+/// file `worktree` nothing is written; from the first difference on (or if there is no such
+/// file), the content is copied to a new file in `spill_dir`. Memory: one packet plus 1 MiB.
+pub fn receive(
+    input: &Path,
+    worktree: Option<&Path>,
+    spill_dir: &Path,
+    head_max: usize,
+) -> Result<Received> {
+    let stdin = File::open(input).map_err(|e| Error::io(input.display().to_string(), e))?;
+    let mut r = BufReader::with_capacity(1 << 20, stdin);
+    let mut wt = worktree.and_then(|p| {
+        File::open(p)
+            .ok()
+            .map(|f| BufReader::with_capacity(1 << 20, f))
+    });
+    let mut spill: Option<(PathBuf, BufWriter<File>)> = None;
+    let mut hasher = blake3::Hasher::new();
+    let mut head = Vec::new();
+    let mut len = 0u64;
+    let mut pkt = Vec::with_capacity(MAX_DATA);
+    let mut cmp = vec![0u8; MAX_DATA];
+    let start_spill = |len: u64| -> Result<(PathBuf, BufWriter<File>)> {
+        std::fs::create_dir_all(spill_dir)
+            .map_err(|e| Error::io(spill_dir.display().to_string(), e))?;
+        let path = spill_dir.join(format!("clean-{}_{}", std::process::id(), len));
+        let f = File::create(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        if len > 0 {
+            // The bytes so far matched the work-tree file: copy them from there.
+            let src = worktree.expect("a prefix matched, so there is a work-tree file");
+            let mut f = File::open(src).map_err(|e| Error::io(src.display().to_string(), e))?;
+            std::io::copy(&mut (&mut f).take(len), &mut w)
+                .map_err(|e| Error::io(path.display().to_string(), e))?;
+        }
+        Ok((path, w))
+    };
+    let result = (|| -> Result<()> {
+        if wt.is_none() {
+            spill = Some(start_spill(0)?);
+        }
+        while read_packet(&mut r, &mut pkt)? {
+            hasher.update(&pkt);
+            if head.len() < head_max {
+                let take = (head_max - head.len()).min(pkt.len());
+                head.extend_from_slice(&pkt[..take]);
+            }
+            if let Some(w) = wt.as_mut() {
+                let c = &mut cmp[..pkt.len()];
+                let same = w.read_exact(c).is_ok() && c == &pkt[..];
+                if !same {
+                    wt = None;
+                    spill = Some(start_spill(len)?);
+                }
+            }
+            if let Some((p, w)) = spill.as_mut() {
+                w.write_all(&pkt)
+                    .map_err(|e| Error::io(p.display().to_string(), e))?;
+            }
+            len += pkt.len() as u64;
+        }
+        if let Some(w) = wt.as_mut() {
+            let mut one = [0u8; 1];
+            if w.read(&mut one).map_err(|e| Error::io("work tree", e))? > 0 {
+                // The work-tree file is longer than what git sent: keep what git sent.
+                spill = Some(start_spill(len)?);
+            }
+        }
+        if let Some((p, w)) = spill.as_mut() {
+            w.flush()
+                .map_err(|e| Error::io(p.display().to_string(), e))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        if let Some((p, _)) = spill {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
+    Ok(Received {
+        len,
+        blake3: *hasher.finalize().as_bytes(),
+        head,
+        spill: spill.map(|(p, _)| p),
+    })
+}
+
+/// Frame `data` as content packets onto `w`.
+pub fn send(w: &mut (impl Write + ?Sized), data: &[u8]) -> std::io::Result<()> {
+    for part in data.chunks(MAX_DATA) {
+        w.write_all(format!("{:04x}", part.len() + 4).as_bytes())?;
+        w.write_all(part)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receive_matches_and_spills() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let wt = dir.path().join("wt");
+        std::fs::write(&wt, &data).unwrap();
+        let mut stream = Vec::new();
+        send(&mut stream, &data).unwrap();
+        stream.extend_from_slice(b"0000");
+        let input = dir.path().join("in");
+        std::fs::write(&input, &stream).unwrap();
+        let got = receive(&input, Some(&wt), dir.path(), 10).unwrap();
+        assert_eq!(got.len, data.len() as u64);
+        assert_eq!(got.blake3, *blake3::hash(&data).as_bytes());
+        assert!(got.spill.is_none());
+        assert_eq!(got.head, &data[..10]);
+        // A work tree that differs half way: the content is spilled, byte-exact.
+        let mut other = data.clone();
+        other[150_000] ^= 1;
+        std::fs::write(&wt, &other).unwrap();
+        let got = receive(&input, Some(&wt), dir.path(), 10).unwrap();
+        let spilled = std::fs::read(got.spill.unwrap()).unwrap();
+        assert_eq!(spilled, data);
+        // No work tree at all.
+        let got = receive(&input, None, dir.path(), 10).unwrap();
+        assert_eq!(std::fs::read(got.spill.unwrap()).unwrap(), data);
+    }
+}
