@@ -155,6 +155,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .gitstore import GitStore
+    from .remote import push
+
+    with GitStore(".") as store:
+        r = push(store, args.remote, args.revs, all_refs=args.all)
+    _out(args, r, f"{r['versions']} version(s) pushed")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .gitstore import GitStore
     from .remote import gc
@@ -238,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("remote", nargs="?", default=None)
     sp.add_argument("revs", nargs="*", metavar="REV")
     sp.add_argument("--all", action="store_true", help="every version the remote has")
+    sp = verb("push", "send the checkpoint versions that REVs (default HEAD) need and the remote lacks", cmd_push)
+    sp.add_argument("remote", nargs="?", default=None)
+    sp.add_argument("revs", nargs="*", metavar="REV")
+    sp.add_argument("--all", action="store_true", help="what every branch and tag needs")
     sp = verb("gc", "drop stored versions that no branch, tag or remote-tracking ref needs", cmd_gc)
     sp.add_argument("--dry-run", "-n", action="store_true", help="only show what would go")
     sp.add_argument("--prune", action="store_true", help="then run git gc --prune=now to free the space")

@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from . import _native
-from .checkpoint import add_file, chunk_tuples, load_manifest
-from .errors import ThetaStoreError
+from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ThetaStoreError
 from .gitstore import GitStore
 from .manifest import POINTER_MAX, Pointer, looks_like_pointer
 
@@ -141,7 +140,8 @@ def clean(store: GitStore, cache: CleanCache, pathname: str, stream: Iterator[by
             if spill is None and worktree is None:
                 # Content differs from the work tree (or it is gone): keep our own copy.
                 store.state_dir.mkdir(parents=True, exist_ok=True)
-                fd, spill_path = tempfile.mkstemp(prefix="clean-", dir=store.state_dir)
+                # same extension: format detection must judge this copy as it would the file
+                fd, spill_path = tempfile.mkstemp(prefix="clean-", suffix=os.path.splitext(pathname)[1], dir=store.state_dir)
                 spill = os.fdopen(fd, "wb")
                 _copy_prefix(os.path.join(store.worktree, pathname), total, spill, bytes(head[:total]) if total <= POINTER_MAX else None)
             if spill is not None:
@@ -153,7 +153,16 @@ def clean(store: GitStore, cache: CleanCache, pathname: str, stream: Iterator[by
             if spill is None:
                 raise ThetaStoreError(f"{pathname}: changed while git was reading it; run git add again")
         if total <= POINTER_MAX and looks_like_pointer(bytes(head)):
-            return bytes(head)  # already a pointer: cleaning is the identity
+            # Already a pointer (a THETA_STORE_SKIP_SMUDGE checkout): cleaning is the identity. A
+            # damaged one (edited by hand, a merge of two pointers) must not reach a commit.
+            try:
+                Pointer.parse(bytes(head), pathname)
+            except PointerError as e:
+                raise PointerError(
+                    f"{pathname} is a damaged theta-store pointer: {_strip(e.args[0], pathname)}",
+                    hint=f"`git checkout -- {pathname}` puts the committed version back",
+                ) from None
+            return bytes(head)
         digest = hasher.digest()
         cached = cache.get(store, digest)
         if cached is not None:
@@ -162,7 +171,12 @@ def clean(store: GitStore, cache: CleanCache, pathname: str, stream: Iterator[by
         if spill is not None:
             spill.close()
             source = spill_path
-        result = add_file(store, source, progress=False)
+        from .checkpoint import add_file  # imported when needed: a filter that only re-hashes starts faster
+
+        try:
+            result = add_file(store, source, progress=False)
+        except FormatError as e:  # name the file as the user knows it, not our copy of it
+            raise FormatError(pathname, e.where, e.problem, hint=e.hint) from None
         if result.pointer.blake3 != digest:
             raise ThetaStoreError(f"{pathname}: changed while being stored; run git add again")
         ptr = result.pointer.to_bytes()
@@ -199,7 +213,14 @@ def _copy_prefix(path: str, n: int, out: BinaryIO, head: bytes | None) -> None:
 
 def smudge_bytes(store: GitStore, pointer: Pointer) -> Iterator[bytes]:
     """The checkpoint's bytes in order, in batches, each chunk verified by the core."""
+    from .checkpoint import chunk_tuples, load_manifest
+
     manifest = load_manifest(store, pointer.manifest_id)
+    if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
+        raise PointerError(
+            f"pointer and stored version {pointer.manifest_id.hex()[:16]} disagree on the file (size {pointer.size} vs {manifest.size})",
+            hint="the pointer was edited: check out another commit, or commit the checkpoint again",
+        )
     chunks = [c for s in manifest.spans for c in s.chunks]
     packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
     hasher = _native.Hasher()
@@ -214,12 +235,151 @@ def smudge_bytes(store: GitStore, pointer: Pointer) -> Iterator[bytes]:
             yield block
         i = j
     if hasher.digest() != manifest.blake3:
-        raise ThetaStoreError(f"checkpoint {pointer.manifest_id.hex()[:16]}: restored bytes do not hash to the file's BLAKE3")
+        raise CorruptObject(
+            f"checkpoint {pointer.manifest_id.hex()[:16]}: restored bytes do not hash to the file's BLAKE3", hint="run `theta-store fsck`"
+        )
+
+
+def _strip(message: str, pathname: str) -> str:
+    return message.removeprefix(f"{pathname}: ")
+
+
+def _parse_pointer(data: bytes, pathname: str) -> Pointer:
+    try:
+        return Pointer.parse(data, pathname)
+    except PointerError as e:
+        raise PointerError(
+            f"the commit holds a damaged theta-store pointer: {_strip(e.args[0], pathname)}",
+            hint="check out another commit, or commit the checkpoint again",
+        ) from None
+
+
+def _damaged(ptr: Pointer, e: BaseException) -> ThetaStoreError:
+    """An error while decoding a stored version, said as such, with what to do."""
+    return CorruptObject(
+        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository: {_message(e)}",
+        hint="`theta-store fsck` lists what is damaged; a clone of the remote has an intact copy",
+    )
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, ThetaStoreError):
+        return (e.args[0] if e.args else "") + (f" (hint: {e.hint})" if e.hint else "")
+    if isinstance(e, OSError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class FilterServer:
+    """One conversation with git: handshake, then clean / smudge / list_available_blobs requests."""
+
+    def __init__(self, io: PktIO, store: GitStore) -> None:
+        self.io = io
+        self.store = store
+        self.cache = CleanCache(store)
+        self.skip_smudge = os.environ.get("THETA_STORE_SKIP_SMUDGE") == "1"
+        self.delayed: dict[str, Pointer] = {}  # smudges answered "delayed": fetched in one batch
+        self.ready: dict[str, Pointer] = {}  # fetched (or failed): git asks for them again
+        self.failed: dict[str, ThetaStoreError] = {}
+
+    def serve(self) -> int:
+        while True:
+            try:
+                headers = self.io.read_text_list()
+            except EOFError:
+                return 0
+            meta = dict(h.split("=", 1) for h in headers if "=" in h)
+            command = meta.get("command", "")
+            pathname = meta.get("pathname", "")
+            if command == "list_available_blobs":
+                self.list_available()
+                continue
+            content = self.io.read_stream()
+            try:
+                if command == "clean":
+                    self.reply(clean(self.store, self.cache, pathname, content))
+                elif command == "smudge":
+                    self.smudge(pathname, b"".join(content), meta.get("can-delay") == "1")
+                else:
+                    raise ThetaStoreError(f"unknown filter command {command!r}")
+            except Exception as e:  # one file failed: tell git, keep serving the others
+                for _ in content:  # drain what git is still sending
+                    pass
+                print(f"theta-store: {command} {pathname}: {_message(e)}", file=sys.stderr)
+                self.io.write_text("status=error")
+                self.io.flush_pkt()
+
+    def reply(self, data: bytes) -> None:
+        self.io.write_text("status=success")
+        self.io.flush_pkt()
+        self.io.write_stream(data)
+        self.io.flush_pkt()
+        self.io.flush_pkt()
+
+    def smudge(self, pathname: str, data: bytes, can_delay: bool) -> None:
+        from .remote import ensure_versions
+
+        if pathname in self.failed:
+            self.ready.pop(pathname, None)
+            raise self.failed.pop(pathname)
+        if pathname in self.ready:
+            ptr = self.ready.pop(pathname)  # git sends no content the second time
+        elif looks_like_pointer(data) and not self.skip_smudge:
+            ptr = _parse_pointer(data, pathname)
+        else:
+            self.reply(data)  # not a pointer (a file committed before it was tracked), or pointers wanted
+            return
+        if self.store.version_commit(ptr.manifest_id) is None:
+            if can_delay:
+                self.delayed[pathname] = ptr
+                self.io.write_text("status=delayed")
+                self.io.flush_pkt()
+                return
+            ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
+        blocks = smudge_bytes(self.store, ptr)
+        try:
+            first = next(blocks, b"")  # fail before announcing success when we can
+        except (PointerError, ObjectNotFound):
+            raise
+        except Exception as e:
+            raise _damaged(ptr, e) from None
+        self.io.write_text("status=success")
+        self.io.flush_pkt()
+        try:
+            self.io.write_stream(first)
+            for block in blocks:
+                self.io.write_stream(block)
+        except Exception as e:  # git drops what it got so far: the working file is never half-written
+            print(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}", file=sys.stderr)
+            self.io.flush_pkt()
+            self.io.write_text("status=error")
+            self.io.flush_pkt()
+            return
+        self.io.flush_pkt()
+        self.io.flush_pkt()
+
+    def list_available(self) -> None:
+        from .remote import VersionsMissing, ensure_versions
+
+        if self.delayed:
+            try:
+                ensure_versions(self.store, {p.manifest_id for p in self.delayed.values()}, quiet=True)
+            except VersionsMissing as e:
+                for path, p in self.delayed.items():
+                    if p.manifest_id in e.missing:
+                        self.failed[path] = VersionsMissing({p.manifest_id}, e.tried)
+            except ThetaStoreError as e:
+                self.failed.update(dict.fromkeys(self.delayed, e))
+            self.ready.update(self.delayed)
+            self.delayed.clear()
+        for path in sorted(self.ready):
+            self.io.write_text(f"pathname={path}")
+        self.io.flush_pkt()
+        self.io.write_text("status=success")
+        self.io.flush_pkt()
 
 
 def run(rfile: BinaryIO | None = None, wfile: BinaryIO | None = None) -> int:
-    from .remote import ensure_versions
-
     io = PktIO(rfile or sys.stdin.buffer, wfile or sys.stdout.buffer)
     hello = io.read_text_list()
     if "git-filter-client" not in hello or "version=2" not in hello:
@@ -230,92 +390,11 @@ def run(rfile: BinaryIO | None = None, wfile: BinaryIO | None = None) -> int:
     ours = [c for c in ("capability=clean", "capability=smudge", "capability=delay") if c in caps]
     io.write_text(*ours)
     io.flush_pkt()
-    skip_smudge = os.environ.get("THETA_STORE_SKIP_SMUDGE") == "1"
     with GitStore(".") as store:
         from .install import ensure_hooks
 
-        ensure_hooks(store)
-        cache = CleanCache(store)
-        delayed: dict[str, Pointer] = {}
-        ready: dict[str, Pointer] = {}
-        while True:
-            try:
-                headers = io.read_text_list()
-            except EOFError:
-                return 0
-            meta = dict(h.split("=", 1) for h in headers if "=" in h)
-            command = meta.get("command")
-            pathname = meta.get("pathname", "")
-            if command == "list_available_blobs":
-                if delayed:
-                    try:
-                        ensure_versions(store, {p.manifest_id for p in delayed.values()}, quiet=True)
-                    except ThetaStoreError as e:
-                        print(f"theta-store: {e}", file=sys.stderr)
-                    ready.update(delayed)
-                    delayed.clear()
-                for path in sorted(ready):
-                    io.write_text(f"pathname={path}")
-                io.flush_pkt()
-                io.write_text("status=success")
-                io.flush_pkt()
-                continue
-            content = io.read_stream()
-            try:
-                if command == "clean":
-                    out = clean(store, cache, pathname, content)
-                    io.write_text("status=success")
-                    io.flush_pkt()
-                    io.write_stream(out)
-                    io.flush_pkt()
-                    io.flush_pkt()
-                elif command == "smudge":
-                    data = b"".join(content)
-                    if pathname in ready:
-                        ptr: Pointer | None = ready.pop(pathname)
-                    elif looks_like_pointer(data) and not skip_smudge:
-                        ptr = Pointer.parse(data, pathname)
-                    else:
-                        ptr = None
-                    if ptr is None:
-                        io.write_text("status=success")
-                        io.flush_pkt()
-                        io.write_stream(data)
-                        io.flush_pkt()
-                        io.flush_pkt()
-                        continue
-                    if store.version_commit(ptr.manifest_id) is None:
-                        if meta.get("can-delay") == "1":
-                            delayed[pathname] = ptr
-                            io.write_text("status=delayed")
-                            io.flush_pkt()
-                            continue
-                        ensure_versions(store, {ptr.manifest_id}, quiet=True, what=pathname)
-                    blocks = smudge_bytes(store, ptr)
-                    first = next(blocks, b"")  # fail before announcing success when we can
-                    io.write_text("status=success")
-                    io.flush_pkt()
-                    try:
-                        io.write_stream(first)
-                        for block in blocks:
-                            io.write_stream(block)
-                    except ThetaStoreError as e:
-                        print(f"theta-store: {pathname}: {e}", file=sys.stderr)
-                        io.flush_pkt()
-                        io.write_text("status=error")
-                        io.flush_pkt()
-                        continue
-                    io.flush_pkt()
-                    io.flush_pkt()
-                else:
-                    for _ in content:
-                        pass
-                    io.write_text("status=error")
-                    io.flush_pkt()
-            except (ThetaStoreError, OSError) as e:
-                for _ in content:  # drain what git is still sending
-                    pass
-                hint = f" (hint: {e.hint})" if isinstance(e, ThetaStoreError) and e.hint else ""
-                print(f"theta-store: {command} {pathname}: {e.args[0] if e.args else e}{hint}", file=sys.stderr)
-                io.write_text("status=error")
-                io.flush_pkt()
+        try:
+            ensure_hooks(store)
+        except (ThetaStoreError, OSError) as e:  # never stop checkouts over a hook: say it, go on
+            print(f"theta-store: warning: {_message(e)}", file=sys.stderr)
+        return FilterServer(io, store).serve()

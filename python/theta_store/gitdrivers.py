@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -9,17 +10,23 @@ from typing import TextIO
 
 from . import _native
 from .checkpoint import load_manifest
-from .errors import ThetaStoreError
-from .formats import detect
+from .errors import FormatError, ThetaStoreError
+from .formats import TensorRegion, detect
 from .gitstore import GitStore
-from .manifest import Pointer, looks_like_pointer
+from .manifest import POINTER_MAX, Pointer, looks_like_pointer
 
 
 def textconv(path: str, out: TextIO | None = None) -> None:
-    """One line per tensor (name, dtype, shape, content digest), so `git diff` shows what changed."""
+    """One line per tensor (name, dtype, shape, bytes, content digest), so `git diff` shows what changed.
+
+    git hands textconv the working-tree form of both sides (it smudges the old blob into a temporary
+    file), so this is usually a real checkpoint: the digests come from hashing it. For a pointer
+    (THETA_STORE_SKIP_SMUDGE) they come from the stored manifest. The header's BLAKE3 is the whole
+    file's either way, so any change of content shows in the diff.
+    """
     w = out or sys.stdout
     with open(path, "rb") as f:
-        head = f.read(2048)
+        head = f.read(POINTER_MAX + 1)
     if looks_like_pointer(head):
         p = Pointer.parse(head, path)
         print(f"# theta-store checkpoint: {p.format}, {p.size} bytes, blake3 {p.blake3.hex()[:16]}", file=w)
@@ -29,16 +36,52 @@ def textconv(path: str, out: TextIO | None = None) -> None:
         except ThetaStoreError as e:
             print(f"# (tensors not available here: {e.args[0]})", file=w)
             return
-        for s in m.spans:
+        for s in m.tensors:
             digest = _native.chunk_id(b"".join(c for c, _ in s.chunks)).hex()[:16]
-            name = s.name if s.kind == "tensor" else "(skeleton)"
-            shape = "x".join(map(str, s.shape)) or "scalar"
-            print(f"{name}\t{s.dtype}\t{shape if s.kind == 'tensor' else ''}\t{s.length}\t{digest}", file=w)
+            print(f"{s.name}\t{s.dtype}\t{_shape(s.shape)}\t{s.length}\tchunks:{digest}", file=w)
         return
-    layout = detect(path)
-    print(f"# {layout.format} file, {layout.size} bytes (not stored by theta-store yet)", file=w)
-    for r in layout.regions:
-        print(f"{r.name}\t{r.dtype}\t{'x'.join(map(str, r.shape)) or 'scalar'}\t{r.length}", file=w)
+    try:
+        layout = detect(path)
+    except ThetaStoreError as e:  # still show that (and how) the bytes changed
+        whole, _ = _digests(path, [])
+        print(f"# unreadable checkpoint, {os.path.getsize(path)} bytes, blake3 {whole.hex()[:16]}: {e.args[0]}", file=w)
+        return
+    whole, digests = _digests(path, layout.regions)
+    print(f"# theta-store checkpoint: {layout.format}, {layout.size} bytes, blake3 {whole.hex()[:16]}", file=w)
+    for r, d in zip(layout.regions, digests, strict=True):
+        print(f"{r.name}\t{r.dtype}\t{_shape(r.shape)}\t{r.length}\tblake3:{d.hex()[:16]}", file=w)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _digests(path: str, regions: list[TensorRegion]) -> tuple[bytes, list[bytes]]:
+    """BLAKE3 of the whole file and of each region (sorted, disjoint), in one pass."""
+    whole = _native.Hasher()
+    out = []
+    with open(path, "rb") as f:
+
+        def feed(n: int, h: _native.Hasher | None) -> None:
+            while n > 0:
+                block = f.read(min(n, 4 << 20))
+                if not block:
+                    raise FormatError(path, "", "file ended early (changed while being read?)")
+                whole.update(block)
+                if h is not None:
+                    h.update(block)
+                n -= len(block)
+
+        pos = 0
+        for r in regions:
+            feed(r.offset - pos, None)
+            h = _native.Hasher()
+            feed(r.length, h)
+            out.append(h.digest())
+            pos = r.offset + r.length
+        while block := f.read(4 << 20):
+            whole.update(block)
+    return whole.digest(), out
 
 
 def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:

@@ -53,55 +53,82 @@ def install(path: str = ".", scope: str = "local") -> list[str]:
 
 
 def _hooks_dir(store: GitStore) -> Path:
-    out = subprocess.run(["git", "rev-parse", "--git-path", "hooks"], cwd=store.worktree, capture_output=True, text=True, check=True)
+    args = ["git", "rev-parse", "--git-path", "hooks"]
+    out = subprocess.run(args, cwd=store.worktree, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
     p = Path(out.stdout.strip())
     return p if p.is_absolute() else store.worktree / p
 
 
 def hook_script() -> str:
     cmd = command()
+    missing = (
+        "  command -v theta-store >/dev/null 2>&1 || { echo >&2 \"theta-store is not on PATH; this repository's pre-push hook"
+        ' needs it to send checkpoint versions (THETA_STORE_SKIP_PUSH=1 pushes the commits alone)"; exit 2; }\n'
+        if cmd == "theta-store"
+        else ""
+    )
     return f"""#!/bin/sh
 {HOOK_MARK}: sends the checkpoint versions the pushed commits need.
 # A hook that was here before is kept as pre-push{CHAINED_SUFFIX} and runs after this one.
 input=$(mktemp) || exit 1
 trap 'rm -f "$input"' EXIT
 cat > "$input"
-{cmd} pre-push "$@" < "$input" || exit $?
+if [ "${{THETA_STORE_SKIP_PUSH:-}}" != 1 ]; then
+{missing}  {cmd} pre-push "$@" < "$input" || exit $?
+fi
 if [ -x "$0{CHAINED_SUFFIX}" ]; then
   "$0{CHAINED_SUFFIX}" "$@" < "$input" || exit $?
+fi
+# Git LFS installs its pre-push hook lazily and silently gives up when one is already here:
+# if LFS is set up and its hook is not chained, run what its hook would have run.
+if ! grep -qs "git lfs pre-push" "$0{CHAINED_SUFFIX}" && command -v git-lfs >/dev/null 2>&1 &&
+  git config --get filter.lfs.process >/dev/null 2>&1; then
+  git lfs pre-push "$@" < "$input" || exit $?
 fi
 """
 
 
 def ensure_hooks(store: GitStore) -> list[str]:
-    """Install the pre-push hook (idempotent); an existing foreign hook is kept and chained."""
+    """Install the pre-push hook (idempotent); an existing foreign hook is kept and chained.
+
+    Raises ThetaStoreError if a foreign hook is here and a different one is already chained.
+    """
     done: list[str] = []
     hooks = _hooks_dir(store)
     hooks.mkdir(parents=True, exist_ok=True)
+    _no_delta_attributes(store)
     hook = hooks / "pre-push"
+    chained = hooks / ("pre-push" + CHAINED_SUFFIX)
     script = hook_script()
     if hook.exists():
         current = hook.read_text(errors="replace")
-        if HOOK_MARK in current:
-            if current == script:
-                return done
-        else:
-            chained = hooks / ("pre-push" + CHAINED_SUFFIX)
-            if chained.exists():
-                raise ThetaStoreError(f"{hook}: a foreign hook is here and {chained.name} exists too; merge them by hand")
-            os.replace(hook, chained)
-            done.append(f"kept the existing pre-push hook as {chained.name}")
-    tmp = hook.with_suffix(".theta-tmp")
+        if current == script:
+            return done
+        if HOOK_MARK not in current:
+            if not chained.exists():
+                os.replace(hook, chained)
+                done.append(f"kept the existing pre-push hook as {chained.name}")
+            elif chained.read_text(errors="replace") != current:
+                # e.g. `git lfs update --force` over ours, after a first foreign hook was chained
+                raise ThetaStoreError(
+                    f"{hook} is not theta-store's and {chained.name} is another hook: theta-store's pre-push hook is not installed",
+                    hint=f"merge {hook.name} into {chained.name} by hand, delete {hook.name}, then run `theta-store install`",
+                )
+            # else: the hook here is the one already chained (re-installed over ours): just put ours back
+    tmp = hook.with_name("pre-push.theta-tmp")
     tmp.write_text(script)
     tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     os.replace(tmp, hook)
     done.append(f"installed {hook}")
+    return done
+
+
+def _no_delta_attributes(store: GitStore) -> None:
     info = store.common_dir / "info" / "attributes"
-    info.parent.mkdir(parents=True, exist_ok=True)
     lines = info.read_text().splitlines() if info.exists() else []
     if NO_DELTA_LINE not in lines:
+        info.parent.mkdir(parents=True, exist_ok=True)
         info.write_text("\n".join([*lines, NO_DELTA_LINE]) + "\n")
-    return done
 
 
 def _attributes(store: GitStore) -> Path:

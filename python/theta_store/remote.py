@@ -16,11 +16,15 @@ marked shallow. Same push, 27 KB. The user's repository itself is never made sha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+if sys.platform != "win32":
+    import fcntl
 
 from .errors import ObjectNotFound, ThetaStoreError
 from .gitstore import REF_PREFIX, GitStore
@@ -31,7 +35,8 @@ PUSH_BATCH = 400
 
 
 def _git(store: GitStore, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    r = subprocess.run(["git", *args], cwd=store.worktree, input=input, capture_output=True, check=False)
+    # Never let git inherit our stdin: in the filter process it is git's pkt-line pipe.
+    r = subprocess.run(["git", *args], cwd=store.worktree, input=input or b"", capture_output=True, check=False)
     if check and r.returncode != 0:
         raise ThetaStoreError(f"git {' '.join(args[:3])} failed: {r.stderr.decode(errors='replace').strip()}")
     return r
@@ -119,65 +124,97 @@ def _transport(store: GitStore) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _transport_lock(store: GitStore) -> Iterator[None]:
+    """One user of the transport repository at a time (a push in one terminal, a checkout in another)."""
+    store.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(store.state_dir / "transport.lock", "wb") as f:
+        if sys.platform != "win32":
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        yield
+
+
 def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run git in the transport repository (call with _transport_lock held)."""
     env = _transport(store)
-    return subprocess.run(["git", *args], cwd=store.worktree, env=env, capture_output=True, check=False)
+    return subprocess.run(["git", *args], cwd=store.worktree, env=env, stdin=subprocess.DEVNULL, capture_output=True, check=False)
 
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
     """Fetch these versions from one remote; returns the ones it had."""
     have = remote_versions(store, remote, sorted(ids))
     todo = sorted(have & ids)
+    got: set[bytes] = set()
     for i in range(0, len(todo), PUSH_BATCH):
         batch = todo[i : i + PUSH_BATCH]
         specs = [f"+{ref_name(v)}:{ref_name(v)}" for v in batch]
-        r = _run_transport(store, "fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", remote, *specs)
-        if r.returncode != 0:
-            raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {r.stderr.decode(errors='replace').strip()}")
-        t = store.state_dir / "transport"
-        lines = (
-            subprocess.run(
+        with _transport_lock(store):
+            r = _run_transport(store, "fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", remote, *specs)
+            if r.returncode != 0:
+                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {r.stderr.decode(errors='replace').strip()}")
+            t = store.state_dir / "transport"
+            listing = subprocess.run(
                 ["git", "for-each-ref", "--format=%(objectname) %(refname)", *[ref_name(v) for v in batch]],
                 env=dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir)),
+                stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=True,
-            )
-            .stdout.decode()
-            .split("\n")
-        )
-        updates = "".join(f"update {ref} {sha}\n" for sha, _, ref in (ln.partition(" ") for ln in lines if ln))
-        _git(store, "update-ref", "--stdin", input=updates.encode())
+            ).stdout.decode()
+        pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
+        _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
+        got |= {bytes.fromhex(ref[len(REF_PREFIX) :]) for _, ref in pairs}
     store.refresh()
-    for v in todo:
+    for v in sorted(got):
         store.record_chunks(store.version_frames(v))
-    return set(todo)
+    return got
+
+
+class VersionsMissing(ObjectNotFound):
+    """Versions that are neither here nor on any remote tried."""
+
+    HINT = (
+        "push it from a clone that has it (a plain git push sends it; `theta-store push` if it was skipped), "
+        "or set THETA_STORE_REMOTE to the remote that has it"
+    )
+
+    def __init__(self, missing: set[bytes], tried: list[str], what: str = "") -> None:
+        self.missing = missing
+        self.tried = tried
+        super().__init__(self.describe(min(missing), what), hint=self.HINT)
+
+    def describe(self, version: bytes, what: str = "") -> str:
+        where = f"{what}: " if what else ""
+        remotes = ", ".join(self.tried) or "any remote (none configured)"
+        return f"{where}checkpoint version {version.hex()[:16]} is not here and not on {remotes}"
 
 
 def ensure_versions(store: GitStore, ids: set[bytes], *, quiet: bool = False, what: str = "", remote: str | None = None) -> int:
-    """Make sure these versions are local, fetching from the remotes. Returns how many were fetched."""
+    """Make sure these versions are local, fetching from the remotes. Returns how many were fetched.
+
+    Raises VersionsMissing (naming the version, `what` and every remote tried) if some stay missing.
+    """
     missing = {i for i in ids if store.version_commit(i) is None}
     if not missing:
         return 0
     tried = []
     fetched = 0
     for name in [remote] if remote else remotes(store):
-        tried.append(name)
         try:
             got = fetch_versions(store, name, missing)
         except ThetaStoreError as e:
             if not quiet:
                 print(f"theta-store: {e}", file=sys.stderr)
+            reason = " ".join((e.args[0] if e.args else str(e)).split())
+            prefix = f"cannot reach remote {name!r}: "
+            reason = "unreachable: " + reason.removeprefix(prefix) if reason.startswith(prefix) else reason
+            tried.append(f"{name} ({reason[:200]})")
             continue
+        tried.append(name)
         fetched += len(got)
         missing -= got
         if not missing:
             return fetched
-    first = sorted(missing)[0].hex()
-    where = f"{what}: " if what else ""
-    raise ObjectNotFound(
-        f"{where}checkpoint version {first[:16]} is not here and not on {', '.join(tried) or 'any remote (none configured)'}",
-        hint="push it from a clone that has it (plain git push sends it), or set THETA_STORE_REMOTE to the remote that has it",
-    )
+    raise VersionsMissing(missing, tried, what)
 
 
 def pointers_in(store: GitStore, revs: list[str], exclude: list[str] | None = None) -> dict[bytes, str]:
@@ -238,10 +275,25 @@ def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[s
         return {"versions": 0}
     if named:
         exclude.append(f"--remotes={remote}")
-    needed = pointers_in(store, tips, exclude)
+    return send_versions(store, remote, remote if named else url, pointers_in(store, tips, exclude))
+
+
+def push(store: GitStore, remote: str | None, revs: list[str], all_refs: bool = False) -> dict[str, int]:
+    """`theta-store push`: send the versions that `revs` (default HEAD) need and the remote lacks.
+
+    The pre-push hook only looks at the commits a push adds; this covers what it could not send
+    (a push with THETA_STORE_SKIP_PUSH=1, a version fetched after the commits were pushed).
+    """
+    name = remote or (remotes(store) or [""])[0]
+    if not name:
+        raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
+    return send_versions(store, name, name, pointers_in(store, ["--branches", "--tags"] if all_refs else (revs or ["HEAD"])))
+
+
+def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes, str]) -> dict[str, int]:
+    """Push refs/theta/<id> for the versions in `needed` (id -> a path that uses it) that `target` lacks."""
     if not needed:
         return {"versions": 0}
-    target = remote if named else url
     everything = remote_versions(store, target)  # one ls-remote: also tells new frames from reused ones
     on_remote = everything & set(needed)
     todo = sorted(v for v in needed if v not in on_remote)
@@ -264,7 +316,8 @@ def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[s
     reused = sum(n for cid, n in new_frames.items() if cid in old_frames)
     for i in range(0, len(local), PUSH_BATCH):
         specs = [f"{ref_name(v)}:{ref_name(v)}" for v in local[i : i + PUSH_BATCH]]
-        r = _run_transport(store, "push", "--no-verify", "-q", target, *specs)
+        with _transport_lock(store):
+            r = _run_transport(store, "push", "--no-verify", "-q", target, *specs)
         if r.returncode != 0:
             raise ThetaStoreError(
                 f"pushing checkpoint versions to {remote} failed: {r.stderr.decode(errors='replace').strip()}",
@@ -299,11 +352,14 @@ def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bo
     return {"needed": len(ids), "fetched": n}
 
 
+# Everything git itself keeps (refs but our own, every worktree's HEAD and index, reflogs, older
+# stashes): a version is dropped only when git would also prune every pointer to it.
+GC_ROOTS = ["--exclude=" + REF_PREFIX.decode() + "*", "--all", "--reflog", "--indexed-objects"]
+
+
 def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str, object]:
-    """Drop refs/theta versions that no branch, tag, remote-tracking ref, stash or the index needs."""
-    needed = set(pointers_in(store, ["--branches", "--tags", "--remotes", "HEAD", *(["refs/stash"] if _has_stash(store) else [])]))
-    staged = [oid.hex() for _, oid in store.iter_paths(None)]
-    needed |= set(_read_pointers(store, staged, {}))
+    """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index needs."""
+    needed = set(pointers_in(store, GC_ROOTS))
     versions = store.versions()
     drop = [v for v in versions if v not in needed]
     keep_frames = _frames(store, [v for v in versions if v in needed])
@@ -323,7 +379,3 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
         "dry_run": dry_run,
         "pruned": prune and not dry_run,
     }
-
-
-def _has_stash(store: GitStore) -> bool:
-    return _git(store, "rev-parse", "-q", "--verify", "refs/stash", check=False).returncode == 0

@@ -107,6 +107,10 @@ class Repo:
         for path in paths:
             p = self.pointer(path, rev)
             restore_to(self.store, p, path, progress=progress)
+            if rev is None:
+                # Record the new file's stat data: git would otherwise call a pointer-sized index
+                # entry "modified" by its size alone, without running the clean filter.
+                self.store.stage_blob(self.relpath(path), p.to_bytes())
             done.append(self.relpath(path))
         return done
 

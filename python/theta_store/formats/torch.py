@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import pickletools
 import struct
+import warnings
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -370,7 +371,10 @@ def _ops(path: str, where: str, data: bytes) -> Iterator[tuple[str, Any, int]]:
     pos = 0
     while True:
         try:
-            op, arg, p = next(it)
+            with warnings.catch_warnings():
+                # a hostile STRING opcode with bad escapes makes pickletools warn: not the user's concern
+                warnings.simplefilter("ignore", DeprecationWarning)
+                op, arg, p = next(it)
         except StopIteration:
             return
         except (ValueError, OverflowError, struct.error, EOFError, IndexError, KeyError) as e:

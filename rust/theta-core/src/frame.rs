@@ -254,11 +254,8 @@ fn encode_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
             }
         }
     }
-    // A sample that order-0 coding cannot shrink (estimate incl. table >= 99.5%) is noise:
-    // random mantissa bytes, where a zstd trial never wins and costs ~10% of encode time.
-    let noise = sample_rans * 1000 >= sample.len() * 995;
-    let zstd_sample_wins =
-        !noise && with_zstd(sample, |z| z.is_some_and(|z| z.len() < sample_best));
+    // Tried even where order-0 coding finds nothing: repeated blocks of noise are zstd's case.
+    let zstd_sample_wins = with_zstd(sample, |z| z.is_some_and(|z| z.len() < sample_best));
     if zstd_sample_wins {
         with_zstd(plane, |z| {
             if let Some(z) = z {
