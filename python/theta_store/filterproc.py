@@ -11,20 +11,19 @@ smudge (checkout, clone): the pointer comes in; out go the checkpoint's bytes, d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ThetaStoreError
-from .gitstore import GitStore
+from .gitstore import GitStore, remove_stale
 from .manifest import POINTER_MAX, Pointer, looks_like_pointer
 
 MAX_PKT_DATA = 65516
-SMUDGE_BATCH = 64 << 20
 _CACHE_REC = struct.Struct("<32sH")
 
 
@@ -33,24 +32,35 @@ class ProtocolError(ThetaStoreError):
 
 
 class PktIO:
-    def __init__(self, rfile: BinaryIO, wfile: BinaryIO) -> None:
-        self.r = rfile
+    """pkt-line I/O on git's pipes. Reads are exact (no read-ahead), so that the content of a
+    request can be handed to the Rust core, which reads it from the same pipe."""
+
+    def __init__(self, rfd: int, wfile: BinaryIO) -> None:
+        self.rfd = rfd
         self.w = wfile
+
+    def _read(self, n: int) -> bytes:
+        parts, left = [], n
+        while left:
+            b = os.read(self.rfd, left)
+            if not b:
+                raise EOFError
+            parts.append(b)
+            left -= len(b)
+        return b"".join(parts)
 
     def read_pkt(self) -> bytes | None:
         """One packet's payload, or None for a flush packet."""
-        head = self.r.read(4)
-        if len(head) < 4:
-            raise EOFError
-        n = int(head, 16)
+        head = self._read(4)
+        try:
+            n = int(head, 16)
+        except ValueError:
+            raise ProtocolError(f"bad pkt-line header {head!r}") from None
         if n == 0:
             return None
         if n < 4:
             raise ProtocolError(f"bad pkt-line length {n}")
-        data = self.r.read(n - 4)
-        if len(data) != n - 4:
-            raise EOFError
-        return data
+        return self._read(n - 4)
 
     def read_text_list(self) -> list[str]:
         out = []
@@ -117,64 +127,41 @@ class CleanCache:
             f.write(_CACHE_REC.pack(file_hash, len(pointer)) + pointer)
 
 
-def clean(store: GitStore, cache: CleanCache, pathname: str, stream: Iterator[bytes]) -> bytes:
-    """Turn the streamed checkpoint into its pointer."""
-    hasher = _native.Hasher()
-    head = bytearray()
-    total = 0
-    worktree: BinaryIO | None
+def clean(store: GitStore, cache: CleanCache, pathname: str, rfd: int) -> bytes:
+    """Turn the checkpoint git streams on `rfd` into its pointer.
+
+    The Rust core reads the content packets, hashes them and compares them with the work-tree
+    file; only if they differ is the content copied to a temporary file (same extension: format
+    detection must judge the copy as it would the file).
+    """
+    worktree = os.path.join(store.worktree, pathname)
+    store.state_dir.mkdir(parents=True, exist_ok=True)
+    total, digest, head, spill = _native.receive_content(
+        f"/dev/fd/{rfd}", worktree if os.path.isfile(worktree) else None, str(store.state_dir), POINTER_MAX + 1
+    )
     try:
-        worktree = open(os.path.join(store.worktree, pathname), "rb")  # noqa: SIM115
-    except OSError:
-        worktree = None
-    spill: BinaryIO | None = None
-    spill_path = ""
-    try:
-        for pkt in stream:
-            hasher.update(pkt)
-            if len(head) <= POINTER_MAX:
-                head += pkt[: POINTER_MAX + 1 - len(head)]
-            if spill is None and worktree is not None and worktree.read(len(pkt)) != pkt:
-                worktree.close()
-                worktree = None
-            if spill is None and worktree is None:
-                # Content differs from the work tree (or it is gone): keep our own copy.
-                store.state_dir.mkdir(parents=True, exist_ok=True)
-                # same extension: format detection must judge this copy as it would the file
-                fd, spill_path = tempfile.mkstemp(prefix="clean-", suffix=os.path.splitext(pathname)[1], dir=store.state_dir)
-                spill = os.fdopen(fd, "wb")
-                _copy_prefix(os.path.join(store.worktree, pathname), total, spill, bytes(head[:total]) if total <= POINTER_MAX else None)
-            if spill is not None:
-                spill.write(pkt)
-            total += len(pkt)
-        if worktree is not None and worktree.read(1):
-            worktree.close()  # the work-tree file is longer than what git sent
-            worktree = None
-            if spill is None:
-                raise ThetaStoreError(f"{pathname}: changed while git was reading it; run git add again")
-        if total <= POINTER_MAX and looks_like_pointer(bytes(head)):
+        if spill is not None:
+            named = spill + os.path.splitext(pathname)[1]
+            os.replace(spill, named)
+            spill = named
+        if total <= POINTER_MAX and looks_like_pointer(head):
             # Already a pointer (a THETA_STORE_SKIP_SMUDGE checkout): cleaning is the identity. A
             # damaged one (edited by hand, a merge of two pointers) must not reach a commit.
             try:
-                Pointer.parse(bytes(head), pathname)
+                Pointer.parse(head, pathname)
             except PointerError as e:
                 raise PointerError(
                     f"{pathname} is a damaged theta-store pointer: {_strip(e.args[0], pathname)}",
                     hint=f"`git checkout -- {pathname}` puts the committed version back",
                 ) from None
-            return bytes(head)
-        digest = hasher.digest()
+            return head
         cached = cache.get(store, digest)
         if cached is not None:
             return cached
-        source = os.path.join(store.worktree, pathname)
-        if spill is not None:
-            spill.close()
-            source = spill_path
         from .checkpoint import add_file  # imported when needed: a filter that only re-hashes starts faster
 
         try:
-            result = add_file(store, source, progress=False)
+            result = add_file(store, spill or worktree, progress=False)
         except FormatError as e:  # name the file as the user knows it, not our copy of it
             raise FormatError(pathname, e.where, e.problem, hint=e.hint) from None
         if result.pointer.blake3 != digest:
@@ -183,36 +170,13 @@ def clean(store: GitStore, cache: CleanCache, pathname: str, stream: Iterator[by
         cache.put(digest, ptr)
         return ptr
     finally:
-        _close(worktree)
         if spill is not None:
-            spill.close()
-            os.unlink(spill_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spill)
 
 
-def _close(f: BinaryIO | None) -> None:
-    if f is not None:
-        f.close()
-
-
-def _copy_prefix(path: str, n: int, out: BinaryIO, head: bytes | None) -> None:
-    """Copy the first n bytes already received (and matched against the work tree) to out."""
-    if n == 0:
-        return
-    if head is not None and len(head) == n:
-        out.write(head)
-        return
-    with open(path, "rb") as f:
-        left = n
-        while left:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                raise ThetaStoreError(f"{path}: shrank while git was reading it")
-            out.write(block)
-            left -= len(block)
-
-
-def smudge_bytes(store: GitStore, pointer: Pointer) -> Iterator[bytes]:
-    """The checkpoint's bytes in order, in batches, each chunk verified by the core."""
+def smudge_plan(store: GitStore, pointer: Pointer) -> tuple[list[str], list[tuple[int, int, bytes, bytes]], int, bytes]:
+    """What the core needs to send a checkpoint: packs, chunk tuples, size and BLAKE3."""
     from .checkpoint import chunk_tuples, load_manifest
 
     manifest = load_manifest(store, pointer.manifest_id)
@@ -221,23 +185,8 @@ def smudge_bytes(store: GitStore, pointer: Pointer) -> Iterator[bytes]:
             f"pointer and stored version {pointer.manifest_id.hex()[:16]} disagree on the file (size {pointer.size} vs {manifest.size})",
             hint="the pointer was edited: check out another commit, or commit the checkpoint again",
         )
-    chunks = [c for s in manifest.spans for c in s.chunks]
-    packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
-    hasher = _native.Hasher()
-    i = 0
-    while i < len(tuples):
-        j, size = i, 0
-        while j < len(tuples) and (j == i or size + tuples[j][0] <= SMUDGE_BATCH):
-            size += tuples[j][0]
-            j += 1
-        for block in _native.read_chunks(tuples[i:j], packs, store.read_object):
-            hasher.update(block)
-            yield block
-        i = j
-    if hasher.digest() != manifest.blake3:
-        raise CorruptObject(
-            f"checkpoint {pointer.manifest_id.hex()[:16]}: restored bytes do not hash to the file's BLAKE3", hint="run `theta-store fsck`"
-        )
+    packs, tuples = chunk_tuples(store, pointer.manifest_id, [c for s in manifest.spans for c in s.chunks])
+    return packs, tuples, manifest.size, manifest.blake3
 
 
 def _strip(message: str, pathname: str) -> str:
@@ -278,6 +227,7 @@ class FilterServer:
         self.store = store
         self.cache = CleanCache(store)
         self.skip_smudge = os.environ.get("THETA_STORE_SKIP_SMUDGE") == "1"
+        self.out_fd = sys.stdout.fileno()
         self.delayed: dict[str, Pointer] = {}  # smudges answered "delayed": fetched in one batch
         self.ready: dict[str, Pointer] = {}  # fetched (or failed): git asks for them again
         self.failed: dict[str, ThetaStoreError] = {}
@@ -294,11 +244,21 @@ class FilterServer:
             if command == "list_available_blobs":
                 self.list_available()
                 continue
+            if command == "clean":
+                try:
+                    out = clean(self.store, self.cache, pathname, self.io.rfd)
+                except ValueError as e:  # the content stream itself is broken: nothing to resync on
+                    raise ProtocolError(f"clean {pathname}: {e}") from None
+                except Exception as e:  # the content was read: tell git, keep serving the others
+                    print(f"theta-store: clean {pathname}: {_message(e)}", file=sys.stderr)
+                    self.io.write_text("status=error")
+                    self.io.flush_pkt()
+                    continue
+                self.reply(out)
+                continue
             content = self.io.read_stream()
             try:
-                if command == "clean":
-                    self.reply(clean(self.store, self.cache, pathname, content))
-                elif command == "smudge":
+                if command == "smudge":
                     self.smudge(pathname, b"".join(content), meta.get("can-delay") == "1")
                 else:
                     raise ThetaStoreError(f"unknown filter command {command!r}")
@@ -336,19 +296,16 @@ class FilterServer:
                 self.io.flush_pkt()
                 return
             ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
-        blocks = smudge_bytes(self.store, ptr)
         try:
-            first = next(blocks, b"")  # fail before announcing success when we can
+            packs, tuples, size, blake3 = smudge_plan(self.store, ptr)
         except (PointerError, ObjectNotFound):
             raise
-        except Exception as e:
+        except Exception as e:  # fail before announcing success when we can
             raise _damaged(ptr, e) from None
         self.io.write_text("status=success")
         self.io.flush_pkt()
         try:
-            self.io.write_stream(first)
-            for block in blocks:
-                self.io.write_stream(block)
+            _native.send_file(f"/dev/fd/{self.out_fd}", tuples, packs, size, blake3, self.store.read_object)
         except Exception as e:  # git drops what it got so far: the working file is never half-written
             print(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}", file=sys.stderr)
             self.io.flush_pkt()
@@ -379,8 +336,8 @@ class FilterServer:
         self.io.flush_pkt()
 
 
-def run(rfile: BinaryIO | None = None, wfile: BinaryIO | None = None) -> int:
-    io = PktIO(rfile or sys.stdin.buffer, wfile or sys.stdout.buffer)
+def run() -> int:
+    io = PktIO(sys.stdin.fileno(), sys.stdout.buffer)
     hello = io.read_text_list()
     if "git-filter-client" not in hello or "version=2" not in hello:
         raise ProtocolError(f"unexpected filter handshake {hello!r}")
@@ -393,6 +350,7 @@ def run(rfile: BinaryIO | None = None, wfile: BinaryIO | None = None) -> int:
     with GitStore(".") as store:
         from .install import ensure_hooks
 
+        remove_stale(store.state_dir, "clean-")  # copies left by a filter that was killed
         try:
             ensure_hooks(store)
         except (ThetaStoreError, OSError) as e:  # never stop checkouts over a hook: say it, go on
