@@ -103,7 +103,11 @@ def _transport(store: GitStore) -> dict[str, str]:
             (t / d).mkdir(parents=True, exist_ok=True)
         (t / "HEAD").write_text("ref: refs/heads/unused\n")
     config = store.common_dir / "config"
-    (t / "config").write_text(f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n")
+    # Frames are compressed and rarely similar: delta search over hundreds of MB of them cost
+    # 10 s on a 400 MB push (measured) for nothing. No delta search, reuse stored data as is.
+    (t / "config").write_text(
+        f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n[pack]\n\twindow = 0\n\tdepth = 0\n"
+    )
     env = dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir))
     env.pop("GIT_WORK_TREE", None)
     env.pop("GIT_INDEX_FILE", None)
