@@ -464,6 +464,29 @@ fn open_packs(packs: &[&Path]) -> Result<Vec<(File, String)>> {
         .collect()
 }
 
+/// The rebuilt file must hash to the manifest's file BLAKE3.
+fn check_file_id(got: &ChunkId, want: &ChunkId) -> Result<()> {
+    if got != want {
+        return Err(Error::CorruptFrame(format!(
+            "restored file hashes to {} but the manifest says {}",
+            hex(got),
+            hex(want)
+        )));
+    }
+    Ok(())
+}
+
+/// The chunks of a manifest must add up to the file's size.
+fn check_total(chunks: &[RestoreChunk], size: u64) -> Result<()> {
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    if total != size {
+        return Err(Error::CorruptFrame(format!(
+            "manifest chunks add up to {total} bytes but the file should have {size}"
+        )));
+    }
+    Ok(())
+}
+
 /// BLAKE3 of a whole file, read back in windows and hashed on all cores.
 fn hash_file(file: &File, name: &str, size: u64) -> Result<ChunkId> {
     let mut hasher = blake3::Hasher::new();
@@ -494,12 +517,7 @@ pub fn restore_file(
     progress: &dyn Progress,
 ) -> Result<()> {
     let out_name = out_path.display().to_string();
-    let total: u64 = chunks.iter().map(|c| c.len).sum();
-    if total != size {
-        return Err(Error::CorruptFrame(format!(
-            "manifest chunks add up to {total} bytes but the file should have {size}"
-        )));
-    }
+    check_total(chunks, size)?;
     let packs = open_packs(packs)?;
     let out = OpenOptions::new()
         .read(true)
@@ -531,14 +549,7 @@ pub fn restore_file(
     );
     synced?;
     let got = got?;
-    if &got != file_id {
-        return Err(Error::CorruptFrame(format!(
-            "restored file hashes to {} but the manifest says {}",
-            hex(&got),
-            hex(file_id)
-        )));
-    }
-    Ok(())
+    check_file_id(&got, file_id)
 }
 
 /// Decode `chunks` in order and send them as pkt-line content packets to `out` (the smudge side
@@ -553,12 +564,7 @@ pub fn stream_file(
     store: &dyn ObjectStore,
 ) -> Result<()> {
     const BATCH: u64 = 32 << 20;
-    let total: u64 = chunks.iter().map(|c| c.len).sum();
-    if total != size {
-        return Err(Error::CorruptFrame(format!(
-            "manifest chunks add up to {total} bytes but the file should have {size}"
-        )));
-    }
+    check_total(chunks, size)?;
     let packs = open_packs(packs)?;
     let mut groups: Vec<&[RestoreChunk]> = Vec::new();
     let mut i = 0;
@@ -598,14 +604,7 @@ pub fn stream_file(
         pending = next?;
     }
     let got = *hasher.finalize().as_bytes();
-    if &got != file_id {
-        return Err(Error::CorruptFrame(format!(
-            "restored file hashes to {} but the manifest says {}",
-            hex(&got),
-            hex(file_id)
-        )));
-    }
-    Ok(())
+    check_file_id(&got, file_id)
 }
 
 /// Decode chunks to memory (for lazy tensor reads), in parallel, verifying every id.

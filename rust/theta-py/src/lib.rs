@@ -84,30 +84,32 @@ fn id20(b: &[u8], what: &str) -> PyResult<ObjectId> {
         .map_err(|_| PyValueError::new_err(format!("{what} must be 20 bytes")))
 }
 
-/// BLAKE3-256 of a buffer (the chunk id).
-#[pyfunction]
-fn chunk_id<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+/// Hash a buffer with `f`, releasing the GIL unless the buffer is small.
+fn hash_buffer<'py, const N: usize>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    f: fn(&[u8]) -> [u8; N],
+) -> PyResult<Bound<'py, PyBytes>> {
     let id = with_bytes(py, data, |py, d| {
         if d.len() < GIL_MINSIZE {
-            frame::chunk_id(d)
+            f(d)
         } else {
-            py.detach(|| frame::chunk_id(d))
+            py.detach(|| f(d))
         }
     })?;
     Ok(PyBytes::new(py, &id))
 }
 
+/// BLAKE3-256 of a buffer (the chunk id).
+#[pyfunction]
+fn chunk_id<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    hash_buffer(py, data, frame::chunk_id)
+}
+
 /// Git blob id (SHA-1 of "blob <len>\0" + data).
 #[pyfunction]
 fn blob_id<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-    let id = with_bytes(py, data, |py, d| {
-        if d.len() < GIL_MINSIZE {
-            pack::blob_id(d)
-        } else {
-            py.detach(|| pack::blob_id(d))
-        }
-    })?;
-    Ok(PyBytes::new(py, &id))
+    hash_buffer(py, data, pack::blob_id)
 }
 
 /// Encode one chunk as a frame.
