@@ -130,14 +130,19 @@ class CleanCache:
 def clean(store: GitStore, cache: CleanCache, pathname: str, rfd: int) -> bytes:
     """Turn the checkpoint git streams on `rfd` into its pointer.
 
-    The Rust core reads the content packets, hashes them and compares them with the work-tree
-    file; only if they differ is the content copied to a temporary file (same extension: format
-    detection must judge the copy as it would the file).
+    The Rust core reads the content packets and hashes them. A known hash answers from the clean
+    cache. Otherwise the work-tree file is stored (and must hash the same), or, when there is
+    none, a copy of the stream (same extension: format detection must judge the copy as it
+    would the file).
     """
     worktree = os.path.join(store.worktree, pathname)
     store.state_dir.mkdir(parents=True, exist_ok=True)
+    # When the work-tree file exists, git is streaming it: only hash (re-cleaning an unchanged file
+    # is the hot path of `touch; git status`); a cache miss re-reads the file and checks its hash.
+    # Without a work-tree file, keep a copy of what git sends.
+    exists = os.path.isfile(worktree)
     total, digest, head, spill = _native.receive_content(
-        f"/dev/fd/{rfd}", worktree if os.path.isfile(worktree) else None, str(store.state_dir), POINTER_MAX + 1
+        f"/dev/fd/{rfd}", worktree if exists else None, str(store.state_dir), POINTER_MAX + 1, compare=not exists
     )
     try:
         if spill is not None:
@@ -165,7 +170,10 @@ def clean(store: GitStore, cache: CleanCache, pathname: str, rfd: int) -> bytes:
         except FormatError as e:  # name the file as the user knows it, not our copy of it
             raise FormatError(pathname, e.where, e.problem, hint=e.hint) from None
         if result.pointer.blake3 != digest:
-            raise ThetaStoreError(f"{pathname}: changed while being stored; run git add again")
+            raise ThetaStoreError(
+                f"{pathname}: what git sent is not the file in the work tree (it changed while git read it?)",
+                hint=f"run `git add {pathname}` again",
+            )
         ptr = result.pointer.to_bytes()
         cache.put(digest, ptr)
         return ptr

@@ -448,11 +448,11 @@ fn send_file(
 }
 
 /// Clean: read pkt-line content packets up to the flush packet from `in_path` (the filter's
-/// stdin, e.g. "/dev/fd/0"), hashing them; compared with the work-tree file `worktree`, and
-/// copied to a file in `spill_dir` from the first difference on. Returns
+/// stdin, e.g. "/dev/fd/0"), hashing them; with `compare`, compared with the work-tree file
+/// `worktree` and copied to a file in `spill_dir` from the first difference on. Returns
 /// (length, blake3, first head_max bytes, spill path or None).
 #[pyfunction]
-#[pyo3(signature = (in_path, worktree, spill_dir, head_max=1025))]
+#[pyo3(signature = (in_path, worktree, spill_dir, head_max=1025, compare=true))]
 #[allow(clippy::type_complexity)]
 fn receive_content<'py>(
     py: Python<'py>,
@@ -460,6 +460,7 @@ fn receive_content<'py>(
     worktree: Option<PathBuf>,
     spill_dir: PathBuf,
     head_max: usize,
+    compare: bool,
 ) -> PyResult<(
     u64,
     Bound<'py, PyBytes>,
@@ -468,7 +469,12 @@ fn receive_content<'py>(
 )> {
     let r = py
         .detach(|| {
-            theta_core::pktline::receive(&in_path, worktree.as_deref(), &spill_dir, head_max)
+            let keep = if compare {
+                theta_core::pktline::Keep::Compare
+            } else {
+                theta_core::pktline::Keep::HashOnly
+            };
+            theta_core::pktline::receive(&in_path, worktree.as_deref(), &spill_dir, head_max, keep)
         })
         .map_err(to_py)?;
     Ok((
