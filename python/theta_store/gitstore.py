@@ -31,6 +31,7 @@ from dulwich.objects import Blob, Commit, ObjectID, Tree
 from dulwich.refs import Ref
 from dulwich.repo import Repo as DulwichRepo
 
+from . import _native
 from .errors import CorruptObject, NotARepository, ObjectNotFound
 
 REF_PREFIX = Ref(b"refs/theta/")
@@ -239,9 +240,12 @@ class GitStore:
         commit.encoding = None
         commit.message = f"theta-store version {manifest_id.hex()}\n".encode()
         objects.append(commit)
-        missing = [(o, None) for o in objects if o.id not in self.repo.object_store]
+        missing = [o for o in objects if o.id not in self.repo.object_store]
         if missing:
-            self.repo.object_store.add_objects(missing)
+            # One small pack written by the core (dulwich's add_objects: 40 ms for a 400 MB model's
+            # ~170 objects), then made visible to dulwich.
+            _native.write_objects([(o.type_name.decode(), o.as_raw_string()) for o in missing], str(self.pack_dir))
+            self.refresh()
         self.repo.refs[_ref(manifest_id)] = commit.id
         return bytes.fromhex(commit.id.decode())
 

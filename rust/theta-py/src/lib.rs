@@ -292,6 +292,37 @@ fn scan_file<'py>(
     ))
 }
 
+/// Write small objects ([(kind, data)], kind "blob", "tree" or "commit") as one pack into
+/// pack_dir (fsynced, atomically renamed). Returns the pack's name.
+#[pyfunction]
+fn write_objects(
+    py: Python<'_>,
+    objects: Vec<(String, Vec<u8>)>,
+    pack_dir: PathBuf,
+) -> PyResult<String> {
+    let objects: Vec<(pack::Kind, Vec<u8>)> = objects
+        .into_iter()
+        .map(|(k, d)| {
+            pack::Kind::from_name(&k)
+                .map(|k| (k, d))
+                .ok_or_else(|| PyValueError::new_err(format!("unknown object kind {k:?}")))
+        })
+        .collect::<PyResult<_>>()?;
+    let r = py.detach(|| -> theta_core::Result<String> {
+        let count = u32::try_from(objects.len())
+            .map_err(|_| Error::InvalidArgument("too many objects for one pack".into()))?;
+        let mut w = pack::PackWriter::create(&pack_dir, count)?;
+        for (k, d) in &objects {
+            if let Err(e) = w.append(&pack::prepare_object(*k, d)) {
+                w.abort();
+                return Err(e);
+            }
+        }
+        w.finish().map(|(name, _)| name)
+    });
+    r.map_err(to_py)
+}
+
 /// Encode the given chunks of a file and write them as packs (one per worker) into pack_dir.
 ///
 /// chunks: [(offset, length, dtype, chunk_id)]. Returns ([pack names],
@@ -458,7 +489,7 @@ fn receive_content<'py>(
     py: Python<'py>,
     in_path: PathBuf,
     worktree: Option<PathBuf>,
-    spill_dir: PathBuf,
+    spill_dir: Option<PathBuf>,
     head_max: usize,
     compare: bool,
 ) -> PyResult<(
@@ -474,7 +505,13 @@ fn receive_content<'py>(
             } else {
                 theta_core::pktline::Keep::HashOnly
             };
-            theta_core::pktline::receive(&in_path, worktree.as_deref(), &spill_dir, head_max, keep)
+            theta_core::pktline::receive(
+                &in_path,
+                worktree.as_deref(),
+                spill_dir.as_deref(),
+                head_max,
+                keep,
+            )
         })
         .map_err(to_py)?;
     Ok((
@@ -559,6 +596,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(send_file, m)?)?;
     m.add_function(wrap_pyfunction!(receive_content, m)?)?;
+    m.add_function(wrap_pyfunction!(write_objects, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_chunk_len, m)?)?;
     m.add_class::<PyHasher>()?;
     Ok(())
