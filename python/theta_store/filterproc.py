@@ -15,13 +15,16 @@ import contextlib
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ThetaStoreError
-from .gitstore import GitStore, remove_stale
 from .manifest import POINTER_MAX, Pointer, looks_like_pointer
+
+if TYPE_CHECKING:
+    from .gitstore import GitStore
 
 MAX_PKT_DATA = 65516
 _CACHE_REC = struct.Struct("<32sH")
@@ -127,7 +130,7 @@ class CleanCache:
             f.write(_CACHE_REC.pack(file_hash, len(pointer)) + pointer)
 
 
-def clean(store: GitStore, cache: CleanCache, pathname: str, rfd: int) -> bytes:
+def clean(repo: Opening, pathname: str, rfd: int) -> bytes:
     """Turn the checkpoint git streams on `rfd` into its pointer.
 
     The Rust core reads the content packets and hashes them. A known hash answers from the clean
@@ -135,15 +138,19 @@ def clean(store: GitStore, cache: CleanCache, pathname: str, rfd: int) -> bytes:
     none, a copy of the stream (same extension: format detection must judge the copy as it
     would the file).
     """
-    worktree = os.path.join(store.worktree, pathname)
-    store.state_dir.mkdir(parents=True, exist_ok=True)
     # When the work-tree file exists, git is streaming it: only hash (re-cleaning an unchanged file
-    # is the hot path of `touch; git status`); a cache miss re-reads the file and checks its hash.
-    # Without a work-tree file, keep a copy of what git sends.
-    exists = os.path.isfile(worktree)
-    total, digest, head, spill = _native.receive_content(
-        f"/dev/fd/{rfd}", worktree if exists else None, str(store.state_dir), POINTER_MAX + 1, compare=not exists
-    )
+    # is the hot path of `touch; git status`, and the repository finishes opening meanwhile); a
+    # cache miss re-reads the file and checks its hash. git runs filters at the top of the work
+    # tree, so `pathname` names the file from here. Without a work-tree file, keep a copy of what
+    # git sends.
+    if os.path.isfile(pathname):
+        total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", pathname, None, POINTER_MAX + 1, compare=False)
+        store, cache = repo.get()
+    else:
+        store, cache = repo.get()
+        store.state_dir.mkdir(parents=True, exist_ok=True)
+        total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", None, str(store.state_dir), POINTER_MAX + 1, compare=True)
+    worktree = os.path.join(store.worktree, pathname)
     try:
         if spill is not None:
             named = spill + os.path.splitext(pathname)[1]
@@ -230,10 +237,9 @@ def _message(e: BaseException) -> str:
 class FilterServer:
     """One conversation with git: handshake, then clean / smudge / list_available_blobs requests."""
 
-    def __init__(self, io: PktIO, store: GitStore) -> None:
+    def __init__(self, io: PktIO, repo: Opening) -> None:
         self.io = io
-        self.store = store
-        self.cache = CleanCache(store)
+        self.repo = repo
         self.skip_smudge = os.environ.get("THETA_STORE_SKIP_SMUDGE") == "1"
         self.out_fd = sys.stdout.fileno()
         self.delayed: dict[str, Pointer] = {}  # smudges answered "delayed": fetched in one batch
@@ -254,7 +260,7 @@ class FilterServer:
                 continue
             if command == "clean":
                 try:
-                    out = clean(self.store, self.cache, pathname, self.io.rfd)
+                    out = clean(self.repo, pathname, self.io.rfd)
                 except ValueError as e:  # the content stream itself is broken: nothing to resync on
                     raise ProtocolError(f"clean {pathname}: {e}") from None
                 except Exception as e:  # the content was read: tell git, keep serving the others
@@ -283,6 +289,10 @@ class FilterServer:
         self.io.write_stream(data)
         self.io.flush_pkt()
         self.io.flush_pkt()
+
+    @property
+    def store(self) -> GitStore:
+        return self.repo.get()[0]
 
     def smudge(self, pathname: str, data: bytes, can_delay: bool) -> None:
         from .remote import ensure_versions
@@ -344,7 +354,69 @@ class FilterServer:
         self.io.flush_pkt()
 
 
+def _grow_pipes(size: int = 1 << 20) -> None:
+    """Ask for 1 MiB pipe buffers to and from git (Linux; 64 KiB by default): a checkpoint then
+    streams with 16x fewer wake-ups of git and of us. Not possible (not a pipe, over the system's
+    limit, not Linux): nothing changes."""
+    try:
+        import fcntl
+
+        op = getattr(fcntl, "F_SETPIPE_SZ", None)
+    except ImportError:
+        return
+    if op is None:
+        return
+    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, op, size)
+
+
+class Opening:
+    """The repository and its clean cache, opened on a thread of their own: the first request
+    (often a whole checkpoint to hash) streams in meanwhile. Then the pre-push hook is checked
+    (`git rev-parse`), also off the request path."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._opened: tuple[GitStore, CleanCache] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, name="theta-store-open")
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            from .gitstore import GitStore, remove_stale
+
+            store = GitStore(".")
+            remove_stale(store.state_dir, "clean-")  # copies left by a filter that was killed
+            self._opened = (store, CleanCache(store))
+        except BaseException as e:  # given to the request that needs the repository
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        from .install import ensure_hooks
+
+        try:
+            ensure_hooks(store)
+        except (ThetaStoreError, OSError) as e:  # never stop checkouts over a hook: say it, go on
+            print(f"theta-store: warning: {_message(e)}", file=sys.stderr)
+
+    def get(self) -> tuple[GitStore, CleanCache]:
+        self._ready.wait()
+        if self._opened is None:
+            assert self._error is not None
+            raise self._error
+        return self._opened
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._opened is not None:
+            self._opened[0].close()
+
+
 def run() -> int:
+    _grow_pipes()
     io = PktIO(sys.stdin.fileno(), sys.stdout.buffer)
     hello = io.read_text_list()
     if "git-filter-client" not in hello or "version=2" not in hello:
@@ -355,12 +427,8 @@ def run() -> int:
     ours = [c for c in ("capability=clean", "capability=smudge", "capability=delay") if c in caps]
     io.write_text(*ours)
     io.flush_pkt()
-    with GitStore(".") as store:
-        from .install import ensure_hooks
-
-        remove_stale(store.state_dir, "clean-")  # copies left by a filter that was killed
-        try:
-            ensure_hooks(store)
-        except (ThetaStoreError, OSError) as e:  # never stop checkouts over a hook: say it, go on
-            print(f"theta-store: warning: {_message(e)}", file=sys.stderr)
-        return FilterServer(io, store).serve()
+    repo = Opening()
+    try:
+        return FilterServer(io, repo).serve()
+    finally:
+        repo.close()

@@ -205,10 +205,10 @@ pub fn scan_file(
                 .collect(),
         );
     }
-    // 2. Hash in windows of whole chunks: file hash on one thread, chunk ids on the others.
+    // 2. Hash in windows of whole chunks: file hash on one thread, chunk ids on the others,
+    //    while the next window is read.
     let mut all: Vec<&mut Chunk> = per_span.iter_mut().flatten().collect();
-    let mut file_hasher = blake3::Hasher::new();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut windows: Vec<(usize, usize, u64, u64)> = Vec::new();
     let mut i = 0;
     while i < all.len() {
         let start = all[i].offset;
@@ -218,23 +218,42 @@ pub fn scan_file(
             end += all[j].len;
             j += 1;
         }
-        buf.resize((end - start) as usize, 0);
-        read_exact_at(&file, &name, &mut buf, start)?;
-        let window = &mut all[i..j];
-        let data = &buf;
-        rayon::join(
+        windows.push((i, j, start, end));
+        i = j;
+    }
+    let mut file_hasher = blake3::Hasher::new();
+    let read = |buf: &mut Vec<u8>, w: Option<&(usize, usize, u64, u64)>| -> Result<()> {
+        if let Some(&(_, _, start, end)) = w {
+            buf.resize((end - start) as usize, 0);
+            read_exact_at(&file, &name, buf, start)?;
+        }
+        Ok(())
+    };
+    let mut cur: Vec<u8> = Vec::new();
+    let mut next: Vec<u8> = Vec::new();
+    read(&mut cur, windows.first())?;
+    let mut rest = &mut all[..];
+    for (k, &(i, j, start, end)) in windows.iter().enumerate() {
+        let (window, tail) = std::mem::take(&mut rest).split_at_mut(j - i);
+        rest = tail;
+        let data = &cur;
+        let (got, ()) = rayon::join(
+            || read(&mut next, windows.get(k + 1)),
             || {
-                file_hasher.update(data);
-            },
-            || {
-                window.par_iter_mut().for_each(|c| {
-                    let a = (c.offset - start) as usize;
-                    c.id = frame::chunk_id(&data[a..a + c.len as usize]);
-                })
+                rayon::join(
+                    || file_hasher.update(data),
+                    || {
+                        window.par_iter_mut().for_each(|c| {
+                            let a = (c.offset - start) as usize;
+                            c.id = frame::chunk_id(&data[a..a + c.len as usize]);
+                        })
+                    },
+                );
             },
         );
+        got?;
+        std::mem::swap(&mut cur, &mut next);
         progress.advance(end - start)?;
-        i = j;
     }
     if FileStamp::of(&file, &name)? != stamp {
         return Err(changed(&name));
@@ -414,21 +433,9 @@ pub trait ObjectStore: Sync {
     fn read(&self, object: &ObjectId) -> Result<Vec<u8>>;
 }
 
-fn load_frame(
-    c: &RestoreChunk,
-    packs: &[(File, String)],
-    store: &dyn ObjectStore,
-) -> Result<Vec<u8>> {
-    let max = c.len * 2 + 4096;
-    if let Source::Pack { pack, offset } = c.source {
-        let (f, p) = packs
-            .get(pack)
-            .ok_or_else(|| Error::InvalidArgument(format!("pack number {pack} out of range")))?;
-        if let Some(frame) = pack::read_pack_blob(f, p, offset, max)? {
-            return Ok(frame);
-        }
-    }
-    store.read(&c.object)
+thread_local! {
+    /// Frame bytes read from a pack (reused: a fresh 2 MiB buffer per chunk costs page faults).
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Decode one chunk's frame into `out` (its exact length), checking it is the chunk wanted.
@@ -438,18 +445,37 @@ fn decode_chunk(
     store: &dyn ObjectStore,
     out: &mut [u8],
 ) -> Result<()> {
-    let f = load_frame(c, packs, store)?;
-    let info = frame::decode_frame_into(&f, out)
-        .map_err(|e| Error::CorruptFrame(format!("object {}: {e}", hex(&c.object))))?;
-    if info.id != c.id {
-        return Err(Error::CorruptFrame(format!(
-            "object {} holds chunk {} but the manifest wants {}",
-            hex(&c.object),
-            hex(&info.id),
-            hex(&c.id)
-        )));
-    }
-    Ok(())
+    let max = c.len * 2 + 4096;
+    FRAME.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let in_pack = match c.source {
+            Source::Pack { pack, offset } => {
+                let (f, p) = packs.get(pack).ok_or_else(|| {
+                    Error::InvalidArgument(format!("pack number {pack} out of range"))
+                })?;
+                pack::read_pack_blob_into(f, p, offset, max, &mut buf)?
+            }
+            Source::Object => false,
+        };
+        let fetched;
+        let frame: &[u8] = if in_pack {
+            &buf
+        } else {
+            fetched = store.read(&c.object)?;
+            &fetched
+        };
+        let info = frame::decode_frame_into(frame, out)
+            .map_err(|e| Error::CorruptFrame(format!("object {}: {e}", hex(&c.object))))?;
+        if info.id != c.id {
+            return Err(Error::CorruptFrame(format!(
+                "object {} holds chunk {} but the manifest wants {}",
+                hex(&c.object),
+                hex(&info.id),
+                hex(&c.id)
+            )));
+        }
+        Ok(())
+    })
 }
 
 fn open_packs(packs: &[&Path]) -> Result<Vec<(File, String)>> {
@@ -577,10 +603,23 @@ pub fn stream_file(
         groups.push(&chunks[i..j]);
         i = j;
     }
+    // Chunk buffers circulate (a fresh buffer per chunk costs page faults on every byte).
+    let pool: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    let take = |len: u64| -> Vec<u8> {
+        let mut b = pool
+            .lock()
+            .map(|mut p| p.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        // Old bytes may stay: the decoder overwrites every byte of the chunk.
+        b.resize(len as usize, 0);
+        b
+    };
     let decode = |g: &[RestoreChunk]| -> Result<Vec<Vec<u8>>> {
         g.par_iter()
             .map(|c| {
-                let mut raw = vec![0u8; c.len as usize];
+                let mut raw = take(c.len);
                 decode_chunk(c, &packs, store, &mut raw)?;
                 Ok(raw)
             })
@@ -595,6 +634,9 @@ pub fn stream_file(
                     hasher.update(&raw);
                     crate::pktline::send(out, &raw)
                         .map_err(|e| Error::io("git (filter output)", e))?;
+                    if let Ok(mut p) = pool.lock() {
+                        p.push(raw);
+                    }
                 }
                 Ok(())
             },

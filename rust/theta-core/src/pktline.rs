@@ -14,8 +14,9 @@ fn protocol(what: String) -> Error {
     Error::InvalidArgument(format!("filter protocol: {what}"))
 }
 
-/// Read one packet's payload into `buf`; `Ok(false)` on a flush packet.
-fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool> {
+/// Read one packet's payload, appending it to `buf`; `Ok(None)` on a flush packet, else the
+/// payload's length.
+fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<usize>> {
     let mut head = [0u8; 4];
     r.read_exact(&mut head)
         .map_err(|e| protocol(format!("reading a packet header: {e}")))?;
@@ -24,15 +25,16 @@ fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool> {
     let n = usize::from_str_radix(text, 16)
         .map_err(|_| protocol(format!("bad packet header {text:?}")))?;
     if n == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     if !(5..=MAX_DATA + 4).contains(&n) {
         return Err(protocol(format!("packet length {n} out of range")));
     }
-    buf.resize(n - 4, 0);
-    r.read_exact(buf)
+    let start = buf.len();
+    buf.resize(start + n - 4, 0);
+    r.read_exact(&mut buf[start..])
         .map_err(|e| protocol(format!("reading a packet: {e}")))?;
-    Ok(true)
+    Ok(Some(n - 4))
 }
 
 /// What a content stream turned out to be.
@@ -57,13 +59,13 @@ pub enum Keep {
 }
 
 /// Read content packets up to the flush packet from `input`, hashing them (4 MiB at a time, on
-/// all cores). With `Keep::Compare`, while they match the file `worktree` nothing is written;
+/// a thread of its own). With `Keep::Compare`, while they match the file `worktree` nothing is written;
 /// from the first difference on (or if there is no such file), the content is copied to a new
-/// file in `spill_dir`. Memory: about 6 MiB.
+/// file in `spill_dir` (required then). Memory: about 14 MiB.
 pub fn receive(
     input: &Path,
     worktree: Option<&Path>,
-    spill_dir: &Path,
+    spill_dir: Option<&Path>,
     head_max: usize,
     keep: Keep,
 ) -> Result<Received> {
@@ -79,12 +81,15 @@ pub fn receive(
     };
     let mut pending: Vec<u8> = Vec::with_capacity(4 << 20);
     let mut spill: Option<(PathBuf, BufWriter<File>)> = None;
-    let mut hasher = blake3::Hasher::new();
     let mut head = Vec::new();
     let mut len = 0u64;
-    let mut pkt = Vec::with_capacity(MAX_DATA);
     let mut cmp = vec![0u8; MAX_DATA];
     let start_spill = |len: u64| -> Result<(PathBuf, BufWriter<File>)> {
+        let spill_dir = spill_dir.ok_or_else(|| {
+            Error::InvalidArgument(
+                "the content must be kept but no spill directory was given".into(),
+            )
+        })?;
         std::fs::create_dir_all(spill_dir)
             .map_err(|e| Error::io(spill_dir.display().to_string(), e))?;
         let path = spill_dir.join(format!("clean-{}_{}", std::process::id(), len));
@@ -99,48 +104,76 @@ pub fn receive(
         }
         Ok((path, w))
     };
-    let result = (|| -> Result<()> {
-        if wt.is_none() && keep == Keep::Compare {
-            spill = Some(start_spill(0)?);
-        }
-        while read_packet(&mut r, &mut pkt)? {
-            pending.extend_from_slice(&pkt);
-            if pending.len() >= 4 << 20 {
-                hasher.update_rayon(&pending);
-                pending.clear();
+    // Hashing runs on its own thread, a 4 MiB buffer behind the reading (git is the other busy
+    // process; the two overlap instead of taking turns). Three buffers circulate.
+    let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+    let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (result, hasher) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            let mut hasher = blake3::Hasher::new();
+            for buf in hash_rx {
+                hasher.update_rayon(&buf);
+                // The reader may be gone (an error): then the buffer is simply dropped.
+                let _ = recycle.send(buf);
             }
-            if head.len() < head_max {
-                let take = (head_max - head.len()).min(pkt.len());
-                head.extend_from_slice(&pkt[..take]);
+            hasher
+        });
+        let result = (|| -> Result<()> {
+            if wt.is_none() && keep == Keep::Compare {
+                spill = Some(start_spill(0)?);
+            }
+            loop {
+                if pending.len() > (4 << 20) - MAX_DATA {
+                    let next = recycled
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(4 << 20));
+                    let full = std::mem::replace(&mut pending, next);
+                    pending.clear();
+                    if to_hash.send(full).is_err() {
+                        break; // cannot happen: the hashing thread only ends when we hang up
+                    }
+                }
+                // Packets land straight in the hashing buffer: no copy per packet.
+                let Some(n) = read_packet(&mut r, &mut pending)? else {
+                    break;
+                };
+                let pkt = &pending[pending.len() - n..];
+                if head.len() < head_max {
+                    let take = (head_max - head.len()).min(pkt.len());
+                    head.extend_from_slice(&pkt[..take]);
+                }
+                if let Some(w) = wt.as_mut() {
+                    let c = &mut cmp[..pkt.len()];
+                    let same = w.read_exact(c).is_ok() && c == pkt;
+                    if !same {
+                        wt = None;
+                        spill = Some(start_spill(len)?);
+                    }
+                }
+                if let Some((p, w)) = spill.as_mut() {
+                    w.write_all(pkt)
+                        .map_err(|e| Error::io(p.display().to_string(), e))?;
+                }
+                len += n as u64;
             }
             if let Some(w) = wt.as_mut() {
-                let c = &mut cmp[..pkt.len()];
-                let same = w.read_exact(c).is_ok() && c == &pkt[..];
-                if !same {
-                    wt = None;
+                let mut one = [0u8; 1];
+                if w.read(&mut one).map_err(|e| Error::io("work tree", e))? > 0 {
+                    // The work-tree file is longer than what git sent: keep what git sent.
                     spill = Some(start_spill(len)?);
                 }
             }
             if let Some((p, w)) = spill.as_mut() {
-                w.write_all(&pkt)
+                w.flush()
                     .map_err(|e| Error::io(p.display().to_string(), e))?;
             }
-            len += pkt.len() as u64;
-        }
-        hasher.update_rayon(&pending);
-        if let Some(w) = wt.as_mut() {
-            let mut one = [0u8; 1];
-            if w.read(&mut one).map_err(|e| Error::io("work tree", e))? > 0 {
-                // The work-tree file is longer than what git sent: keep what git sent.
-                spill = Some(start_spill(len)?);
-            }
-        }
-        if let Some((p, w)) = spill.as_mut() {
-            w.flush()
-                .map_err(|e| Error::io(p.display().to_string(), e))?;
-        }
-        Ok(())
-    })();
+            Ok(())
+        })();
+        let _ = to_hash.send(std::mem::take(&mut pending));
+        drop(to_hash);
+        let hasher = hashing.join().expect("hashing thread");
+        (result, hasher)
+    });
     if let Err(e) = result {
         if let Some((p, _)) = spill {
             let _ = std::fs::remove_file(p);
@@ -155,11 +188,30 @@ pub fn receive(
     })
 }
 
-/// Frame `data` as content packets onto `w`.
+/// Frame `data` as content packets onto `w`, with vectored writes (headers and payload slices
+/// go to the kernel as they are: no copy of the payload here).
 pub fn send(w: &mut (impl Write + ?Sized), data: &[u8]) -> std::io::Result<()> {
-    for part in data.chunks(MAX_DATA) {
-        w.write_all(format!("{:04x}", part.len() + 4).as_bytes())?;
-        w.write_all(part)?;
+    let headers: Vec<[u8; 4]> = data
+        .chunks(MAX_DATA)
+        .map(|part| {
+            let mut h = [0u8; 4];
+            h.copy_from_slice(format!("{:04x}", part.len() + 4).as_bytes());
+            h
+        })
+        .collect();
+    let mut slices: Vec<std::io::IoSlice<'_>> = headers
+        .iter()
+        .zip(data.chunks(MAX_DATA))
+        .flat_map(|(h, part)| [std::io::IoSlice::new(h), std::io::IoSlice::new(part)])
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -179,10 +231,10 @@ mod tests {
         stream.extend_from_slice(b"0000");
         let input = dir.path().join("in");
         std::fs::write(&input, &stream).unwrap();
-        let got = receive(&input, Some(&wt), dir.path(), 10, Keep::HashOnly).unwrap();
+        let got = receive(&input, Some(&wt), Some(dir.path()), 10, Keep::HashOnly).unwrap();
         assert_eq!(got.blake3, *blake3::hash(&data).as_bytes());
         assert!(got.spill.is_none());
-        let got = receive(&input, Some(&wt), dir.path(), 10, Keep::Compare).unwrap();
+        let got = receive(&input, Some(&wt), Some(dir.path()), 10, Keep::Compare).unwrap();
         assert_eq!(got.len, data.len() as u64);
         assert_eq!(got.blake3, *blake3::hash(&data).as_bytes());
         assert!(got.spill.is_none());
@@ -191,11 +243,11 @@ mod tests {
         let mut other = data.clone();
         other[150_000] ^= 1;
         std::fs::write(&wt, &other).unwrap();
-        let got = receive(&input, Some(&wt), dir.path(), 10, Keep::Compare).unwrap();
+        let got = receive(&input, Some(&wt), Some(dir.path()), 10, Keep::Compare).unwrap();
         let spilled = std::fs::read(got.spill.unwrap()).unwrap();
         assert_eq!(spilled, data);
         // No work tree at all.
-        let got = receive(&input, None, dir.path(), 10, Keep::Compare).unwrap();
+        let got = receive(&input, None, Some(dir.path()), 10, Keep::Compare).unwrap();
         assert_eq!(std::fs::read(got.spill.unwrap()).unwrap(), data);
     }
 }
