@@ -199,7 +199,7 @@ def test_zstd_planes_decode_with_zstandard_package() -> None:
 def test_frame_header_is_as_documented() -> None:
     data = np.linspace(-1, 1, 5000, dtype=np.float32).tobytes()
     frame = _native.encode_frame(data, "F32")
-    assert frame[:4] == b"\x89TSF" and frame[4] == 1 and frame[5] == 1 and frame[6] == 12 and frame[7] == 4
+    assert frame[:4] == b"\x89TSF" and frame[4] == 2 and frame[5] == 1 and frame[6] == 12 and frame[7] == 4
     assert struct.unpack_from("<Q", frame, 8)[0] == len(data)
     assert frame[16:48] == blake3.blake3(data).digest()
     info = _native.frame_info(frame)

@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 use std::cell::RefCell;
 
 pub const MAGIC: [u8; 4] = [0x89, b'T', b'S', b'F'];
-pub const VERSION: u8 = 1;
+/// 2: rANS planes with 32 interleaved 32-bit states (version 1, never released, had 4 64-bit
+/// states; its frames are refused with this version in the message).
+pub const VERSION: u8 = 2;
 pub const CODEC_PLANES: u8 = 1;
 pub const HEADER_LEN: usize = 48;
 

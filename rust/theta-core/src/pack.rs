@@ -521,6 +521,38 @@ mod tests {
     }
 
     #[test]
+    fn deflated_entries_and_bad_checksums() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8).collect();
+        // A blob as git itself writes it (deflated): the stored-blocks path declines, zlib reads it.
+        let mut entry = Vec::new();
+        entry_header(Kind::Blob as u8, data.len() as u64, &mut entry);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&data).unwrap();
+        entry.extend_from_slice(&z.finish().unwrap());
+        let path = dir.path().join("deflated");
+        std::fs::write(&path, &entry).unwrap();
+        let f = File::open(&path).unwrap();
+        assert_eq!(read_pack_blob(&f, "p", 0, 1 << 30).unwrap().unwrap(), data);
+        // Our stored layout with one payload byte flipped: the Adler-32 catches it.
+        let mut entry = prepare_blob(&data).bytes;
+        let at = entry.len() / 2;
+        entry[at] ^= 1;
+        let path = dir.path().join("flipped");
+        std::fs::write(&path, &entry).unwrap();
+        let f = File::open(&path).unwrap();
+        let err = read_pack_blob(&f, "p", 0, 1 << 30).unwrap_err();
+        assert!(err.to_string().contains("Adler-32"), "{err}");
+        // Truncated: neither path returns data.
+        let entry = prepare_blob(&data).bytes;
+        let path = dir.path().join("short");
+        std::fs::write(&path, &entry[..entry.len() - 100]).unwrap();
+        let f = File::open(&path).unwrap();
+        assert!(read_pack_blob(&f, "p", 0, 1 << 30).is_err());
+    }
+
+    #[test]
     fn zlib_stored_inflates() {
         for n in [0usize, 1, 65535, 65536, 200_000] {
             let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
