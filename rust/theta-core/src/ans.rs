@@ -477,19 +477,12 @@ mod x86 {
         let pp = packed.as_ptr() as *const i32;
         let wp = words.as_mut_ptr();
         // SAFETY (all loads and stores below):
-        // - `xs` holds 32 u32: four unaligned 32-byte accesses at offsets 0, 8, 16, 24;
         // - gathers read index s <= 255 (a zero-extended byte) of 256-entry tables;
         // - each 8-byte load of symbols lies inside its 32-byte group of `data`;
         // - pos starts >= data.len() + ENC_SLACK and drops by at most one per symbol, so each
         //   16-byte store of words at pos - 8 stays inside `words` (pos <= words.len());
         // - `COMPRESS_HI[m]` with m < 256.
-        let xp = xs.as_mut_ptr() as *mut __m256i;
-        let mut v = [
-            _mm256_loadu_si256(xp),
-            _mm256_loadu_si256(xp.add(1)),
-            _mm256_loadu_si256(xp.add(2)),
-            _mm256_loadu_si256(xp.add(3)),
-        ];
+        let mut v = load_states(xs);
         for g in data.chunks_exact(WAYS).rev() {
             for i in (0..4).rev() {
                 let x = v[i];
@@ -521,11 +514,34 @@ mod x86 {
                 v[i] = _mm256_add_epi32(_mm256_add_epi32(y, bias), _mm256_mullo_epi32(q, cmpl));
             }
         }
-        _mm256_storeu_si256(xp, v[0]);
-        _mm256_storeu_si256(xp.add(1), v[1]);
-        _mm256_storeu_si256(xp.add(2), v[2]);
-        _mm256_storeu_si256(xp.add(3), v[3]);
+        store_states(xs, v);
         pos
+    }
+
+    /// The 32 states as four vectors of eight lanes (lane j of vector v is state 8v + j).
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_states(xs: &[u32; WAYS]) -> [__m256i; 4] {
+        // SAFETY: four unaligned 32-byte loads at offsets 0, 8, 16, 24 of 32 u32.
+        unsafe {
+            let p = xs.as_ptr() as *const __m256i;
+            [
+                _mm256_loadu_si256(p),
+                _mm256_loadu_si256(p.add(1)),
+                _mm256_loadu_si256(p.add(2)),
+                _mm256_loadu_si256(p.add(3)),
+            ]
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_states(xs: &mut [u32; WAYS], v: [__m256i; 4]) {
+        // SAFETY: four unaligned 32-byte stores at offsets 0, 8, 16, 24 of 32 u32.
+        unsafe {
+            let p = xs.as_mut_ptr() as *mut __m256i;
+            for (k, x) in v.into_iter().enumerate() {
+                _mm256_storeu_si256(p.add(k), x);
+            }
+        }
     }
 
     pub(super) fn available() -> bool {
@@ -567,19 +583,12 @@ mod x86 {
         let tab = t.tab.as_ptr() as *const i32;
         let wp = words.as_ptr();
         // SAFETY (all loads and stores below):
-        // - `xs` holds 32 u32: four unaligned 32-byte accesses at offsets 0, 8, 16, 24;
         // - gathers from `lut` read 4 bytes at slot < 2^14 and lut.len() >= 2^14 + 3; gathers
         //   from `tab` read index s <= 255 (masked to a byte) of a 256-entry table;
         // - a group starts with k <= nwords and takes at most 8 words per vector, so each 16-byte
         //   load of words reads indices below k + 24 + 8 <= nwords + PAD_WORDS <= words.len();
         // - `EXPAND[m]` with m < 256; each output group is exactly 32 bytes.
-        let xp = xs.as_mut_ptr() as *mut __m256i;
-        let mut v = [
-            _mm256_loadu_si256(xp),
-            _mm256_loadu_si256(xp.add(1)),
-            _mm256_loadu_si256(xp.add(2)),
-            _mm256_loadu_si256(xp.add(3)),
-        ];
+        let mut v = load_states(xs);
         for g in out.chunks_exact_mut(WAYS) {
             if k > nwords {
                 break;
@@ -616,10 +625,7 @@ mod x86 {
             let p = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b), order);
             _mm256_storeu_si256(g.as_mut_ptr() as *mut __m256i, p);
         }
-        _mm256_storeu_si256(xp, v[0]);
-        _mm256_storeu_si256(xp.add(1), v[1]);
-        _mm256_storeu_si256(xp.add(2), v[2]);
-        _mm256_storeu_si256(xp.add(3), v[3]);
+        store_states(xs, v);
         k
     }
 }
