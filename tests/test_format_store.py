@@ -27,6 +27,7 @@ import theta_store
 from conftest import FIXTURES, fixture_entries, git
 from test_formats import (
     FLAX_DTYPES,
+    FORMAT_OF,
     NUMPY_DESCR,
     TORCH_DTYPES,
     flax_encode,
@@ -143,18 +144,6 @@ def manifest_tensors(entry: dict[str, Any]) -> list[tuple[str, str, tuple[int, .
     return []  # legacy torch, pickled modules, the sharded index: opaque bytes
 
 
-FORMAT_IN_STORE = {
-    "safetensors": "safetensors",
-    "pytorch-zip": "torch",
-    "pytorch-legacy": "raw",
-    "npy": "numpy",
-    "npz": "numpy",
-    "flax-msgpack": "flax",
-    "gguf": "gguf",
-    "safetensors-index": "raw",
-}
-
-
 # ----------------------------------------------------------------------------- fixtures: valid files
 @pytest.mark.parametrize("entry", VALID, ids=ids(VALID))
 def test_fixture_round_trips_through_git(repo: theta_store.Repo, repo_dir: Path, entry: dict[str, Any]) -> None:
@@ -163,7 +152,7 @@ def test_fixture_round_trips_through_git(repo: theta_store.Repo, repo_dir: Path,
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(FIXTURES / name, dest)
     layout = detect(dest)
-    expected_format = "raw" if entry.get("expect") == "refuse_or_opaque" else FORMAT_IN_STORE[entry["format"]]
+    expected_format = "raw" if entry.get("expect") == "refuse_or_opaque" else FORMAT_OF[entry["format"]]
     assert layout.format == expected_format
 
     (report,) = repo.add([str(dest)])

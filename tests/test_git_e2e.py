@@ -589,15 +589,20 @@ def test_dedup_on_the_wire(tmp_path: Path, daemon_remote: Remote) -> None:
 # ---------------------------------------------------------------- hostile cases
 
 
-def test_pointer_edited_to_garbage(tmp_path: Path, file_remote: Remote) -> None:
+def pushed_and_cloned_as_pointer(tmp_path: Path, remote: Remote) -> tuple[Path, bytes, Path]:
+    """Repo a commits and pushes a model; b clones it with THETA_STORE_SKIP_SMUDGE (pointers)."""
     a = new_repo(tmp_path / "a")
     v1 = model_bytes(0, layers=2)
     write(a / "model.safetensors", v1)
     commit(a, "v1")
-    g(a, "push", "-q", file_remote.url, "main")
-
+    g(a, "push", "-q", remote.url, "main")
     b = tmp_path / "b"
-    clone(file_remote.url, b, env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    clone(remote.url, b, env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    return a, v1, b
+
+
+def test_pointer_edited_to_garbage(tmp_path: Path, file_remote: Remote) -> None:
+    _, v1, b = pushed_and_cloned_as_pointer(tmp_path, file_remote)
     p = b / "model.safetensors"
     pointer = p.read_bytes()
     assert pointer.startswith(b"version theta-store/v1\n")
@@ -729,14 +734,7 @@ def test_corrupt_object_in_pack(tmp_path: Path) -> None:
 
 
 def test_skip_smudge_and_skip_push(tmp_path: Path, file_remote: Remote) -> None:
-    a = new_repo(tmp_path / "a")
-    v1 = model_bytes(0, layers=2)
-    write(a / "model.safetensors", v1)
-    commit(a, "v1")
-    g(a, "push", "-q", file_remote.url, "main")
-
-    b = tmp_path / "b"
-    clone(file_remote.url, b, env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    a, v1, b = pushed_and_cloned_as_pointer(tmp_path, file_remote)
     pointer = (b / "model.safetensors").read_bytes()
     assert pointer == g(a, "cat-file", "blob", "HEAD:model.safetensors").stdout.encode()
     assert versions(b) == set()  # nothing was fetched

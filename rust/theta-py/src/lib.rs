@@ -408,6 +408,34 @@ fn restore_chunks(chunks: Vec<ChunkTuple<'_>>) -> PyResult<Vec<RestoreChunk>> {
         .collect()
 }
 
+/// What restore_file, send_file and read_chunks share: convert the chunk tuples, then run `job`
+/// without the GIL, with the object store and progress callbacks behind it; a Python error
+/// raised by a callback wins over the error it caused.
+fn with_chunks<T: Send>(
+    py: Python<'_>,
+    chunks: Vec<ChunkTuple<'_>>,
+    packs: &[PathBuf],
+    read_object: &Py<PyAny>,
+    progress: Option<&Py<PyAny>>,
+    job: impl FnOnce(&[RestoreChunk], &[&Path], &PyStore, &PyProgress) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let chunks = restore_chunks(chunks)?;
+    let errors = ErrorSlot::default();
+    let r = {
+        let store = PyStore {
+            read: read_object,
+            errors: &errors,
+        };
+        let p = PyProgress {
+            callback: progress,
+            errors: &errors,
+        };
+        let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
+        py.detach(|| job(&chunks, &packs, &store, &p))
+    };
+    errors.finish(r)
+}
+
 /// Rebuild a file from frames into out_path (fsynced; the caller renames it into place).
 ///
 /// chunks: [(length, location, chunk_id, object_id)] in file order, where location is
@@ -425,22 +453,17 @@ fn restore_file(
     read_object: Py<PyAny>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
-    let chunks = restore_chunks(chunks)?;
     let file_id = id32(&file_id, "file id")?;
-    let errors = ErrorSlot::default();
-    let r = {
-        let p = PyProgress {
-            callback: progress.as_ref(),
-            errors: &errors,
-        };
-        let store = PyStore {
-            read: &read_object,
-            errors: &errors,
-        };
-        let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
-        py.detach(|| pipeline::restore_file(&out_path, &chunks, &packs, size, &file_id, &store, &p))
-    };
-    errors.finish(r)
+    with_chunks(
+        py,
+        chunks,
+        &packs,
+        &read_object,
+        progress.as_ref(),
+        |chunks, packs, store, p| {
+            pipeline::restore_file(&out_path, chunks, packs, size, &file_id, store, p)
+        },
+    )
 }
 
 /// Smudge: decode a checkpoint's chunks and send them as pkt-line content packets to the file
@@ -456,26 +479,23 @@ fn send_file(
     file_id: Vec<u8>,
     read_object: Py<PyAny>,
 ) -> PyResult<()> {
-    let chunks = restore_chunks(chunks)?;
     let file_id = id32(&file_id, "file id")?;
-    let errors = ErrorSlot::default();
-    let r = {
-        let store = PyStore {
-            read: &read_object,
-            errors: &errors,
-        };
-        let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
-        py.detach(|| -> Result<(), Error> {
+    with_chunks(
+        py,
+        chunks,
+        &packs,
+        &read_object,
+        None,
+        |chunks, packs, store, _| {
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&out_path)
                 .map_err(|e| Error::io(out_path.display().to_string(), e))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            pipeline::stream_file(&mut w, &chunks, &packs, size, &file_id, &store)?;
+            pipeline::stream_file(&mut w, chunks, packs, size, &file_id, store)?;
             std::io::Write::flush(&mut w).map_err(|e| Error::io(out_path.display().to_string(), e))
-        })
-    };
-    errors.finish(r)
+        },
+    )
 }
 
 /// Clean: read pkt-line content packets up to the flush packet from `in_path` (the filter's
@@ -530,21 +550,15 @@ fn read_chunks<'py>(
     packs: Vec<PathBuf>,
     read_object: Py<PyAny>,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
-    let chunks = restore_chunks(chunks)?;
-    let errors = ErrorSlot::default();
-    let r = {
-        let store = PyStore {
-            read: &read_object,
-            errors: &errors,
-        };
-        let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
-        py.detach(|| pipeline::read_chunks(&chunks, &packs, &store))
-    };
-    Ok(errors
-        .finish(r)?
-        .iter()
-        .map(|b| PyBytes::new(py, b))
-        .collect())
+    let raw = with_chunks(
+        py,
+        chunks,
+        &packs,
+        &read_object,
+        None,
+        |chunks, packs, store, _| pipeline::read_chunks(chunks, packs, store),
+    )?;
+    Ok(raw.iter().map(|b| PyBytes::new(py, b)).collect())
 }
 
 /// Incremental BLAKE3 (for streams: the filter process hashes what git sends as it arrives).
