@@ -730,6 +730,126 @@ def test_corrupt_object_in_pack(tmp_path: Path) -> None:
     _assert_no_broken_file(m, v1, v2)
 
 
+# ---------------------------------------------------------------- checkout plans, the filter's fast paths
+
+
+def _plan(repo: Path, version: str) -> Path:
+    return repo / ".git" / "theta-store" / "plans" / version
+
+
+def test_checkout_plans_survive_repack_and_damage(tmp_path: Path) -> None:
+    """An add keeps where each chunk went (a plan), so a later checkout of that version needs no
+    lookups. Plans are a cache: a repack that replaces the packs, a damaged plan file, a plan that
+    lists the right chunks in the wrong order: none of them may give a wrong file."""
+    a = new_repo(tmp_path / "a")
+    m = a / "model.safetensors"
+    v1, v2 = model_bytes(0), model_bytes(0, bias=1.0)
+    write(m, v1)
+    commit(a, "v1")
+    write(m, v2)
+    commit(a, "v2")
+    ver1 = pointer_version(a, "HEAD~1:model.safetensors")
+    assert _plan(a, ver1).is_file()  # written by the add, before any checkout
+
+    g(a, "checkout", "HEAD~1", "--", "model.safetensors")
+    assert m.read_bytes() == v1
+    g(a, "diff", "--quiet")  # the work tree matches the index (`checkout REV -- path` stages it)
+
+    # git gc / repack: the packs the plan names are gone; the checkout finds the chunks again
+    g(a, "checkout", "HEAD", "--", "model.safetensors")
+    old = _plan(a, ver1).read_bytes()
+    g(a, "repack", "-a", "-d", "-q")
+    g(a, "checkout", "HEAD~1", "--", "model.safetensors")
+    assert m.read_bytes() == v1
+    assert _plan(a, ver1).read_bytes() != old  # rewritten with the new pack's name and offsets
+    g(a, "diff", "--quiet")  # the work tree matches the index (`checkout REV -- path` stages it)
+
+    # a damaged plan file is ignored
+    g(a, "checkout", "HEAD", "--", "model.safetensors")
+    _plan(a, ver1).write_bytes(b"\x93garbage")
+    g(a, "checkout", "HEAD~1", "--", "model.safetensors")
+    assert m.read_bytes() == v1
+
+    # a plan whose chunks are intact but out of order: each chunk verifies, the file does not.
+    # git gets an error (the work-tree file is left as it was), the plan is dropped, the next
+    # checkout is right.
+    import msgpack
+
+    g(a, "checkout", "HEAD", "--", "model.safetensors")
+    version, size, blake3, packs, tuples = msgpack.unpackb(_plan(a, ver1).read_bytes())
+    assert len(tuples) >= 2
+    tuples[0], tuples[1] = tuples[1], tuples[0]
+    _plan(a, ver1).write_bytes(msgpack.packb([version, size, blake3, packs, tuples]))
+    r = g(a, "checkout", "HEAD~1", "--", "model.safetensors", ok=False)
+    assert "model.safetensors" in r.stderr and "damaged" in r.stderr, r.stderr
+    _assert_no_broken_file(m, v1, v2)
+    assert not _plan(a, ver1).exists()
+    g(a, "checkout", "HEAD~1", "--", "model.safetensors")
+    assert m.read_bytes() == v1
+    g(a, "diff", "--quiet")  # the work tree matches the index (`checkout REV -- path` stages it)
+
+
+def test_clean_cache_and_plans_without_the_object_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`touch; git status` and the checkout of a stored version read plain files in .git: the
+    object store (dulwich) stays closed. Version refs count in packed-refs too, and a version that
+    gc dropped is not answered from the cache."""
+    from theta_store.filterproc import Repository, load_plan
+    from theta_store.pointer import Pointer
+
+    a = new_repo(tmp_path / "a")
+    m = a / "model.safetensors"
+    write(m, model_bytes(0, layers=1))
+    commit(a, "v1")
+    ptr = Pointer.parse(g(a, "cat-file", "blob", "HEAD:model.safetensors").stdout.encode())
+    g(a, "pack-refs", "--all")
+    assert not (a / ".git" / "refs" / "theta" / ptr.manifest_id.hex()).exists()
+    monkeypatch.chdir(a)  # git runs filters at the top of the work tree
+    repo = Repository()
+    assert repo.has_version(ptr.manifest_id)
+    assert load_plan(repo.state_dir, ptr) is not None
+    digest = next(h for h, p in repo.cache.entries.items() if p == ptr.to_bytes())
+    assert repo.cache.get(repo, digest) == ptr.to_bytes()
+    assert repo.cache.may_hold(ptr.size) and not repo.cache.may_hold(ptr.size + 1)
+    assert repo._thread is None  # nothing above opened the object store
+    repo.close()
+
+    # linked work trees find the same git directory
+    g(a, "worktree", "add", "-q", str(tmp_path / "wt"))
+    monkeypatch.chdir(tmp_path / "wt")
+    wt = Repository()
+    assert wt.common_dir == str((a / ".git").resolve())
+    assert wt.has_version(ptr.manifest_id) and wt._thread is None
+    wt.close()
+    monkeypatch.chdir(a)
+
+    # after gc dropped the version (the commit is gone), the cached pointer must not be reused
+    g(a, "update-ref", "-d", "refs/theta/" + ptr.manifest_id.hex())
+    repo = Repository()
+    assert not repo.has_version(ptr.manifest_id)
+    assert repo.cache.get(repo, digest) is None
+    repo.close()
+
+
+def test_git_starts_us_without_site(tmp_path: Path) -> None:
+    """git runs `python -S -P .../_launch.py`: no .pth file runs, yet every dependency imports."""
+    from theta_store.install import command, launcher
+
+    assert command().endswith(f"-S -P {launcher()}")
+    cfg = g(tmp_path, "config", "--global", "filter.thetastore.process").stdout.strip()
+    python, rest = cfg.split(" ", 1)  # the interpreter of the `theta-store` that ran install
+    assert rest == f"-S -P {launcher()} filter-process" and os.access(python, os.X_OK), cfg
+    r = subprocess.run([sys.executable, "-S", "-P", launcher(), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "theta-store" in r.stdout, r.stderr
+    # the dependencies are found without site.main() (it would have defined builtins.help)
+    probe = (
+        "import builtins, runpy, sys; "
+        f"runpy.run_path({launcher()!r}, run_name='probe')['_paths'](); "
+        "import dulwich, msgpack, numpy, theta_store.cli; print(hasattr(builtins, 'help'))"
+    )
+    r = subprocess.run([sys.executable, "-S", "-P", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------- switches
 
 

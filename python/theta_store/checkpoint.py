@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 from . import _native
 from .errors import CorruptObject
-from .gitstore import GitStore, StoredFrame, remove_stale
+from .filterproc import save_plan
 from .manifest import Manifest, Pointer, SpanEntry
 from .progress import Progress
 
 if TYPE_CHECKING:
     from .formats.base import Layout
+    from .gitstore import GitStore, StoredFrame
 
 # Chosen by benchmark (benches/bench_chunk_size.py): see README "Chunk size".
 DEFAULT_CHUNK_BYTES = 2 << 20
@@ -62,20 +63,47 @@ def spans_of(layout: Layout) -> list[PlannedSpan]:
     return out
 
 
-def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None) -> AddResult:
-    """Store the file at `path` and return its pointer. Nothing is changed if anything fails."""
+@dataclass
+class Scanned:
+    """A checkpoint cut into chunks and hashed: what an add knows before it touches the store."""
+
+    path: str
+    layout: Layout
+    spans: list[PlannedSpan]
+    size: int
+    file_id: bytes
+    chunked: list[list[tuple[int, int, str, bytes]]]
+    stamp: tuple[int, int, int, int, int] | None
+    chunk_bytes: int
+
+
+def scan(path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None) -> Scanned:
+    """Parse the file's format, cut it into chunks and hash them (one pass, in the core)."""
     from .formats import detect  # imports every adapter: only when a file is really stored
 
-    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
     layout = detect(path)
     spans = spans_of(layout)
     with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
         size, file_id, chunked, stamp = _native.scan_file(
             path, [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
         )
+    return Scanned(path, layout, spans, size, file_id, chunked, stamp, chunk_bytes)
+
+
+def add_file(
+    store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None, scanned: Scanned | None = None
+) -> AddResult:
+    """Store the file at `path` and return its pointer. Nothing is changed if anything fails.
+    `scanned`: the file's scan, if it was done already (with this path and chunk size)."""
+    from .gitstore import StoredFrame, remove_stale
+
+    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
+    if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
+        scanned = scan(path, chunk_bytes, progress)
+    layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
     entries: list[SpanEntry] = []
     all_chunks: dict[bytes, tuple[int, int, str, bytes]] = {}
-    for span, chunks in zip(spans, chunked, strict=True):
+    for span, chunks in zip(scanned.spans, scanned.chunked, strict=True):
         entries.append(
             SpanEntry(
                 kind="skeleton" if span.opaque else "tensor",
@@ -110,6 +138,9 @@ def add_file(store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     store.write_version(manifest_id, mbytes, frames)
     store.record_chunks(new)
     pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
+    # Where each chunk is, for the next checkout of this version (an old version, the usual case):
+    # it then starts streaming at once (filterproc.load_plan).
+    save_plan(store.state_dir, pointer, (*chunk_tuples(store, manifest_id, [c for s in entries for c in s.chunks], frames), size, file_id))
     reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
     return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
 
@@ -122,9 +153,12 @@ def load_manifest(store: GitStore, manifest_id: bytes) -> Manifest:
 
 
 def chunk_tuples(
-    store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]]
+    store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]], frames: dict[bytes, StoredFrame] | None = None
 ) -> tuple[list[str], list[tuple[int, int, bytes, bytes]]]:
-    frames = store.version_frames(manifest_id)
+    """Pack paths, and per chunk (length, location, chunk id, object id), as the core reads them.
+    `frames`: the version's frames when known (else read from its tree)."""
+    if frames is None:
+        frames = store.version_frames(manifest_id)
     missing = [cid for cid, _ in chunks if cid not in frames]
     if missing:
         raise CorruptObject(
@@ -142,6 +176,8 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
         raise CorruptObject(f"{dest}: pointer and manifest {pointer.manifest_id.hex()[:16]} disagree on the file")
     chunks = [c for s in manifest.spans for c in s.chunks]
     packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
+    from .gitstore import remove_stale
+
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     prefix = f".{os.path.basename(dest)}.theta-tmp."

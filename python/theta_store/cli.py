@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 from .errors import ThetaStoreError
 
+TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
-    pass
+    import argparse
+    from collections.abc import Sequence
+    from typing import Any
 
 
 def _mb(n: int | float | None) -> str:
@@ -28,16 +27,48 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
     if getattr(args, "json", False):
+        import json
+
         print(json.dumps(obj, indent=2, sort_keys=True))
     elif not args.quiet or args.command in ("show", "stats", "fsck"):
         print(text)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from .repo import Repo, report_dict
+    import threading
 
-    with Repo(args.C) as repo:
-        reports = repo.add(args.paths, progress=args.progress)
+    from .checkpoint import scan
+
+    # The first checkpoint is hashed while the repository opens on a thread: importing dulwich
+    # and opening it take ~50 ms, and the hashing pass runs in the core without the GIL.
+    opened: dict[str, Any] = {}
+
+    def open_repo() -> None:
+        try:
+            from .repo import Repo
+
+            opened["repo"] = Repo(args.C)
+        except BaseException as e:
+            opened["error"] = e
+
+    opening = threading.Thread(target=open_repo, name="theta-store-open")
+    opening.start()
+    scanned, failed = None, None
+    first = args.paths[0] if args.paths and os.path.isfile(args.paths[0]) else None
+    try:
+        scanned = scan(first, progress=args.progress) if first is not None else None
+    except (ThetaStoreError, OSError) as e:
+        failed = e
+    opening.join()
+    if "error" in opened:  # not a repository, say: that comes first
+        raise opened["error"]
+    if failed is not None:
+        opened["repo"].close()
+        raise failed
+    from .repo import report_dict
+
+    with opened["repo"] as repo:
+        reports = repo.add(args.paths, progress=args.progress, scanned=scanned)
     lines = [
         f"{r.path}: {r.format}, {r.tensors} tensors, {_mb(r.size)}; new {_mb(r.new_bytes)} in {r.new_chunks} chunks, "
         f"reused {_mb(r.reused_bytes)} in {r.reused_chunks} chunks"
@@ -184,10 +215,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_filter_process(args: argparse.Namespace) -> int:
+def cmd_filter_process(args: argparse.Namespace | None) -> int:
     from .filterproc import run
 
-    return run()
+    rc = run()
+    # git waits for its filter to exit before it returns (`git status` too): the requests are
+    # answered and every file is closed, so skip the interpreter's teardown (~15 ms).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def cmd_pre_push(args: argparse.Namespace) -> int:
@@ -213,6 +249,8 @@ def cmd_merge_driver(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="theta-store", description="Version ML model checkpoints in ordinary Git.")
     p.add_argument("-C", metavar="PATH", default=".", help="run as if started in PATH")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no chatter")
@@ -275,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else list(argv)) == ["filter-process"]:
-        # git starts this on every command that reads the work tree: skip building the parser.
-        return _guarded(cmd_filter_process, argparse.Namespace())
+        # git starts this on every command that reads the work tree: skip argparse.
+        return _guarded(cmd_filter_process, None)
     args = build_parser().parse_args(argv)
     if args.quiet:
         args.progress = False
@@ -286,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded(args.fn, args)
 
 
-def _guarded(fn: Any, args: argparse.Namespace) -> int:
+def _guarded(fn: Any, args: argparse.Namespace | None) -> int:
     try:
         rc: int = fn(args)
         return rc

@@ -16,17 +16,22 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
 
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ThetaStoreError
-from .manifest import POINTER_MAX, Pointer, looks_like_pointer
+from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
+# Not typing, pathlib or re: this module starts with every filter process git runs (see
+# __init__.py). Type checkers treat any TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import BinaryIO
+
     from .gitstore import GitStore
 
 MAX_PKT_DATA = 65516
+Plan = tuple[list[str], list[tuple[int, int, bytes, bytes]], int, bytes]  # packs, chunk tuples, size, BLAKE3
 _CACHE_REC = struct.Struct("<32sH")
 
 
@@ -93,13 +98,14 @@ class PktIO:
 
 
 class CleanCache:
-    """file BLAKE3 -> pointer bytes, appended as records to .git/theta-store/clean.cache."""
+    """file BLAKE3 -> pointer bytes, appended as records to <git dir>/theta-store/clean.cache."""
 
-    def __init__(self, store: GitStore) -> None:
-        self.path = store.state_dir / "clean.cache"
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, "clean.cache")
         self.entries: dict[bytes, bytes] = {}
         try:
-            data = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             data = b""
         pos = 0
@@ -110,8 +116,13 @@ class CleanCache:
                 break
             self.entries[h] = data[pos : pos + n]
             pos += n
+        self.sizes = {int(line[5:]) for line in data.split(b"\n") if line.startswith(b"size ") and line[5:].isdigit()}
 
-    def get(self, store: GitStore, file_hash: bytes) -> bytes | None:
+    def may_hold(self, size: int) -> bool:
+        """False if no cached pointer is of a file of this size: the clean will be a miss."""
+        return size in self.sizes
+
+    def get(self, repo: Repository, file_hash: bytes) -> bytes | None:
         ptr = self.entries.get(file_hash)
         if ptr is None:
             return None
@@ -119,18 +130,18 @@ class CleanCache:
             p = Pointer.parse(ptr)
         except ThetaStoreError:
             return None
-        return ptr if store.version_commit(p.manifest_id) is not None else None
+        return ptr if repo.has_version(p.manifest_id) else None
 
     def put(self, file_hash: bytes, pointer: bytes) -> None:
         if self.entries.get(file_hash) == pointer:
             return
         self.entries[file_hash] = pointer
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "ab") as f:
             f.write(_CACHE_REC.pack(file_hash, len(pointer)) + pointer)
 
 
-def clean(repo: Opening, pathname: str, rfd: int) -> bytes:
+def clean(repo: Repository, pathname: str, rfd: int) -> bytes:
     """Turn the checkpoint git streams on `rfd` into its pointer.
 
     The Rust core reads the content packets and hashes them. A known hash answers from the clean
@@ -138,19 +149,19 @@ def clean(repo: Opening, pathname: str, rfd: int) -> bytes:
     none, a copy of the stream (same extension: format detection must judge the copy as it
     would the file).
     """
-    # When the work-tree file exists, git is streaming it: only hash (re-cleaning an unchanged file
-    # is the hot path of `touch; git status`, and the repository finishes opening meanwhile); a
-    # cache miss re-reads the file and checks its hash. git runs filters at the top of the work
-    # tree, so `pathname` names the file from here. Without a work-tree file, keep a copy of what
-    # git sends.
+    # When the work-tree file exists, git is streaming it: only hash. Re-cleaning an unchanged file
+    # is the hot path of `touch; git status`: it needs neither dulwich nor the object store. When
+    # no cached pointer is of this size, the clean is a miss: the store opens meanwhile. A miss
+    # re-reads the file and checks its hash. git runs filters at the top of the work tree, so
+    # `pathname` names the file from here. Without a work-tree file, keep a copy of what git sends.
     if os.path.isfile(pathname):
+        if not repo.cache.may_hold(os.path.getsize(pathname)):
+            repo.prefetch()
         total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", pathname, None, POINTER_MAX + 1, compare=False)
-        store, cache = repo.get()
     else:
-        store, cache = repo.get()
-        store.state_dir.mkdir(parents=True, exist_ok=True)
-        total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", None, str(store.state_dir), POINTER_MAX + 1, compare=True)
-    worktree = os.path.join(store.worktree, pathname)
+        repo.prefetch()
+        os.makedirs(repo.state_dir, exist_ok=True)
+        total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", None, repo.state_dir, POINTER_MAX + 1, compare=True)
     try:
         if spill is not None:
             named = spill + os.path.splitext(pathname)[1]
@@ -167,13 +178,13 @@ def clean(repo: Opening, pathname: str, rfd: int) -> bytes:
                     hint=f"`git checkout -- {pathname}` puts the committed version back",
                 ) from None
             return head
-        cached = cache.get(store, digest)
+        cached = repo.cache.get(repo, digest)
         if cached is not None:
             return cached
         from .checkpoint import add_file  # imported when needed: a filter that only re-hashes starts faster
 
         try:
-            result = add_file(store, spill or worktree, progress=False)
+            result = add_file(repo.store, spill or os.path.abspath(pathname), progress=False)
         except FormatError as e:  # name the file as the user knows it, not our copy of it
             raise FormatError(pathname, e.where, e.problem, hint=e.hint) from None
         if result.pointer.blake3 != digest:
@@ -182,7 +193,7 @@ def clean(repo: Opening, pathname: str, rfd: int) -> bytes:
                 hint=f"run `git add {pathname}` again",
             )
         ptr = result.pointer.to_bytes()
-        cache.put(digest, ptr)
+        repo.cache.put(digest, ptr)
         return ptr
     finally:
         if spill is not None:
@@ -190,7 +201,7 @@ def clean(repo: Opening, pathname: str, rfd: int) -> bytes:
                 os.unlink(spill)
 
 
-def smudge_plan(store: GitStore, pointer: Pointer) -> tuple[list[str], list[tuple[int, int, bytes, bytes]], int, bytes]:
+def smudge_plan(store: GitStore, pointer: Pointer) -> Plan:
     """What the core needs to send a checkpoint: packs, chunk tuples, size and BLAKE3."""
     from .checkpoint import chunk_tuples, load_manifest
 
@@ -237,7 +248,7 @@ def _message(e: BaseException) -> str:
 class FilterServer:
     """One conversation with git: handshake, then clean / smudge / list_available_blobs requests."""
 
-    def __init__(self, io: PktIO, repo: Opening) -> None:
+    def __init__(self, io: PktIO, repo: Repository) -> None:
         self.io = io
         self.repo = repo
         self.skip_smudge = os.environ.get("THETA_STORE_SKIP_SMUDGE") == "1"
@@ -292,11 +303,9 @@ class FilterServer:
 
     @property
     def store(self) -> GitStore:
-        return self.repo.get()[0]
+        return self.repo.store
 
     def smudge(self, pathname: str, data: bytes, can_delay: bool) -> None:
-        from .remote import ensure_versions
-
         if pathname in self.failed:
             self.ready.pop(pathname, None)
             raise self.failed.pop(pathname)
@@ -307,24 +316,32 @@ class FilterServer:
         else:
             self.reply(data)  # not a pointer (a file committed before it was tracked), or pointers wanted
             return
-        if self.store.version_commit(ptr.manifest_id) is None:
-            if can_delay:
-                self.delayed[pathname] = ptr
-                self.io.write_text("status=delayed")
-                self.io.flush_pkt()
-                return
-            ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
-        try:
-            packs, tuples, size, blake3 = smudge_plan(self.store, ptr)
-        except (PointerError, ObjectNotFound):
-            raise
-        except Exception as e:  # fail before announcing success when we can
-            raise _damaged(ptr, e) from None
+        plan = load_plan(self.repo.state_dir, ptr)
+        if plan is None:
+            self.repo.prefetch()
+            if not self.repo.has_version(ptr.manifest_id):
+                if can_delay:
+                    self.delayed[pathname] = ptr
+                    self.io.write_text("status=delayed")
+                    self.io.flush_pkt()
+                    return
+                from .remote import ensure_versions
+
+                ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
+            try:
+                plan = smudge_plan(self.store, ptr)
+            except (PointerError, ObjectNotFound):
+                raise
+            except Exception as e:  # fail before announcing success when we can
+                raise _damaged(ptr, e) from None
+            save_plan(self.repo.state_dir, ptr, plan)
+        packs, tuples, size, blake3 = plan
         self.io.write_text("status=success")
         self.io.flush_pkt()
         try:
-            _native.send_file(f"/dev/fd/{self.out_fd}", tuples, packs, size, blake3, self.store.read_object)
+            _native.send_file(f"/dev/fd/{self.out_fd}", tuples, packs, size, blake3, self.repo.read_object)
         except Exception as e:  # git drops what it got so far: the working file is never half-written
+            drop_plan(self.repo.state_dir, ptr.manifest_id)
             print(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}", file=sys.stderr)
             self.io.flush_pkt()
             self.io.write_text("status=error")
@@ -371,17 +388,104 @@ def _grow_pipes(size: int = 1 << 20) -> None:
             fcntl.fcntl(fd, op, size)
 
 
-class Opening:
-    """The repository and its clean cache, opened on a thread of their own: the first request
-    (often a whole checkpoint to hash) streams in meanwhile. Then the pre-push hook is checked
-    (`git rev-parse`), also off the request path."""
+# ---- smudge plans: where each chunk of a version is, so that a checkout needs no lookups ----
+def plan_path(state_dir: str | os.PathLike[str], manifest_id: bytes) -> str:
+    return os.path.join(state_dir, "plans", manifest_id.hex())
+
+
+def load_plan(state_dir: str, ptr: Pointer) -> Plan | None:
+    """The plan saved for this version, if every pack it names is still there, same size.
+
+    Pack names are hashes of their content, so the offsets hold while the pack does; a plan that
+    is wrong anyway fails the BLAKE3 check of every chunk (and is then dropped)."""
+    import msgpack
+
+    try:
+        with open(plan_path(state_dir, ptr.manifest_id), "rb") as f:
+            version, size, blake3, packs, tuples = msgpack.unpackb(f.read(), use_list=True)
+        if version != 1 or size != ptr.size or blake3 != ptr.blake3:
+            return None
+        for path, length in packs:
+            if os.stat(path).st_size != length:
+                return None
+        return [p for p, _ in packs], [tuple(t) for t in tuples], size, blake3
+    except (OSError, ValueError, TypeError, msgpack.UnpackException):
+        return None
+
+
+def save_plan(state_dir: str | os.PathLike[str], ptr: Pointer, plan: Plan) -> None:
+    """Keep `plan` for the next checkout of this version (best effort: it is only a cache)."""
+    import msgpack
+
+    packs, tuples, size, blake3 = plan
+    if any(loc == (1 << 64) - 1 for _, loc, _, _ in tuples):
+        return  # a loose object: read through dulwich each time
+    path = plan_path(state_dir, ptr.manifest_id)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        packed = [[p, os.stat(p).st_size] for p in packs]
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb([1, size, blake3, packed, [list(t) for t in tuples]], use_bin_type=True))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def drop_plan(state_dir: str | os.PathLike[str], manifest_id: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(plan_path(state_dir, manifest_id))
+
+
+def _common_dir() -> str | None:
+    """The repository's common git directory, found without dulwich: git runs filters at the top
+    of the work tree, where `.git` is the directory or (linked work trees, submodules) a file
+    naming it. None if it is elsewhere (GIT_DIR...): dulwich then finds the repository."""
+    if "GIT_DIR" in os.environ:
+        return None
+    if os.path.isdir(".git"):
+        git_dir = ".git"
+    elif os.path.isfile(".git"):
+        with open(".git", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if not text.startswith("gitdir: "):
+            return None
+        git_dir = text[len("gitdir: ") :].strip()
+    else:
+        return None
+    common = os.path.join(git_dir, "commondir")
+    if os.path.isfile(common):
+        with open(common, encoding="utf-8", errors="replace") as f:
+            git_dir = os.path.join(git_dir, f.read().strip())
+    return os.path.realpath(git_dir)
+
+
+class Repository:
+    """The repository, as the filter needs it.
+
+    The clean cache, version refs and smudge plans are plain files in the git directory, read
+    without dulwich: `touch; git status` and the checkout of a version checked out before need
+    nothing else. The object store (dulwich: 45 ms to import and open) opens on a thread as soon as
+    a request is known to need it; then the pre-push hook is checked (`git rev-parse`), also off
+    the request path.
+    """
 
     def __init__(self) -> None:
+        self.common_dir = _common_dir()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._opened: tuple[GitStore, CleanCache] | None = None
+        self._opened: GitStore | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._open, name="theta-store-open")
-        self._thread.start()
+        self._cache: CleanCache | None = None
+
+    def prefetch(self) -> None:
+        """Start opening the object store, if that has not begun."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._open, name="theta-store-open")
+                self._thread.start()
 
     def _open(self) -> None:
         try:
@@ -389,7 +493,7 @@ class Opening:
 
             store = GitStore(".")
             remove_stale(store.state_dir, "clean-")  # copies left by a filter that was killed
-            self._opened = (store, CleanCache(store))
+            self._opened = store
         except BaseException as e:  # given to the request that needs the repository
             self._error = e
             return
@@ -402,17 +506,44 @@ class Opening:
         except (ThetaStoreError, OSError) as e:  # never stop checkouts over a hook: say it, go on
             print(f"theta-store: warning: {_message(e)}", file=sys.stderr)
 
-    def get(self) -> tuple[GitStore, CleanCache]:
+    @property
+    def store(self) -> GitStore:
+        self.prefetch()
         self._ready.wait()
         if self._opened is None:
             assert self._error is not None
             raise self._error
         return self._opened
 
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.common_dir, "theta-store") if self.common_dir is not None else str(self.store.state_dir)
+
+    @property
+    def cache(self) -> CleanCache:
+        if self._cache is None:
+            self._cache = CleanCache(self.state_dir)
+        return self._cache
+
+    def has_version(self, manifest_id: bytes) -> bool:
+        """refs/theta/<id> exists: a loose ref or a line of packed-refs, else as dulwich sees it."""
+        if self.common_dir is not None:
+            name = f"refs/theta/{manifest_id.hex()}"
+            if os.path.isfile(os.path.join(self.common_dir, name)):
+                return True
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(self.common_dir, "packed-refs"), "rb") as f:
+                if f" {name}\n".encode() in f.read():
+                    return True
+        return self.store.version_commit(manifest_id) is not None
+
+    def read_object(self, oid: bytes) -> bytes:
+        return self.store.read_object(oid)
+
     def close(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._opened is not None:
-            self._opened[0].close()
+            self._opened.close()
 
 
 def run() -> int:
@@ -427,7 +558,7 @@ def run() -> int:
     ours = [c for c in ("capability=clean", "capability=smudge", "capability=delay") if c in caps]
     io.write_text(*ours)
     io.flush_pkt()
-    repo = Opening()
+    repo = Repository()
     try:
         return FilterServer(io, repo).serve()
     finally:

@@ -13,7 +13,7 @@ from .checkpoint import load_manifest
 from .errors import FormatError, ThetaStoreError
 from .formats import TensorRegion, detect
 from .gitstore import GitStore
-from .manifest import POINTER_MAX, Pointer, looks_like_pointer
+from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 
 def textconv(path: str, out: TextIO | None = None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
@@ -20,20 +19,17 @@ CHAINED_SUFFIX = ".before-theta-store"
 NO_DELTA_LINE = "??/" + "?" * 62 + " -delta"
 
 
-def command() -> str:
-    """How git should call us.
+def launcher() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")
 
-    The console script installed next to this interpreter, by absolute path: git then starts us
-    without a PATH lookup through version-manager shims (a pyenv shim cost 0.13 s per start,
-    measured: it ran on every `git status` that re-cleans a file). Else the script on PATH, else
-    this Python with -m.
+
+def command() -> str:
+    """How git should call us: this Python, without `site`, on our launcher (see _launch.py).
+
+    By absolute paths: git then starts us without a PATH lookup through version-manager shims (a
+    pyenv shim cost 0.13 s per start) and without the .pth files of site-packages (45 ms here).
     """
-    script = os.path.join(os.path.dirname(sys.executable), "theta-store")
-    if os.path.isfile(script) and os.access(script, os.X_OK):
-        return shlex.quote(script)
-    if shutil.which("theta-store"):
-        return "theta-store"
-    return f"{shlex.quote(sys.executable)} -m theta_store"
+    return f"{shlex.quote(sys.executable)} -S -P {shlex.quote(launcher())}"
 
 
 def config_items() -> list[tuple[str, str]]:
@@ -70,10 +66,9 @@ def _hooks_dir(store: GitStore) -> Path:
 def hook_script() -> str:
     cmd = command()
     missing = (
-        "  command -v theta-store >/dev/null 2>&1 || { echo >&2 \"theta-store is not on PATH; this repository's pre-push hook"
-        ' needs it to send checkpoint versions (THETA_STORE_SKIP_PUSH=1 pushes the commits alone)"; exit 2; }\n'
-        if cmd == "theta-store"
-        else ""
+        f"  [ -f {shlex.quote(launcher())} ] || {{ echo >&2 \"theta-store is no longer installed where this repository's"
+        " pre-push hook looks for it; install it again and run theta-store install, or push the commits alone with"
+        ' THETA_STORE_SKIP_PUSH=1"; exit 2; }\n'
     )
     return f"""#!/bin/sh
 {HOOK_MARK}: sends the checkpoint versions the pushed commits need.

@@ -1,26 +1,24 @@
-"""Manifests and pointers: the two documented, versioned, deterministic formats.
+"""Manifests: the documented, versioned, deterministic list of what a checkpoint is made of.
+(Pointers, the other format, are in pointer.py.)
 
 A *manifest* (msgpack, maps with sorted keys, no timestamps) lists the spans that tile a file in
 order: skeleton spans (opaque bytes) and tensor spans (name, dtype, shape), each with its chunks
 as ``[chunk_id, length]``. Its id is the BLAKE3 of its bytes.
-
-A *pointer* is what Git commits in place of the checkpoint: a few lines of UTF-8 text.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from .errors import CorruptObject, PointerError
+from .errors import CorruptObject
+from .pointer import POINTER_MAX, POINTER_VERSION, Pointer, looks_like_pointer
 
 MANIFEST_TYPE = "theta-store/manifest"
 MANIFEST_VERSION = 1
-POINTER_VERSION = "theta-store/v1"
-POINTER_MAX = 1024
+__all__ = ["POINTER_MAX", "POINTER_VERSION", "Manifest", "Pointer", "SpanEntry", "looks_like_pointer"]
 
 
 @dataclass(frozen=True)
@@ -127,72 +125,3 @@ def _sorted(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_sorted(v) for v in obj]
     return obj
-
-
-@dataclass(frozen=True)
-class Pointer:
-    """The small text Git stores instead of the checkpoint."""
-
-    manifest_id: bytes
-    size: int
-    blake3: bytes
-    tensors: int
-    format: str
-
-    def to_bytes(self) -> bytes:
-        return (
-            f"version {POINTER_VERSION}\n"
-            f"format {self.format}\n"
-            f"manifest {self.manifest_id.hex()}\n"
-            f"size {self.size}\n"
-            f"blake3 {self.blake3.hex()}\n"
-            f"tensors {self.tensors}\n"
-        ).encode()
-
-    @classmethod
-    def parse(cls, data: bytes, where: str = "pointer") -> Pointer:
-        if len(data) > POINTER_MAX:
-            raise PointerError(f"{where}: {len(data)} bytes is too large to be a theta-store pointer")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PointerError(f"{where}: not a theta-store pointer (not UTF-8 text)") from None
-        fields: dict[str, str] = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            key, sep, value = line.partition(" ")
-            if not sep or key in fields:
-                raise PointerError(f"{where}: line {n} {line[:60]!r} is not 'key value'", hint="restore the pointer with git checkout")
-            fields[key] = value
-        if fields.get("version") != POINTER_VERSION:
-            raise PointerError(
-                f"{where}: not a theta-store pointer (version line is {fields.get('version')!r}, expected {POINTER_VERSION!r})"
-            )
-        hexes = {k: fields.get(k, "") for k in ("manifest", "blake3")}
-        for k, v in hexes.items():
-            if not re.fullmatch(r"[0-9a-f]{64}", v):
-                raise PointerError(f"{where}: field {k} {v[:70]!r} is not 64 hex digits")
-        for k in ("size", "tensors"):
-            if not re.fullmatch(r"[0-9]{1,20}", fields.get(k, "")):
-                raise PointerError(f"{where}: field {k} {fields.get(k, '')[:30]!r} is not a number")
-        if (
-            data
-            != cls(
-                bytes.fromhex(hexes["manifest"]),
-                int(fields["size"]),
-                bytes.fromhex(hexes["blake3"]),
-                int(fields["tensors"]),
-                fields.get("format", ""),
-            ).to_bytes()
-        ):
-            raise PointerError(f"{where}: pointer is not in canonical form", hint="restore the pointer with git checkout")
-        return cls(
-            bytes.fromhex(hexes["manifest"]),
-            int(fields["size"]),
-            bytes.fromhex(hexes["blake3"]),
-            int(fields["tensors"]),
-            fields.get("format", ""),
-        )
-
-
-def looks_like_pointer(data: bytes) -> bool:
-    return len(data) <= POINTER_MAX and data.startswith(f"version {POINTER_VERSION}\n".encode())

@@ -28,7 +28,7 @@ if sys.platform != "win32":
 
 from .errors import ObjectNotFound, ThetaStoreError
 from .gitstore import REF_PREFIX, GitStore
-from .manifest import POINTER_MAX, Pointer, looks_like_pointer
+from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 ZERO = "0" * 40
 PUSH_BATCH = 400
@@ -370,8 +370,11 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
     drop_frames = _frames(store, drop)
     freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
     if not dry_run:
+        from .filterproc import drop_plan
+
         for v in drop:
             _git(store, "update-ref", "-d", ref_name(v))
+            drop_plan(store.state_dir, v)
         store.rebuild_chunk_index()
         if prune:
             _git(store, "gc", "--quiet", "--prune=now")

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _native
-from .checkpoint import DEFAULT_CHUNK_BYTES, add_file, chunk_tuples, load_manifest, restore_to
+from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, load_manifest, restore_to
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
 from .gitstore import GitStore
-from .manifest import Pointer, looks_like_pointer
+from .pointer import Pointer, looks_like_pointer
 
 FSCK_BATCH = 16
 
@@ -64,15 +64,22 @@ class Repo:
 
     # ---- add / restore ----
     def add(
-        self, paths: Sequence[str], *, stage: bool = True, progress: bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        paths: Sequence[str],
+        *,
+        stage: bool = True,
+        progress: bool | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        scanned: Scanned | None = None,
     ) -> list[AddReport]:
-        """Store each checkpoint and stage its pointer in the Git index."""
+        """Store each checkpoint and stage its pointer in the Git index. `scanned`: the scan of
+        one of them, done already (`checkpoint.scan`)."""
         reports = []
         for path in paths:
             rel = self.relpath(path)
             if not os.path.isfile(path):
                 raise ObjectNotFound(f"{path}: no such file")
-            r = add_file(self.store, path, chunk_bytes=chunk_bytes, progress=progress)
+            r = add_file(self.store, path, chunk_bytes=chunk_bytes, progress=progress, scanned=scanned)
             if stage:
                 self.store.stage_blob(rel, r.pointer.to_bytes())
             reports.append(

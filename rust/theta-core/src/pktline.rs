@@ -112,7 +112,7 @@ pub fn receive(
         let hashing = scope.spawn(move || {
             let mut hasher = blake3::Hasher::new();
             for buf in hash_rx {
-                hasher.update_rayon(&buf);
+                hasher.update(&buf);
                 // The reader may be gone (an error): then the buffer is simply dropped.
                 let _ = recycle.send(buf);
             }
