@@ -135,21 +135,22 @@ const FLUSH_EVERY: u64 = 16 << 20;
 
 /// A thread that fdatasyncs a file whenever asked (requests that pile up are merged), so that
 /// writeback overlaps the work of the writer. The first error is kept and reported at the end:
-/// after a failed sync, a later one may succeed without the data being safe.
-struct Flusher {
+/// after a failed sync, a later one may succeed without the data being safe. Writers on several
+/// threads may report what they wrote.
+pub(crate) struct Flusher {
     asks: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-    unflushed: u64,
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl Flusher {
-    fn start(file: &File) -> Self {
+    pub(crate) fn start(file: &File) -> Self {
         let Ok(file) = file.try_clone() else {
             return Flusher::none();
         };
         let (asks, rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("theta-pack-flush".into())
+            .name("theta-flush".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
                     while rx.try_recv().is_ok() {}
@@ -161,7 +162,7 @@ impl Flusher {
             Ok(t) => Flusher {
                 asks: Some(asks),
                 thread: Some(t),
-                unflushed: 0,
+                written: 0.into(),
             },
             Err(_) => Flusher::none(), // no thread: the final fsync does it all
         }
@@ -171,14 +172,16 @@ impl Flusher {
         Flusher {
             asks: None,
             thread: None,
-            unflushed: 0,
+            written: 0.into(),
         }
     }
 
-    fn wrote(&mut self, n: u64) {
-        self.unflushed += n;
-        if self.unflushed >= FLUSH_EVERY {
-            self.unflushed = 0;
+    /// `n` more bytes were written: every FLUSH_EVERY bytes, ask for a sync.
+    pub(crate) fn wrote(&self, n: u64) {
+        let before = self
+            .written
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if (before + n) / FLUSH_EVERY != before / FLUSH_EVERY {
             if let Some(a) = &self.asks {
                 let _ = a.send(());
             }
@@ -186,11 +189,11 @@ impl Flusher {
     }
 
     /// Stop the thread; its first error, if any.
-    fn stop(&mut self) -> std::io::Result<()> {
+    pub(crate) fn stop(&mut self) -> std::io::Result<()> {
         self.asks = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(std::io::Error::other("the pack flusher thread panicked")),
+            Some(Err(_)) => Err(std::io::Error::other("the flusher thread panicked")),
             None => Ok(()),
         }
     }
