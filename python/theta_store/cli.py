@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
+    from .repo import Repo
+
 
 def _mb(n: int | float | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.2f} MB"
@@ -35,39 +37,31 @@ def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from .checkpoint import scan
 
-    # The first checkpoint is hashed while the repository opens on a thread: importing dulwich
-    # and opening it take ~50 ms, and the hashing pass runs in the core without the GIL.
-    opened: dict[str, Any] = {}
+    def open_repo(path: str) -> Repo:
+        from .repo import Repo
 
-    def open_repo() -> None:
-        try:
-            from .repo import Repo
+        return Repo(path)
 
-            opened["repo"] = Repo(args.C)
-        except BaseException as e:
-            opened["error"] = e
-
-    opening = threading.Thread(target=open_repo, name="theta-store-open")
-    opening.start()
-    scanned, failed = None, None
+    # The first checkpoint is hashed while the repository opens on a thread (dulwich: ~50 ms to
+    # import and open); the hashing runs in the core without the GIL.
     first = args.paths[0] if args.paths and os.path.isfile(args.paths[0]) else None
-    try:
-        scanned = scan(first, progress=args.progress) if first is not None else None
-    except (ThetaStoreError, OSError) as e:
-        failed = e
-    opening.join()
-    if "error" in opened:  # not a repository, say: that comes first
-        raise opened["error"]
-    if failed is not None:
-        opened["repo"].close()
-        raise failed
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(open_repo, args.C)
+        try:
+            scanned = scan(first, progress=args.progress) if first is not None else None
+        except (ThetaStoreError, OSError):
+            err = opening.exception()
+            if err is not None:  # not a repository, say: that comes first
+                raise err from None
+            opening.result().close()
+            raise
     from .repo import report_dict
 
-    with opened["repo"] as repo:
+    with opening.result() as repo:
         reports = repo.add(args.paths, progress=args.progress, scanned=scanned)
     lines = [
         f"{r.path}: {r.format}, {r.tensors} tensors, {_mb(r.size)}; new {_mb(r.new_bytes)} in {r.new_chunks} chunks, "

@@ -546,6 +546,21 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
 
 /// Decode a frame into `out` (which must be exactly the raw length) and verify its BLAKE3.
 pub fn decode_frame_into(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
+    let info = decode_frame_unverified(frame, out)?;
+    let got = chunk_id(out);
+    if got != info.id {
+        return Err(Error::CorruptFrame(format!(
+            "decoded bytes hash to {} but the frame says {}",
+            hex(&got),
+            hex(&info.id)
+        )));
+    }
+    Ok(info)
+}
+
+/// Decode a frame into `out` without hashing what comes out: for a caller that verifies the
+/// bytes otherwise (the smudge stream checks the whole file's BLAKE3 before git may keep it).
+pub fn decode_frame_unverified(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
     let info = frame_info(frame)?;
     if out.len() as u64 != info.raw_len {
         return Err(Error::CorruptFrame(format!(
@@ -604,14 +619,6 @@ pub fn decode_frame_into(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
             merge_planes(&planes, info.dtype, out);
             Ok(())
         })?;
-    }
-    let got = chunk_id(out);
-    if got != info.id {
-        return Err(Error::CorruptFrame(format!(
-            "decoded bytes hash to {} but the frame says {}",
-            hex(&got),
-            hex(&info.id)
-        )));
     }
     Ok(info)
 }
