@@ -2,7 +2,7 @@
 
 git starts the filter process on every command that has to clean or smudge a checkpoint, and
 `touch; git status` waits for it. Python's `site` runs every .pth file in site-packages at start,
-which cost 45 ms of a 0.33 s `git status` on the machine of our benchmarks (a .pth there imports
+which cost 39-56 ms of a 0.33 s `git status` on the machine of our benchmarks (a .pth there imports
 certifi). Started with -S, this file puts this package's folder and the interpreter's
 site-packages on sys.path without running .pth files. If a dependency can only be found through
 one (an editable install of it, say), `site` runs after all, as it would have.

@@ -171,13 +171,13 @@ def chunk_tuples(
 
 def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:
     """Rebuild the checkpoint of `pointer` at `dest`: temp file in the same folder, fsync, rename."""
+    from .gitstore import remove_stale  # dulwich: only when a store is at hand anyway
+
     manifest = load_manifest(store, pointer.manifest_id)
     if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
         raise CorruptObject(f"{dest}: pointer and manifest {pointer.manifest_id.hex()[:16]} disagree on the file")
     chunks = [c for s in manifest.spans for c in s.chunks]
     packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
-    from .gitstore import remove_stale
-
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     prefix = f".{os.path.basename(dest)}.theta-tmp."

@@ -25,7 +25,7 @@ from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 # __init__.py). Type checkers treat any TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
     from typing import BinaryIO
 
     from .gitstore import GitStore
@@ -116,7 +116,7 @@ class CleanCache:
                 break
             self.entries[h] = data[pos : pos + n]
             pos += n
-        self.sizes = {int(line[5:]) for line in data.split(b"\n") if line.startswith(b"size ") and line[5:].isdigit()}
+        self.sizes = _sizes(self.entries.values())
 
     def may_hold(self, size: int) -> bool:
         """False if no cached pointer is of a file of this size: the clean will be a miss."""
@@ -136,9 +136,15 @@ class CleanCache:
         if self.entries.get(file_hash) == pointer:
             return
         self.entries[file_hash] = pointer
+        self.sizes |= _sizes([pointer])
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "ab") as f:
             f.write(_CACHE_REC.pack(file_hash, len(pointer)) + pointer)
+
+
+def _sizes(pointers: Iterable[bytes]) -> set[int]:
+    """The file sizes these pointers name (their "size N" lines), without parsing them whole."""
+    return {int(v[5:]) for p in pointers for v in p.split(b"\n") if v.startswith(b"size ") and v[5:].isdigit()}
 
 
 def clean(repo: Repository, pathname: str, rfd: int) -> bytes:

@@ -438,7 +438,6 @@ thread_local! {
     static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Decode one chunk's frame into `out` (its exact length), checking it is the chunk wanted.
 /// Whether a decoded chunk is hashed and compared with its id.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Verify {
@@ -447,6 +446,7 @@ enum Verify {
     ByFile,
 }
 
+/// Decode one chunk's frame into `out` (its exact length), checking it is the chunk wanted.
 fn decode_chunk(
     c: &RestoreChunk,
     packs: &[(File, String)],
@@ -503,15 +503,28 @@ fn open_packs(packs: &[&Path]) -> Result<Vec<(File, String)>> {
 }
 
 /// The rebuilt file must hash to the manifest's file BLAKE3.
-fn check_file_id(got: &ChunkId, want: &ChunkId) -> Result<()> {
-    if got != want {
-        return Err(Error::CorruptFrame(format!(
-            "restored file hashes to {} but the manifest says {}",
-            hex(got),
-            hex(want)
-        )));
+/// The whole file's BLAKE3 is the one check of a restore or a smudge stream: every byte passes
+/// it before the file may be used. Only when it fails are the chunks decoded again, each hashed,
+/// to name the one at fault.
+fn check_file_id(
+    got: &ChunkId,
+    want: &ChunkId,
+    chunks: &[RestoreChunk],
+    packs: &[(File, String)],
+    store: &dyn ObjectStore,
+) -> Result<()> {
+    if got == want {
+        return Ok(());
     }
-    Ok(())
+    chunks.par_iter().try_for_each_init(Vec::new, |buf, c| {
+        buf.resize(c.len as usize, 0);
+        decode_chunk(c, packs, store, buf, Verify::Chunk)
+    })?;
+    Err(Error::CorruptFrame(format!(
+        "restored file hashes to {} but the manifest says {}",
+        hex(got),
+        hex(want)
+    )))
 }
 
 /// The chunks of a manifest must add up to the file's size.
@@ -540,11 +553,13 @@ fn hash_file(file: &File, name: &str, size: u64) -> Result<ChunkId> {
 }
 
 /// Decode the frames of `chunks` (one after the other, they make the file) into `out_path`,
-/// verifying every chunk id, the total size and the file's BLAKE3, then fsync.
+/// verifying the total size and the file's BLAKE3, then fsync.
 ///
 /// Workers decode chunks and write them at their offsets in parallel (page-cache writes are
 /// copy-bound: one writer thread was the bottleneck); the file's BLAKE3 is then computed by
-/// reading it back on all cores while the fsync runs.
+/// reading it back on all cores while the fsync runs. That one hash covers every byte (the
+/// caller renames the file into place only after it passed), so the chunks are not hashed on
+/// the way; on a mismatch they are, to name the damaged one ([`check_file_id`]).
 pub fn restore_file(
     out_path: &Path,
     chunks: &[RestoreChunk],
@@ -580,7 +595,7 @@ pub fn restore_file(
             .zip(offsets.par_iter())
             .try_for_each_init(Vec::new, |buf, (c, &off)| {
                 buf.resize(c.len as usize, 0);
-                decode_chunk(c, &packs, store, buf, Verify::Chunk)?;
+                decode_chunk(c, &packs, store, buf, Verify::ByFile)?;
                 out.write_all_at(buf, off)
                     .map_err(|e| Error::io(&out_name, e))?;
                 flusher.wrote(c.len);
@@ -595,14 +610,14 @@ pub fn restore_file(
     );
     synced?;
     let got = got?;
-    check_file_id(&got, file_id)
+    check_file_id(&got, file_id, chunks, &packs, store)
 }
 
 /// Decode `chunks` in order and send them as pkt-line content packets to `out` (the smudge side
 /// of the filter process), verifying the file's BLAKE3 over everything sent. git keeps nothing
-/// before the final status, so that one check covers every byte; hashing each chunk too was a
-/// second pass over the same bytes (a third of the decoding CPU, which git's reading competes
-/// for). Batches of about 32 MiB are decoded in parallel while the previous batch is written.
+/// before the final status, so that one check covers every byte; hashing each chunk too would
+/// be a second pass over the same bytes, CPU that git's reading competes for. Batches of about
+/// 32 MiB are decoded in parallel while the previous batch is written.
 pub fn stream_file(
     out: &mut (dyn std::io::Write + Send),
     chunks: &[RestoreChunk],
@@ -668,7 +683,7 @@ pub fn stream_file(
         pending = next?;
     }
     let got = *hasher.finalize().as_bytes();
-    check_file_id(&got, file_id)
+    check_file_id(&got, file_id, chunks, &packs, store)
 }
 
 /// Decode chunks to memory (for lazy tensor reads), in parallel, verifying every id.
@@ -833,7 +848,7 @@ mod tests {
         assert_eq!(unpacketize(&out), file);
 
         // A frame that decodes to other bytes under the same id (a byte of a raw plane altered):
-        // the stream does not hash chunks, the file check refuses it; a restore names the chunk.
+        // neither path hashes chunks on the way; the file check refuses it, then names the chunk.
         let planes = frame::frame_info(&fb).unwrap().planes;
         let raw = planes
             .iter()
@@ -847,7 +862,8 @@ mod tests {
         let bad = Frames(vec![([1u8; 20], fa), ([2u8; 20], bad)]);
         let mut out = Vec::new();
         let e = stream_file(&mut out, &chunks, &[], file.len() as u64, &file_id, &bad).unwrap_err();
-        assert!(e.to_string().contains("restored file hashes to"), "{e}");
+        assert!(e.to_string().contains("decoded bytes hash to"), "{e}");
+        assert!(e.to_string().contains(&hex(&[2u8; 20])), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let e = restore_file(
             &dir.path().join("out.bin"),
@@ -860,5 +876,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("decoded bytes hash to"), "{e}");
+        assert!(e.to_string().contains(&hex(&[2u8; 20])), "{e}");
     }
 }

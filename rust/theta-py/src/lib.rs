@@ -487,13 +487,13 @@ fn send_file(
         &read_object,
         None,
         |chunks, packs, store, _| {
-            let f = std::fs::OpenOptions::new()
+            // Unbuffered: stream_file hands whole chunks to the kernel with vectored writes (a
+            // buffer in between would copy the tail of every partial write).
+            let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&out_path)
                 .map_err(|e| Error::io(out_path.display().to_string(), e))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            pipeline::stream_file(&mut w, chunks, packs, size, &file_id, store)?;
-            std::io::Write::flush(&mut w).map_err(|e| Error::io(out_path.display().to_string(), e))
+            pipeline::stream_file(&mut f, chunks, packs, size, &file_id, store)
         },
     )
 }
