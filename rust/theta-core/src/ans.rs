@@ -292,7 +292,7 @@ fn encode_impl(data: &[u8], hist: &[u64; 256], out: &mut Vec<u8>, simd: bool) {
         let n = data.len();
         let mut i = n;
         // Tail first (encoding runs backwards), so the main loop sees whole groups.
-        while i % WAYS != 0 {
+        while !i.is_multiple_of(WAYS) {
             i -= 1;
             put(&mut x[i % WAYS], &sym[data[i] as usize], words, &mut pos);
         }
@@ -442,7 +442,9 @@ mod x86 {
     ) -> usize {
         assert!(available());
         // Every symbol flushes at most one word, and each 8-word store ends at the current pos.
-        assert!(data.len() % WAYS == 0 && pos <= words.len() && pos >= data.len() + ENC_SLACK);
+        assert!(
+            data.len().is_multiple_of(WAYS) && pos <= words.len() && pos >= data.len() + ENC_SLACK
+        );
         let mut rcp = [0u32; 256];
         let mut packed = [0u32; 256];
         for s in 0..256 {
@@ -664,7 +666,7 @@ fn decode_impl(src: &[u8], out: &mut [u8], simd: bool) -> Result<()> {
     }
     let cum = cumulative(&freq);
     let stream = &src[pos..];
-    if stream.len() < 4 * WAYS || stream.len() % 2 != 0 {
+    if stream.len() < 4 * WAYS || !stream.len().is_multiple_of(2) {
         return Err(bad("stream is not the states and a whole number of words"));
     }
     let (states, body) = stream.split_at(4 * WAYS);

@@ -6,6 +6,7 @@
 //! - [`pack`]: Git pack and index writing (zlib level 0), plain-blob reads.
 //! - [`pipeline`]: whole files: scan, write the new chunks, restore.
 //! - [`pktline`]: git's pkt-line content framing for the filter process.
+//! - [`sha1x16`]: Git object ids of many blobs at once (AVX-512 lanes).
 
 pub mod ans;
 pub mod cdc;
@@ -15,6 +16,7 @@ pub mod frame;
 pub mod pack;
 pub mod pipeline;
 pub mod pktline;
+pub mod sha1x16;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -282,6 +282,9 @@ fn changed(name: &str) -> Error {
     ))
 }
 
+/// Frames whose Git object ids are hashed together (one per AVX-512 lane).
+const ID_BATCH: usize = 16;
+
 /// Each worker thread writes its own pack, of at least this many raw bytes.
 const PACK_MIN: u64 = 64 << 20;
 
@@ -330,26 +333,29 @@ pub fn write_pack(
     let total: u64 = chunks.iter().map(|c| c.len).sum();
     let n = (total / PACK_MIN).clamp(1, rayon::current_num_threads().max(1) as u64) as usize;
     let groups = split_even(chunks, n.min(chunks.len()));
-    let encode = |c: &Chunk, raw: &mut Vec<u8>| -> Result<(pack::PackEntry, Written)> {
+    // Per worker: the chunk's bytes, and the frames of a batch whose object ids are hashed
+    // together (sixteen SHA-1 streams at once), all reused from chunk to chunk. Each frame is
+    // written as soon as it is encoded; its id is set in the pack's index after its batch.
+    let store = |c: &Chunk, raw: &mut Vec<u8>, f: &mut Vec<u8>, writer: &mut PackWriter| {
         raw.resize(c.len as usize, 0);
         read_exact_at(&file, &name, raw, c.offset)?;
         if stamp.is_none() && frame::chunk_id(raw) != c.id {
             return Err(changed(&name));
         }
-        let f = frame::encode_frame_with_id(raw, c.dtype, &c.id);
-        let planes = frame::frame_info(&f)?
+        frame::encode_frame_into(raw, c.dtype, &c.id, f);
+        let planes = frame::frame_info(f)?
             .planes
             .into_iter()
             .map(|p| p.0)
             .collect();
-        let entry = pack::prepare_blob(&f);
+        let pos = writer.append_stored(&pack::StoredEntry::without_id(pack::Kind::Blob, f))?;
         let w = Written {
             id: c.id,
-            object: entry.id,
+            object: [0; 20],
             frame_len: f.len() as u64,
             planes,
         };
-        Ok((entry, w))
+        Ok((pos, w))
     };
     let results: Vec<Result<(PackWriter, Vec<Written>)>> = groups
         .par_iter()
@@ -357,13 +363,26 @@ pub fn write_pack(
             let count = u32::try_from(g.len())
                 .map_err(|_| Error::InvalidArgument("too many chunks for one pack".into()))?;
             let mut writer = PackWriter::create(pack_dir, count)?;
-            let mut out = Vec::with_capacity(g.len());
+            let mut out: Vec<Written> = Vec::with_capacity(g.len());
             let mut raw = Vec::new();
-            let r = g.iter().try_for_each(|c| {
-                let (entry, w) = encode(c, &mut raw)?;
-                writer.append(&entry)?;
-                out.push(w);
-                progress.advance(c.len)
+            let mut frames: Vec<Vec<u8>> = (0..ID_BATCH.min(g.len())).map(|_| Vec::new()).collect();
+            let mut positions = Vec::with_capacity(ID_BATCH);
+            let r = g.chunks(ID_BATCH).try_for_each(|batch| {
+                positions.clear();
+                for (c, f) in batch.iter().zip(frames.iter_mut()) {
+                    let (pos, w) = store(c, &mut raw, f, &mut writer)?;
+                    positions.push(pos);
+                    out.push(w);
+                    progress.advance(c.len)?;
+                }
+                let contents: Vec<&[u8]> = frames[..batch.len()].iter().map(|f| &f[..]).collect();
+                let ids = crate::sha1x16::blob_ids(&contents);
+                let done = out.len() - batch.len();
+                for ((w, &pos), id) in out[done..].iter_mut().zip(&positions).zip(ids) {
+                    w.object = id;
+                    writer.set_id(pos, id);
+                }
+                Ok(())
             });
             match r {
                 Ok(()) => Ok((writer, out)),
@@ -775,12 +794,9 @@ mod tests {
             let blob = pack::read_pack_blob(&f, "p", off, 1 << 30)
                 .unwrap()
                 .unwrap();
-            let entry = pack::prepare_blob(&blob);
-            assert_eq!(
-                &bytes[off as usize..off as usize + entry.bytes.len()],
-                &entry.bytes[..]
-            );
-            off += entry.bytes.len() as u64;
+            let entry = pack::StoredEntry::new(pack::Kind::Blob, &blob).to_bytes();
+            assert_eq!(&bytes[off as usize..off as usize + entry.len()], &entry[..]);
+            off += entry.len() as u64;
         }
         let out = dir.path().join("out.bin");
         restore_file(

@@ -313,7 +313,7 @@ fn write_objects(
             .map_err(|_| Error::InvalidArgument("too many objects for one pack".into()))?;
         let mut w = pack::PackWriter::create(&pack_dir, count)?;
         for (k, d) in &objects {
-            if let Err(e) = w.append(&pack::prepare_object(*k, d)) {
+            if let Err(e) = w.append_stored(&pack::StoredEntry::new(*k, d)) {
                 w.abort();
                 return Err(e);
             }
