@@ -73,6 +73,7 @@ def bench_model(model: Path, work: Path, runs: int) -> dict[str, object]:
         "stored_bytes": {"theta": stored_theta, "git_lfs": stored_lfs, "zstd1": zstd1_bytes(model), "entropy_bound": int(bound + header)},
         "peak_rss_mb": {"add": rss_add, "restore": rss_restore},
         "runs": runs,
+        "each_run_s": {"add_theta": t_theta, "add_git_lfs": t_lfs, "restore_theta": r_theta, "restore_git_lfs": r_lfs},
     }
 
 
@@ -129,6 +130,12 @@ def main() -> None:
     print(
         f"theta-store {a['theta']:.2f} s | Git LFS {a['git_lfs']:.2f} s | plain BLAKE3 {a['blake3']:.2f} s"
         f" | theta vs LFS: {a['git_lfs'] / a['theta']:.1f}x faster, theta / BLAKE3: {a['theta'] / a['blake3']:.1f}x"
+    )
+    each = m["each_run_s"]
+    print(
+        "  each run, in order: "
+        + ", ".join(f"{t:.2f}/{u:.2f}" for t, u in zip(each["add_theta"], each["add_git_lfs"], strict=True))
+        + " (theta/LFS)"
     )
     print(f"restore: theta-store {r['theta']:.2f} s | Git LFS checkout {r['git_lfs']:.2f} s | {r['git_lfs'] / r['theta']:.1f}x faster")
     print(

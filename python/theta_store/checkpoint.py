@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import _native
@@ -16,6 +14,8 @@ from .manifest import Manifest, Pointer, SpanEntry
 from .progress import Progress
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .formats.base import Layout
     from .gitstore import GitStore, StoredFrame
 
@@ -77,12 +77,17 @@ class Scanned:
     chunk_bytes: int
 
 
-def scan(path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None) -> Scanned:
-    """Parse the file's format, cut it into chunks and hash them (one pass, in the core)."""
+def scan(
+    path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None, started: Callable[[], object] | None = None
+) -> Scanned:
+    """Parse the file's format, cut it into chunks and hash them (one pass, in the core).
+    `started` is called when the hashing starts (the GIL is then free for other threads)."""
     from .formats import detect  # imports every adapter: only when a file is really stored
 
     layout = detect(path)
     spans = spans_of(layout)
+    if started is not None:
+        started()
     with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
         size, file_id, chunked, stamp = _native.scan_file(
             path, [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
@@ -180,6 +185,9 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
+    import tempfile  # here, not at the top: pathlib and tempfile are 20 ms an add need not wait for
+    from pathlib import Path
+
     prefix = f".{os.path.basename(dest)}.theta-tmp."
     remove_stale(Path(folder), prefix)  # left by a restore that was killed
     fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}_", dir=folder)
