@@ -320,6 +320,21 @@ mod tests {
         let refs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
         let want: Vec<ObjectId> = refs.iter().map(|d| blob_id(d)).collect();
         assert_eq!(blob_ids(&refs), want);
+        // Pseudo-random lengths, some equal, some near each other: lanes leave at every step.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..6 {
+            let lens: Vec<usize> = (0..20 + round * 7)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    [x as usize % 300_000, 150_000 + x as usize % 640, 2 << 16][round % 3]
+                })
+                .collect();
+            let refs: Vec<&[u8]> = lens.iter().map(|&n| &data[25][..n]).collect();
+            let want: Vec<ObjectId> = refs.iter().map(|d| blob_id(d)).collect();
+            assert_eq!(blob_ids(&refs), want, "lengths {lens:?}");
+        }
         // Sixteen of the same length: every lane runs to the end together.
         let same: Vec<&[u8]> = (0..16).map(|k| &data[19 + k % 3][..200_000]).collect();
         let want: Vec<ObjectId> = same.iter().map(|d| blob_id(d)).collect();

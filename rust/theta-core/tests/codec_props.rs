@@ -2,7 +2,7 @@
 //! panics).
 
 use proptest::prelude::*;
-use theta_core::frame::{decode_frame, encode_frame};
+use theta_core::frame::{chunk_id, decode_frame, encode_frame, encode_frame_into};
 use theta_core::{ans, DType};
 
 fn dtype() -> impl Strategy<Value = DType> {
@@ -31,6 +31,19 @@ proptest! {
         prop_assert_eq!(out, data);
         prop_assert_eq!(info.dtype, dt);
         prop_assert_eq!(info.stored_len(), f.len() as u64);
+    }
+
+    /// A reused frame buffer is overwritten, never read: what it held does not leak into the
+    /// frame (the add encodes every chunk of a worker into the same buffers).
+    #[test]
+    fn frames_into_a_used_buffer_are_the_same(
+        dt in dtype(),
+        data in data(),
+        garbage in prop::collection::vec(any::<u8>(), 0..100_000),
+    ) {
+        let mut buf = garbage;
+        encode_frame_into(&data, dt, &chunk_id(&data), &mut buf);
+        prop_assert_eq!(buf, encode_frame(&data, dt));
     }
 
     #[test]
