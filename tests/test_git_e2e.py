@@ -1031,6 +1031,29 @@ def test_global_install_chains_hooks_on_first_use(tmp_path: Path, global_config:
     assert marker.exists() and versions(file_remote.path) == versions(a)
 
 
+def test_track_without_install_sets_the_filter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """git ignores a filter it has no config for: without this, `track` alone in a repository never
+    `install`ed would put every version of the checkpoint into the history as a plain blob."""
+    empty = tmp_path / "empty-gitconfig"
+    empty.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    a = tmp_path / "a"
+    a.mkdir()
+    g(a, "init", "-q", "-b", "main")
+    out = ts(a, "track", "*.safetensors").stdout
+    assert "tracking *.safetensors" in out and "filter in this repository's git config" in out
+    assert g(a, "config", "--local", "filter.thetastore.process").stdout.strip().endswith("filter-process")
+    assert "git config" not in ts(a, "track", "*.safetensors").stdout  # set once
+    data = model_bytes(0, layers=1)
+    write(a / "model.safetensors", data)
+    commit(a, "v1", ".gitattributes", "model.safetensors")
+    assert int(g(a, "cat-file", "-s", "HEAD:model.safetensors").stdout) < 1024  # a pointer, not the file
+    (a / "model.safetensors").unlink()
+    g(a, "checkout", "--", "model.safetensors")
+    assert (a / "model.safetensors").read_bytes() == data
+    clean_status(a)
+
+
 def test_git_theta_store_subcommand_and_diff(tmp_path: Path) -> None:
     a = new_repo(tmp_path / "a")
     m = a / "model.safetensors"

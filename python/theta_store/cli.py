@@ -165,10 +165,14 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .install import track
+    from .install import ensure_filter, track
 
     added = track(args.patterns)
-    _out(args, {"tracked": added}, "\n".join(f"tracking {p}" for p in added) or "already tracked")
+    configured = ensure_filter(".")
+    lines = [f"tracking {p}" for p in added] or ["already tracked"]
+    if configured:
+        lines.append("set theta-store's filter in this repository's git config (`theta-store install --global` sets it for all)")
+    _out(args, {"tracked": added, "configured": configured}, "\n".join(lines))
     return 0
 
 

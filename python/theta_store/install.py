@@ -56,6 +56,21 @@ def install(path: str = ".", scope: str = "local") -> list[str]:
     return done
 
 
+def ensure_filter(path: str = ".") -> list[str]:
+    """Set this repository's git config if no level of git config names our filter yet.
+
+    A `.gitattributes` line naming a filter git has no config for is silently ignored: the
+    checkpoint would go into the history as a plain blob (all of it, zlib-compressed, every
+    version). `track` calls this, so tracking is enough in a repository never `install`ed."""
+    r = subprocess.run(["git", "config", "--get", "filter.thetastore.process"], cwd=path, capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        return []
+    items = config_items()
+    for key, value in items:
+        subprocess.run(["git", "config", "--local", key, value], cwd=path, check=True, capture_output=True)
+    return [f"{key}={value}" for key, value in items]
+
+
 def _hooks_dir(store: GitStore) -> Path:
     args = ["git", "rev-parse", "--git-path", "hooks"]
     out = subprocess.run(args, cwd=store.worktree, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
