@@ -129,7 +129,7 @@ def main() -> None:
     print(f"\n== first add + commit of a {mb:.0f} MB fp32 safetensors model (median of {m['runs']})")
     print(
         f"theta-store {a['theta']:.2f} s | Git LFS {a['git_lfs']:.2f} s | plain BLAKE3 {a['blake3']:.2f} s"
-        f" | theta vs LFS: {a['git_lfs'] / a['theta']:.1f}x faster, theta / BLAKE3: {a['theta'] / a['blake3']:.1f}x"
+        f" | theta vs LFS: {a['git_lfs'] / a['theta']:.2f}x faster, theta / BLAKE3: {a['theta'] / a['blake3']:.1f}x"
     )
     each = m["each_run_s"]
     print(
@@ -137,7 +137,7 @@ def main() -> None:
         + ", ".join(f"{t:.2f}/{u:.2f}" for t, u in zip(each["add_theta"], each["add_git_lfs"], strict=True))
         + " (theta/LFS)"
     )
-    print(f"restore: theta-store {r['theta']:.2f} s | Git LFS checkout {r['git_lfs']:.2f} s | {r['git_lfs'] / r['theta']:.1f}x faster")
+    print(f"restore: theta-store {r['theta']:.2f} s | Git LFS checkout {r['git_lfs']:.2f} s | {r['git_lfs'] / r['theta']:.2f}x faster")
     print(
         f"stored/raw: theta-store {s['theta'] / m['raw_bytes']:.3f} | Git LFS {s['git_lfs'] / m['raw_bytes']:.3f}"
         f" | zstd-1 {s['zstd1'] / m['raw_bytes']:.3f} | entropy bound {s['entropy_bound'] / m['raw_bytes']:.3f}"
