@@ -65,10 +65,7 @@ def ensure_filter(path: str = ".") -> list[str]:
     r = subprocess.run(["git", "config", "--get", "filter.thetastore.process"], cwd=path, capture_output=True, text=True)
     if r.returncode == 0 and r.stdout.strip():
         return []
-    items = config_items()
-    for key, value in items:
-        subprocess.run(["git", "config", "--local", key, value], cwd=path, check=True, capture_output=True)
-    return [f"{key}={value}" for key, value in items]
+    return install(path, "local")
 
 
 def _hooks_dir(store: GitStore) -> Path:

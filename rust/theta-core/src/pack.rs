@@ -126,18 +126,14 @@ impl<'a> StoredEntry<'a> {
     }
 
     /// Bytes of the entry in the pack.
-    pub fn len(&self) -> u64 {
+    pub fn pack_len(&self) -> u64 {
         let blocks = self.data.len().div_ceil(STORED_BLOCK).max(1);
         (self.head.len() + blocks * 5 + self.data.len() + 4) as u64
     }
 
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// The entry's bytes as one buffer.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(self.len() as usize);
+        let mut bytes = Vec::with_capacity(self.pack_len() as usize);
         self.for_each_piece(|p| bytes.extend_from_slice(p));
         bytes
     }
@@ -314,8 +310,8 @@ impl PackWriter {
         });
         write_all_vectored(&mut self.file, &mut pieces).map_err(io_err(&self.tmp_pack))?;
         self.index.push((entry.id, entry.crc32, self.offset));
-        self.offset += entry.len();
-        self.flusher.wrote(entry.len());
+        self.offset += entry.pack_len();
+        self.flusher.wrote(entry.pack_len());
         Ok(self.index.len() - 1)
     }
 
@@ -328,11 +324,20 @@ impl PackWriter {
     /// (hex SHA-1 of its content) and the path of the final `.pack`.
     pub fn finish(mut self) -> Result<(String, PathBuf)> {
         if self.index.len() as u32 != self.expected {
+            let _ = fs::remove_file(&self.tmp_pack);
             return Err(Error::InvalidArgument(format!(
                 "pack announced {} objects but got {}",
                 self.expected,
                 self.index.len()
             )));
+        }
+        // An entry appended without its id must have been given one (a zero id would be written
+        // into the index and the object could never be found).
+        if self.index.iter().any(|e| e.0 == [0; 20]) {
+            let _ = fs::remove_file(&self.tmp_pack);
+            return Err(Error::InvalidArgument(
+                "an object of the pack was never given its id".into(),
+            ));
         }
         let checksum: [u8; 20] = self.hasher.finalize_reset().into();
         self.file
@@ -622,13 +627,13 @@ mod tests {
     }
 
     #[test]
-    fn zlib_stored_inflates() {
+    fn stored_entries_inflate() {
         for n in [0usize, 1, 65535, 65536, 200_000] {
             let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
             let entry = StoredEntry::new(Kind::Blob, &data);
             let mut z = Vec::new();
             entry.for_each_piece(|p| z.extend_from_slice(p));
-            assert_eq!(z.len() as u64, entry.len());
+            assert_eq!(z.len() as u64, entry.pack_len());
             let z = z.split_off(entry.head.len() - 2); // the entry header goes, the zlib header stays
             let mut out = Vec::new();
             ZlibDecoder::new(&z[..]).read_to_end(&mut out).unwrap();
@@ -661,6 +666,18 @@ mod tests {
         assert!(
             files[0] == files[1],
             "the same pack and index, byte for byte"
+        );
+        // An id never set is refused, not written as zeros.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::create(dir.path(), 1).unwrap();
+        w.append_stored(&StoredEntry::without_id(Kind::Blob, b"abc"))
+            .unwrap();
+        let e = w.finish().unwrap_err();
+        assert!(e.to_string().contains("never given its id"), "{e}");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing left behind"
         );
     }
 

@@ -69,7 +69,7 @@ impl<'a> Stream<'a> {
     }
 
     /// The digest, compressing the blocks not done yet with the `sha1` crate.
-    fn finish(mut self) -> ObjectId {
+    fn finish(self) -> ObjectId {
         let n = self.blocks();
         if self.done == 0 {
             let mut h = Sha1::new();
@@ -77,13 +77,15 @@ impl<'a> Stream<'a> {
             h.update(&self.data[self.skip..]);
             return h.finalize().into();
         }
-        let rest = self.skip + 64 * self.done - 64;
-        let blocks: Vec<_> = (self.done..n)
-            .map(|k| *sha1::digest::generic_array::GenericArray::from_slice(self.block(k)))
-            .collect();
-        sha1::compress(&mut self.state, &blocks);
+        // Block by block, in place (the crate takes blocks as arrays: a slice of the content is
+        // not one without a copy).
+        let mut state = self.state;
+        for k in self.done..n {
+            let block = sha1::digest::generic_array::GenericArray::from_slice(self.block(k));
+            sha1::compress(&mut state, std::slice::from_ref(block));
+        }
         let total = (self.first_len + self.data.len() - self.skip) as u64;
-        let tail = &self.data[rest + 64 * (n - self.done)..];
+        let tail = &self.data[self.skip + 64 * n - 64..];
         let mut pad = Vec::with_capacity(128);
         pad.extend_from_slice(tail);
         pad.push(0x80);
@@ -95,9 +97,9 @@ impl<'a> Stream<'a> {
             .chunks_exact(64)
             .map(|b| *sha1::digest::generic_array::GenericArray::from_slice(b))
             .collect();
-        sha1::compress(&mut self.state, &blocks);
+        sha1::compress(&mut state, &blocks);
         let mut id = [0u8; 20];
-        for (o, w) in id.chunks_exact_mut(4).zip(self.state) {
+        for (o, w) in id.chunks_exact_mut(4).zip(state) {
             o.copy_from_slice(&w.to_be_bytes());
         }
         id
@@ -119,7 +121,6 @@ pub fn blob_ids(contents: &[&[u8]]) -> Vec<ObjectId> {
 /// Compress blocks sixteen streams at a time while at least `MIN_LANES` have blocks left.
 #[cfg(target_arch = "x86_64")]
 fn run_lanes(streams: &mut [Stream]) {
-    let dummy = [0u8; 64];
     loop {
         let live: Vec<usize> = (0..streams.len())
             .filter(|&i| streams[i].done < streams[i].blocks())
@@ -139,8 +140,10 @@ fn run_lanes(streams: &mut [Stream]) {
             }
         }
         // The first step may hold a stream's first block (header); after it, each lane's
-        // blocks lie one after another in its content.
-        let mut blocks: [&[u8]; 16] = [&dummy; 16];
+        // blocks lie one after another in its content. Idle lanes hash a copy of lane 0's
+        // blocks, and their result is dropped.
+        let first = streams[live[0]].block(streams[live[0]].done);
+        let mut blocks: [&[u8]; 16] = [first; 16];
         for (lane, &i) in live.iter().enumerate() {
             blocks[lane] = streams[i].block(streams[i].done);
         }
@@ -151,9 +154,8 @@ fn run_lanes(streams: &mut [Stream]) {
                 let at = s.skip + 64 * s.done;
                 blocks[lane] = &s.data[at..at + 64 * (steps - 1)];
             }
-            let idle = vec![0u8; 64 * (steps - 1)];
-            for b in blocks.iter_mut().skip(live.len()) {
-                *b = &idle;
+            for lane in live.len()..16 {
+                blocks[lane] = blocks[0];
             }
             x86::compress16(&mut state, &blocks, steps - 1);
         }
