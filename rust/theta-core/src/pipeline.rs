@@ -224,8 +224,11 @@ pub fn scan_file(
     let mut file_hasher = blake3::Hasher::new();
     let read = |buf: &mut Vec<u8>, w: Option<&(usize, usize, u64, u64)>| -> Result<()> {
         if let Some(&(_, _, start, end)) = w {
-            buf.resize((end - start) as usize, 0);
-            read_exact_at(&file, &name, buf, start)?;
+            let len = (end - start) as usize;
+            if buf.len() < len {
+                *buf = vec![0; len]; // zeroed by the kernel, not by a memset
+            }
+            read_exact_at(&file, &name, &mut buf[..len], start)?;
         }
         Ok(())
     };
@@ -236,7 +239,7 @@ pub fn scan_file(
     for (k, &(i, j, start, end)) in windows.iter().enumerate() {
         let (window, tail) = std::mem::take(&mut rest).split_at_mut(j - i);
         rest = tail;
-        let data = &cur;
+        let data = &cur[..(end - start) as usize];
         let (got, ()) = rayon::join(
             || read(&mut next, windows.get(k + 1)),
             || {
@@ -336,13 +339,19 @@ pub fn write_pack(
     // Per worker: the chunk's bytes, and the frames of a batch whose object ids are hashed
     // together (sixteen SHA-1 streams at once), all reused from chunk to chunk. Each frame is
     // written as soon as it is encoded; its id is set in the pack's index after its batch.
+    // Buffers keep their length from chunk to chunk (a small chunk between two large ones would
+    // otherwise cost a zero-fill of the next large one).
     let store = |c: &Chunk, raw: &mut Vec<u8>, f: &mut Vec<u8>, writer: &mut PackWriter| {
-        raw.resize(c.len as usize, 0);
+        if raw.len() < c.len as usize {
+            *raw = vec![0; c.len as usize];
+        }
+        let raw = &mut raw[..c.len as usize];
         read_exact_at(&file, &name, raw, c.offset)?;
         if stamp.is_none() && frame::chunk_id(raw) != c.id {
             return Err(changed(&name));
         }
-        frame::encode_frame_into(raw, c.dtype, &c.id, f);
+        let len = frame::encode_frame_into(raw, c.dtype, &c.id, f);
+        let f = &f[..len];
         let planes = frame::frame_info(f)?
             .planes
             .into_iter()
@@ -352,7 +361,7 @@ pub fn write_pack(
         let w = Written {
             id: c.id,
             object: [0; 20],
-            frame_len: f.len() as u64,
+            frame_len: len as u64,
             planes,
         };
         Ok((pos, w))
@@ -375,7 +384,11 @@ pub fn write_pack(
                     out.push(w);
                     progress.advance(c.len)?;
                 }
-                let contents: Vec<&[u8]> = frames[..batch.len()].iter().map(|f| &f[..]).collect();
+                let contents: Vec<&[u8]> = frames
+                    .iter()
+                    .zip(&out[out.len() - batch.len()..])
+                    .map(|(f, w)| &f[..w.frame_len as usize])
+                    .collect();
                 let ids = crate::sha1x16::blob_ids(&contents);
                 let done = out.len() - batch.len();
                 for ((w, &pos), id) in out[done..].iter_mut().zip(&positions).zip(ids) {

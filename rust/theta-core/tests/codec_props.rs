@@ -42,8 +42,11 @@ proptest! {
         garbage in prop::collection::vec(any::<u8>(), 0..100_000),
     ) {
         let mut buf = garbage;
-        encode_frame_into(&data, dt, &chunk_id(&data), &mut buf);
-        prop_assert_eq!(buf, encode_frame(&data, dt));
+        let len = encode_frame_into(&data, dt, &chunk_id(&data), &mut buf);
+        prop_assert_eq!(&buf[..len], &encode_frame(&data, dt)[..]);
+        // Twice into the same buffer (its length is kept from the first frame).
+        let again = encode_frame_into(&data, dt, &chunk_id(&data), &mut buf);
+        prop_assert_eq!(&buf[..again], &encode_frame(&data, dt)[..]);
     }
 
     #[test]
