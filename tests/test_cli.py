@@ -151,3 +151,37 @@ def test_every_reporting_verb_has_json(repo_dir: Path, flag: str) -> None:
     write_model(m, n=1, size=16)
     for args in (["add", "m.safetensors"], ["show", "m.safetensors"], ["stats"], ["fsck"], ["restore", "m.safetensors"]):
         json.loads(theta(repo_dir, *args, flag).stdout)
+
+
+def test_a_run_builds_only_its_command_and_parses_the_same() -> None:
+    """A run that names its command builds that sub-parser alone: the same commands exist, and
+    each parses and prints help as the full parser does."""
+    from theta_store.cli import PLUMBING, VERBS, _verb_of, build_parser
+
+    full = build_parser()
+    sub = next(a for a in full._actions if a.dest == "command")
+    assert set(sub.choices) == set(VERBS) | set(PLUMBING)  # type: ignore[arg-type]
+    for name, argv in [
+        ("add", ["-q", "add", "--json", "a.safetensors", "b"]),
+        ("restore", ["-C", "gc", "restore", "-s", "HEAD~1", "x"]),  # -C's value is not the command
+        ("push", ["--no-progress", "push", "origin", "--all"]),
+        ("fetch", ["fetch", "--all"]),
+        ("gc", ["gc", "-n"]),
+        ("merge-driver", ["merge-driver", "b", "o", "t", "p"]),
+    ]:
+        assert _verb_of(argv) == name
+        one, every = build_parser(name), build_parser()
+        got, want = vars(one.parse_args(argv)), vars(every.parse_args(argv))
+        assert got == want
+        only = next(a for a in one._actions if a.dest == "command")
+        assert list(only.choices) == [name]  # type: ignore[arg-type]
+        assert only.choices[name].format_help() == sub.choices[name].format_help()  # type: ignore[index]
+    for argv in (["--help"], ["-h", "add"], ["nonsense"], ["-q"], []):
+        assert _verb_of(argv) is None
+
+
+def test_unknown_command_lists_every_command(repo_dir: Path) -> None:
+    r = theta(repo_dir, "frobnicate", check=False)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    for name in ("add", "restore", "gc", "demo"):
+        assert name in r.stderr
