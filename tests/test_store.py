@@ -6,7 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import blake3
@@ -274,3 +277,29 @@ def test_malformed_messages_name_the_fault(repo_dir: Path) -> None:
 def test_fixture_copy_is_identical_to_shared() -> None:
     for e in fixture_entries():
         assert hashlib.sha256((FIXTURES / e["name"]).read_bytes()).hexdigest() == e["sha256"], e["name"]
+
+
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_a_bus_error_that_is_not_ours_still_ends_the_process(tmp_path: Path, faulthandler: bool) -> None:
+    """The core maps the file it adds and handles SIGBUS for its own mappings (a file cut short
+    meanwhile reads zeros and is an error). A bus error anywhere else still ends the process, as
+    it would without us: after the default action, or after the handler that was there before."""
+    script = """
+import mmap, sys
+from theta_store.checkpoint import scan
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(b"x" * 65536)
+scan(path)  # maps the file: the core's SIGBUS handler is now installed
+with open(path, "r+b") as f:
+    m = mmap.mmap(f.fileno(), 65536, access=mmap.ACCESS_READ)
+    f.truncate(0)
+    print(m[40000])  # beyond the end of the file: SIGBUS
+print("survived")
+"""
+    flags = ["-X", "faulthandler"] if faulthandler else []
+    r = subprocess.run([sys.executable, *flags, "-c", script, str(tmp_path / "f.bin")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
+    assert "survived" not in r.stdout
+    if faulthandler:
+        assert "Bus error" in r.stderr  # the previous handler ran

@@ -3,6 +3,7 @@
 //! - [`frame`]: chunk ids (BLAKE3) and frames (byte planes + rANS / zstd / raw per plane).
 //! - [`ans`]: the order-0 rANS coder used on float exponent planes.
 //! - [`cdc`]: content-defined chunking for opaque bytes.
+//! - [`mapped`]: read-only mappings of the file being added, safe if it is cut short meanwhile.
 //! - [`pack`]: Git pack and index writing (zlib level 0), plain-blob reads.
 //! - [`pipeline`]: whole files: scan, write the new chunks, restore.
 //! - [`pktline`]: git's pkt-line content framing for the filter process.
@@ -13,6 +14,7 @@ pub mod cdc;
 pub mod dtype;
 pub mod error;
 pub mod frame;
+pub mod mapped;
 pub mod pack;
 pub mod pipeline;
 pub mod pktline;

@@ -12,6 +12,7 @@ use crate::cdc::{self, CdcParams};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::frame::{self, hex, ChunkId};
+use crate::mapped::Mapped;
 use crate::pack::{self, ObjectId, PackWriter};
 
 /// A byte range of the file as the format adapter sees it.
@@ -222,7 +223,14 @@ pub fn scan_file(
         i = j;
     }
     let mut file_hasher = blake3::Hasher::new();
+    // The file is read through a mapping where it can be (no copy), else into two buffers in turn.
+    // (Mapping the next window's pages in one call while this one is hashed, MADV_POPULATE_READ,
+    // made no difference: 1.060 vs 1.060 core-s, 16 interleaved runs each.)
+    let mapped = Mapped::new(&file).filter(|m| m.bytes().len() as u64 == size);
     let read = |buf: &mut Vec<u8>, w: Option<&(usize, usize, u64, u64)>| -> Result<()> {
+        if mapped.is_some() {
+            return Ok(());
+        }
         if let Some(&(_, _, start, end)) = w {
             let len = (end - start) as usize;
             if buf.len() < len {
@@ -239,7 +247,10 @@ pub fn scan_file(
     for (k, &(i, j, start, end)) in windows.iter().enumerate() {
         let (window, tail) = std::mem::take(&mut rest).split_at_mut(j - i);
         rest = tail;
-        let data = &cur[..(end - start) as usize];
+        let data = match &mapped {
+            Some(m) => &m.bytes()[start as usize..end as usize],
+            None => &cur[..(end - start) as usize],
+        };
         let (got, ()) = rayon::join(
             || read(&mut next, windows.get(k + 1)),
             || {
@@ -255,10 +266,13 @@ pub fn scan_file(
             },
         );
         got?;
+        if let Some(m) = &mapped {
+            m.release(start as usize, end as usize);
+        }
         std::mem::swap(&mut cur, &mut next);
         progress.advance(end - start)?;
     }
-    if FileStamp::of(&file, &name)? != stamp {
+    if mapped.as_ref().is_some_and(Mapped::cut) || FileStamp::of(&file, &name)? != stamp {
         return Err(changed(&name));
     }
     Ok(Scan {
@@ -333,6 +347,8 @@ pub fn write_pack(
     if stamp.is_some_and(|s| FileStamp::of(&file, &name).ok() != Some(s)) {
         return Err(changed(&name));
     }
+    let end = chunks.iter().map(|c| c.offset + c.len).max().unwrap_or(0);
+    let mapped = Mapped::new(&file).filter(|m| m.bytes().len() as u64 >= end);
     let total: u64 = chunks.iter().map(|c| c.len).sum();
     let n = (total / PACK_MIN).clamp(1, rayon::current_num_threads().max(1) as u64) as usize;
     let groups = split_even(chunks, n.min(chunks.len()));
@@ -342,15 +358,23 @@ pub fn write_pack(
     // Buffers keep their length from chunk to chunk (a small chunk between two large ones would
     // otherwise cost a zero-fill of the next large one).
     let store = |c: &Chunk, raw: &mut Vec<u8>, f: &mut Vec<u8>, writer: &mut PackWriter| {
-        if raw.len() < c.len as usize {
-            *raw = vec![0; c.len as usize];
-        }
-        let raw = &mut raw[..c.len as usize];
-        read_exact_at(&file, &name, raw, c.offset)?;
+        let raw = match &mapped {
+            Some(m) => &m.bytes()[c.offset as usize..(c.offset + c.len) as usize],
+            None => {
+                if raw.len() < c.len as usize {
+                    *raw = vec![0; c.len as usize];
+                }
+                read_exact_at(&file, &name, &mut raw[..c.len as usize], c.offset)?;
+                &raw[..c.len as usize]
+            }
+        };
         if stamp.is_none() && frame::chunk_id(raw) != c.id {
             return Err(changed(&name));
         }
         let len = frame::encode_frame_into(raw, c.dtype, &c.id, f);
+        if let Some(m) = &mapped {
+            m.release(c.offset as usize, (c.offset + c.len) as usize);
+        }
         let f = &f[..len];
         let planes = frame::frame_info(f)?
             .planes
@@ -415,6 +439,9 @@ pub fn write_pack(
                 first_err.get_or_insert(e);
             }
         }
+    }
+    if first_err.is_none() && mapped.as_ref().is_some_and(Mapped::cut) {
+        first_err = Some(changed(&name));
     }
     if first_err.is_none() {
         if let Some(s) = stamp {
@@ -823,6 +850,61 @@ mod tests {
         )
         .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
+    }
+
+    /// Cuts the file short on its first call: a truncation in the middle of a pass.
+    struct CutShort(std::path::PathBuf, std::sync::atomic::AtomicBool);
+    impl Progress for CutShort {
+        fn advance(&self, _bytes: u64) -> Result<()> {
+            if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                File::options()
+                    .write(true)
+                    .open(&self.0)
+                    .unwrap()
+                    .set_len(4096)
+                    .unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    /// A file truncated while it is read through the mapping: no crash (SIGBUS), an error, and
+    /// no pack left behind.
+    #[test]
+    fn a_file_cut_short_during_a_pass_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        let data: Vec<u8> = (0..12_000_000u32)
+            .flat_map(|i| (i as f32 * 1e-6).to_le_bytes())
+            .collect();
+        let spans = [Span {
+            offset: 0,
+            len: data.len() as u64,
+            dtype: DType::F32,
+            align: 4,
+            opaque: false,
+        }];
+        // The scan: cut after its first window of 16 MiB.
+        std::fs::write(&path, &data).unwrap();
+        let cut = CutShort(path.clone(), false.into());
+        let err = scan_file(&path, &spans, 1 << 20, &cut).unwrap_err();
+        assert!(
+            err.to_string().contains("changed while being added"),
+            "{err}"
+        );
+        // The write: cut after its first chunk (without a stamp, so the chunks' ids decide).
+        std::fs::write(&path, &data).unwrap();
+        let scan = scan_file(&path, &spans, 1 << 20, &NoProgress).unwrap();
+        let chunks: Vec<Chunk> = scan.spans.iter().flatten().cloned().collect();
+        let packdir = dir.path().join("pack");
+        std::fs::create_dir(&packdir).unwrap();
+        let cut = CutShort(path.clone(), false.into());
+        let err = write_pack(&path, &chunks, &packdir, None, &cut).unwrap_err();
+        assert!(
+            err.to_string().contains("changed while being added"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&packdir).unwrap().count(), 0);
     }
 
     /// Frames served by id, as the bindings' object store serves loose objects.
