@@ -303,3 +303,22 @@ print("survived")
     assert "survived" not in r.stdout
     if faulthandler:
         assert "Bus error" in r.stderr  # the previous handler ran
+
+
+def test_add_still_reads_the_file_when_another_handler_takes_sigbus(tmp_path: Path) -> None:
+    """Once another library installs its own SIGBUS handler over the core's, the core maps no more
+    files (it would not be told of a file cut short) and reads them instead: same result."""
+    script = """
+import signal, sys, blake3
+from theta_store.checkpoint import scan
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(bytes(range(256)) * 40000)
+want = blake3.blake3(open(path, "rb").read()).digest()
+assert scan(path).file_id == want  # mapped; the core's handler is installed
+signal.signal(signal.SIGBUS, lambda *a: None)  # another handler, over the core's
+assert scan(path).file_id == want  # read with pread
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.bin")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr)

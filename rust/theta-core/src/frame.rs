@@ -437,7 +437,7 @@ fn sample_model(plane: &[u8], sample_hist: &[u64; 256]) -> [u64; 256] {
     let mut h = *sample_hist;
     // Blocks spread over the rest of the plane, so that a plane whose start is not like the rest
     // is still modelled.
-    const SPREAD: usize = 8;
+    const SPREAD: usize = 16;
     const BLOCK_LEN: usize = 8 * 1024;
     let rest = plane.len() - SAMPLE;
     if rest >= SPREAD * BLOCK_LEN {

@@ -35,7 +35,7 @@ const FREE: Slot = Slot {
 };
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
 
-/// The SIGBUS action found when ours was installed: handler address and flags.
+/// The SIGBUS action found when ours was installed: handler address and flags (set once).
 static PREVIOUS_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 static PREVIOUS_FLAGS: AtomicUsize = AtomicUsize::new(0);
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
@@ -87,18 +87,21 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     }
 }
 
-/// Make sure our handler is the one SIGBUS runs (another library may have installed its own since:
-/// it is then kept as the one we hand over to).
+/// Install our handler, once per process; then, whether it is still the one SIGBUS runs. If
+/// another library has installed its own since, we do not install ours over it again (that one
+/// may hand over to ours, and ours would hand back: a loop) and map nothing more: reads go
+/// through `pread`.
 fn ensure_handler() -> bool {
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let ours = on_sigbus as *const () as usize;
     unsafe {
         let mut current: libc::sigaction = std::mem::zeroed();
         if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut current) != 0 {
             return false;
         }
-        let ours = on_sigbus as *const () as usize;
-        if current.sa_sigaction == ours {
-            return true;
+        if INSTALLED.load(Ordering::Acquire) {
+            return current.sa_sigaction == ours;
         }
         let page = libc::sysconf(libc::_SC_PAGESIZE);
         if page > 0 {
@@ -110,7 +113,9 @@ fn ensure_handler() -> bool {
         act.sa_sigaction = ours;
         act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
         libc::sigemptyset(&mut act.sa_mask);
-        libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) == 0
+        let ok = libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) == 0;
+        INSTALLED.store(ok, Ordering::Release);
+        ok
     }
 }
 
