@@ -56,8 +56,18 @@ fn main() {
             ans::decode(e, &mut out[..c.len()]).unwrap();
             assert_eq!(&out[..c.len()], c);
         }
+        // The full histogram of a plane, which the encoder's sample model stands in for.
+        let t = cpu_secs();
+        let mut seen = 0u64;
+        for _ in 0..REPS {
+            for c in plane.chunks(chunk) {
+                seen += std::hint::black_box(ans::histogram(c))[0];
+            }
+        }
+        let hist = (REPS * n) as f64 / (cpu_secs() - t) / 1e6;
+        std::hint::black_box(seen);
         println!(
-            "plane {j}: ratio {:.5} ({size} bytes)  encode {enc:.0} Msym/s  decode {dec:.0} Msym/s",
+            "plane {j}: ratio {:.5} ({size} bytes)  encode {enc:.0} Msym/s  decode {dec:.0} Msym/s  histogram {hist:.0} MB/s",
             size as f64 / n as f64
         );
     }

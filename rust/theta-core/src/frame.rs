@@ -428,14 +428,18 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
 /// value in the plane's range (minimum to maximum: one pass at memory speed) that these did not
 /// see gets a count of one, so every byte of the plane has a code.
 ///
-/// This replaces a full histogram of the plane (a pass at ~1.7 GB/s, 0.05 core-seconds per
-/// 400 MB of randn fp32). Measured on the bench's inputs: MiniLM stored/raw fp32 0.8190 ->
+/// This replaces a full histogram of the plane (a pass at 1.2-1.5 GB/s on the randn model's
+/// planes: `cargo run --release -p theta-core --example ans_bench -- FILE`; an add of that 400 MB
+/// model went from 1.345 to 1.295 core-seconds, 10 interleaved runs each). Measured on the bench's inputs: MiniLM stored/raw fp32 0.8190 ->
 /// 0.8191, bf16 0.6627 -> 0.6628, fp16 0.8454 unchanged; the 400 MB randn model unchanged to 4
 /// digits. From the leading 64 KiB alone, MiniLM fp32 went to 0.8208: its planes are not
 /// stationary.
 fn sample_model(plane: &[u8], sample_hist: &[u64; 256]) -> [u64; 256] {
-    let lo = plane.iter().copied().min().unwrap_or(0) as usize;
-    let hi = plane.iter().copied().max().unwrap_or(0) as usize;
+    // Both ends in one pass (min() then max() read the plane twice).
+    let (lo, hi) = plane
+        .iter()
+        .fold((u8::MAX, 0u8), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+    let (lo, hi) = (lo as usize, hi as usize);
     const SPREAD: usize = 16;
     const BLOCK_LEN: usize = 8 * 1024;
     let mut h = *sample_hist;
@@ -470,7 +474,8 @@ pub fn encode_frame_with_id(data: &[u8], dtype: DType, id: &ChunkId) -> Vec<u8> 
 /// Encode one chunk whose BLAKE3 is already known into `out` and return the frame's length:
 /// the frame is `out[..len]`, and the rest of `out` is scratch. Reusing `out` from chunk to chunk
 /// saves allocating and faulting in a frame each time; its length is kept (not cut to the frame)
-/// so that the next chunk need not zero-fill it again (~70 MB of memset per 400 MB of randn fp32).
+/// so that the next chunk need not zero-fill it again (memset was 1.85% of an add's CPU in
+/// `perf` while it was cut).
 ///
 /// The planes are split straight into the frame, where they are coded in order: a plane that
 /// stays raw (the mantissa bytes, most of a float tensor) is then already in place, not copied
