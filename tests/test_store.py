@@ -279,24 +279,40 @@ def test_fixture_copy_is_identical_to_shared() -> None:
         assert hashlib.sha256((FIXTURES / e["name"]).read_bytes()).hexdigest() == e["sha256"], e["name"]
 
 
+# The SIGBUS handler installed in the process (ctypes over sigaction(2); the handler is the first
+# member of struct sigaction, 152 bytes on x86-64 glibc).
+HANDLER_OF = """
+import ctypes
+def handler_of(sig):
+    act = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None).sigaction(sig, None, act) == 0
+    return ctypes.c_void_p.from_buffer(act).value
+"""
+
+
 @pytest.mark.parametrize("faulthandler", [False, True])
 def test_a_bus_error_that_is_not_ours_still_ends_the_process(tmp_path: Path, faulthandler: bool) -> None:
     """The core maps the file it adds and handles SIGBUS for its own mappings (a file cut short
     meanwhile reads zeros and is an error). A bus error anywhere else still ends the process, as
     it would without us: after the default action, or after the handler that was there before."""
-    script = """
-import mmap, sys
+    script = (
+        HANDLER_OF
+        + """
+import mmap, signal, sys
 from theta_store.checkpoint import scan
 path = sys.argv[1]
 with open(path, "wb") as f:
     f.write(b"x" * 65536)
+before = handler_of(signal.SIGBUS)
 scan(path)  # maps the file: the core's SIGBUS handler is now installed
+assert handler_of(signal.SIGBUS) not in (before, None), "the core installed no handler"
 with open(path, "r+b") as f:
     m = mmap.mmap(f.fileno(), 65536, access=mmap.ACCESS_READ)
     f.truncate(0)
     print(m[40000])  # beyond the end of the file: SIGBUS
 print("survived")
 """
+    )
     flags = ["-X", "faulthandler"] if faulthandler else []
     r = subprocess.run([sys.executable, *flags, "-c", script, str(tmp_path / "f.bin")], capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
@@ -308,7 +324,9 @@ print("survived")
 def test_add_still_reads_the_file_when_another_handler_takes_sigbus(tmp_path: Path) -> None:
     """Once another library installs its own SIGBUS handler over the core's, the core maps no more
     files (it would not be told of a file cut short) and reads them instead: same result."""
-    script = """
+    script = (
+        HANDLER_OF
+        + """
 import signal, sys, blake3
 from theta_store.checkpoint import scan
 path = sys.argv[1]
@@ -317,8 +335,11 @@ with open(path, "wb") as f:
 want = blake3.blake3(open(path, "rb").read()).digest()
 assert scan(path).file_id == want  # mapped; the core's handler is installed
 signal.signal(signal.SIGBUS, lambda *a: None)  # another handler, over the core's
+other = handler_of(signal.SIGBUS)
 assert scan(path).file_id == want  # read with pread
+assert handler_of(signal.SIGBUS) == other, "the core installed its handler over another one"
 print("ok")
 """
+    )
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.bin")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr)
