@@ -37,7 +37,6 @@ def version_of(repo: Path, rev: str = "HEAD", path: str = "model.safetensors") -
 # ---------------------------------------------------------------- 1. no hook, no data
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_add_without_track_then_push_carries_the_version(tmp_path: Path, file_remote: Remote) -> None:
     """`git init; theta-store add; git commit; git push` with a global install only."""
     a = tmp_path / "a"
@@ -52,7 +51,6 @@ def test_add_without_track_then_push_carries_the_version(tmp_path: Path, file_re
     assert version_of(a) in versions(file_remote.path)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_clone_with_attributes_only_then_add_and_push(tmp_path: Path, file_remote: Remote) -> None:
     """A clone whose HEAD has only .gitattributes runs no filter: `theta-store add` must set the hook."""
     a = new_repo(tmp_path / "a")
@@ -70,7 +68,6 @@ def test_clone_with_attributes_only_then_add_and_push(tmp_path: Path, file_remot
     assert (c / "model.safetensors").read_bytes() == model_bytes(1, layers=1)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_push_check_and_fsck_remote_list_commits_the_remote_lacks(tmp_path: Path, file_remote: Remote) -> None:
     a = new_repo(tmp_path / "a")
     g(a, "remote", "add", "origin", file_remote.url)
@@ -102,7 +99,6 @@ def test_push_check_and_fsck_remote_list_commits_the_remote_lacks(tmp_path: Path
 
 
 @pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs is not installed (.ci/run installs it)")
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_git_lfs_update_force_is_undone_by_the_next_command(tmp_path: Path, file_remote: Remote) -> None:
     a = new_repo(tmp_path / "a")
     g(a, "remote", "add", "origin", file_remote.url)
@@ -130,7 +126,6 @@ def test_git_lfs_update_force_is_undone_by_the_next_command(tmp_path: Path, file
     assert "restored" in r.stderr and "theta-store" in hook.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_touch_and_status_restore_a_replaced_hook(tmp_path: Path) -> None:
     """The filter's hot path (an unchanged file re-cleaned from the cache) checks the hook too."""
     a = new_repo(tmp_path / "a")
@@ -148,7 +143,6 @@ def test_touch_and_status_restore_a_replaced_hook(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- 3. incomplete pushes
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_push_to_a_new_remote_fetches_older_versions_first(tmp_path: Path, file_remote: Remote) -> None:
     a = new_repo(tmp_path / "a")
     g(a, "remote", "add", "origin", file_remote.url)
@@ -170,7 +164,6 @@ def test_push_to_a_new_remote_fetches_older_versions_first(tmp_path: Path, file_
         assert (c / "model.safetensors").read_bytes() == model_bytes(0, bias=0.0, layers=1)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_push_refuses_when_a_version_is_nowhere(tmp_path: Path, file_remote: Remote) -> None:
     a = new_repo(tmp_path / "a")
     g(a, "remote", "add", "origin", file_remote.url)
@@ -195,7 +188,6 @@ def test_push_refuses_when_a_version_is_nowhere(tmp_path: Path, file_remote: Rem
 # ---------------------------------------------------------------- 4. dry runs and rejected pushes
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_dry_run_sends_nothing(tmp_path: Path, file_remote: Remote) -> None:
     a = new_repo(tmp_path / "a")
     g(a, "remote", "add", "origin", file_remote.url)
@@ -209,7 +201,6 @@ def test_dry_run_sends_nothing(tmp_path: Path, file_remote: Remote) -> None:
     assert versions(file_remote.path) == versions(a)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed in the next commit")
 def test_rejected_push_uploads_no_version(tmp_path: Path, daemon_remote: Remote) -> None:
     a = new_repo(tmp_path / "a")
     g(a, "push", "-q", daemon_remote.url, "main")

@@ -88,6 +88,15 @@ def cmd_add(args: argparse.Namespace) -> int:
         f"reused {_mb(r.reused_bytes)} in {r.reused_chunks} chunks"
         for r in reports
     ]
+    for r in reports:
+        if not r.tracked:
+            ext = os.path.splitext(r.path)[1]
+            print(
+                f"theta-store: warning: {r.path} is not tracked by any .gitattributes pattern: collaborators will get its"
+                f" pointer file, not the checkpoint (hint: theta-store track '*{ext or os.path.basename(r.path)}', then commit"
+                " .gitattributes)",
+                file=sys.stderr,
+            )
     _out(args, [report_dict(r) for r in reports], "\n".join(lines))
     return 0
 
@@ -150,6 +159,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from .repo import Repo
 
+    if args.remote is not None:
+        return _check_remote(args, args.remote or None, None)
     with Repo(args.C) as repo:
         r = repo.fsck(progress=args.progress)
     lines = [f"{p['version'][:12]} {p['object'][:12]} {p['problem']}" for p in r["problems"]]
@@ -205,21 +216,54 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .gitstore import GitStore
     from .remote import push
+    from .repo import Repo
 
-    with GitStore(".") as store:
-        r = push(store, args.remote, args.revs, all_refs=args.all)
+    if args.check:
+        return _check_remote(args, args.remote, ["--branches", "--tags"] if args.all else (args.revs or ["HEAD"]))
+    with Repo(args.C) as repo:
+        r = push(repo.store, args.remote, args.revs, all_refs=args.all)
     _out(args, r, f"{r['versions']} version(s) pushed")
     return 0
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
-    from .gitstore import GitStore
-    from .remote import gc
+def _check_remote(args: argparse.Namespace, remote: str | None, revs: list[str] | None) -> int:
+    """`push --check` and `fsck --remote`: list the commits whose checkpoint versions the remote lacks."""
+    from .remote import check_remote
+    from .repo import Repo
 
-    with GitStore(".") as store:
-        r = gc(store, dry_run=args.dry_run, prune=args.prune)
+    with Repo(args.C) as repo:
+        if revs is None:  # the remote's branches, as last fetched
+            name = remote or "origin"
+            tracking = repo.store.git("for-each-ref", "--format=%(refname)", f"refs/remotes/{name}/").split()
+            if not tracking:
+                raise ThetaStoreError(f"no remote-tracking branches of {name!r} here", hint=f"git fetch {name}")
+            remote, revs = name, [f"--remotes={name}"]
+        r = check_remote(repo.store, remote, revs)
+    missing = r["missing"]
+    assert isinstance(missing, list)
+    lines = [
+        f"{m['commit'][:12]} {m['path']}: checkpoint version {m['version'][:16]} is not on {r['remote']}"
+        + ("" if m["here"] else " (nor here)")
+        for m in missing
+    ]
+    if r["ok"]:
+        lines.append(f"{r['remote']} has all {r['versions']} checkpoint version(s) that {' '.join(map(str, r['revs']))} need")
+    else:
+        lines.append(
+            f"{len(missing)} commit(s) point to checkpoint versions {r['remote']} lacks"
+            f" (hint: theta-store push {r['remote']} {' '.join(map(str, r['revs']))} sends the ones this repository has)"
+        )
+    _out(args, r, "\n".join(lines))
+    return 0 if r["ok"] else 1
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .remote import gc
+    from .repo import Repo
+
+    with Repo(args.C) as repo:
+        r = gc(repo.store, dry_run=args.dry_run, prune=args.prune)
     verb = "would drop" if args.dry_run else "dropped"
     dropped = r["dropped"]
     assert isinstance(dropped, list)
@@ -309,7 +353,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = verb("show", "per-tensor table of a stored checkpoint ([REV:]PATH)", cmd_show)
     sp.add_argument("path", metavar="[REV:]PATH")
     verb("stats", "raw vs stored bytes, dedup, per checkpoint", cmd_stats)
-    verb("fsck", "re-hash every stored object; report missing or corrupt ones", cmd_fsck)
+    sp = verb("fsck", "re-hash every stored object; report missing or corrupt ones", cmd_fsck)
+    sp.add_argument(
+        "--remote",
+        nargs="?",
+        const="",
+        metavar="REMOTE",
+        help="instead: list the commits on REMOTE's branches (as last fetched) whose checkpoint versions REMOTE lacks",
+    )
     sp = verb("install", "configure git to use theta-store (filter, diff, merge drivers, hooks)", cmd_install)
     sp.add_argument("--global", dest="global_", action="store_true", help="in ~/.gitconfig for every repository")
     sp.add_argument("--local", dest="global_", action="store_false", help="in this repository (default)")
@@ -325,6 +376,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("remote", nargs="?", default=None)
     sp.add_argument("revs", nargs="*", metavar="REV")
     sp.add_argument("--all", action="store_true", help="what every branch and tag needs")
+    sp.add_argument(
+        "--check", action="store_true", help="send nothing: list the commits whose checkpoint versions the remote lacks (exit 1 if any)"
+    )
     sp = verb("gc", "drop stored versions that no branch, tag or remote-tracking ref needs", cmd_gc)
     sp.add_argument("--dry-run", "-n", action="store_true", help="only show what would go")
     sp.add_argument("--prune", action="store_true", help="then run git gc --prune=now to free the space")

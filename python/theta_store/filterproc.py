@@ -19,6 +19,7 @@ import threading
 
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ThetaStoreError
+from .hooks import looks_installed
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 # Not typing, pathlib or re: this module starts with every filter process git runs (see
@@ -485,6 +486,12 @@ class Repository:
         self._opened: GitStore | None = None
         self._error: BaseException | None = None
         self._cache: CleanCache | None = None
+        # Every time git starts us: a hook another tool put in place of ours would let the next
+        # push go without its checkpoint versions. Asking git costs a process: only when unsure.
+        self._hooks: threading.Thread | None = None
+        if self.common_dir is None or not looks_installed(self.common_dir):
+            self._hooks = threading.Thread(target=_check_hooks, name="theta-store-hooks")
+            self._hooks.start()
 
     def prefetch(self) -> None:
         """Start opening the object store, if that has not begun."""
@@ -505,12 +512,6 @@ class Repository:
             return
         finally:
             self._ready.set()
-        from .install import ensure_hooks
-
-        try:
-            ensure_hooks(store)
-        except (ThetaStoreError, OSError) as e:  # never stop checkouts over a hook: say it, go on
-            print(f"theta-store: warning: {_message(e)}", file=sys.stderr)
 
     @property
     def store(self) -> GitStore:
@@ -546,10 +547,18 @@ class Repository:
         return self.store.read_object(oid)
 
     def close(self) -> None:
+        if self._hooks is not None:
+            self._hooks.join()
         if self._thread is not None:
             self._thread.join()
         if self._opened is not None:
             self._opened.close()
+
+
+def _check_hooks() -> None:
+    from .install import ensure_hooks_and_say
+
+    ensure_hooks_and_say(".")
 
 
 def run() -> int:

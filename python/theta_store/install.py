@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ThetaStoreError
-from .gitstore import GitStore
+from .errors import NotARepository, ThetaStoreError
+from .hooks import CHAINED_SUFFIX, HOOK_MARK
+
+TYPE_CHECKING = False  # not typing's: the filter process imports this module (see __init__.py)
+if TYPE_CHECKING:
+    from .gitstore import GitStore
 
 ATTRS = "filter=thetastore diff=thetastore merge=thetastore -text"
-HOOK_MARK = "# theta-store pre-push hook"
-CHAINED_SUFFIX = ".before-theta-store"
 # Our version trees name frames <2 hex>/<62 hex>: never let git waste time on delta search for them.
 NO_DELTA_LINE = "??/" + "?" * 62 + " -delta"
 
@@ -51,8 +53,7 @@ def install(path: str = ".", scope: str = "local") -> list[str]:
         subprocess.run(["git", "config", f"--{scope}", key, value], cwd=cwd, check=True, capture_output=True)
         done.append(f"{key}={value}")
     if scope == "local":
-        with GitStore(path) as store:
-            done += ensure_hooks(store)
+        done += ensure_hooks(path)
     return done
 
 
@@ -68,11 +69,14 @@ def ensure_filter(path: str = ".") -> list[str]:
     return install(path, "local")
 
 
-def _hooks_dir(store: GitStore) -> Path:
-    args = ["git", "rev-parse", "--git-path", "hooks"]
-    out = subprocess.run(args, cwd=store.worktree, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
-    p = Path(out.stdout.strip())
-    return p if p.is_absolute() else store.worktree / p
+def git_dirs(where: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The hooks directory and the common git directory of the repository at `where` (absolute)."""
+    args = ["git", "rev-parse", "--path-format=absolute", "--git-path", "hooks", "--git-common-dir"]
+    r = subprocess.run(args, cwd=where, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise NotARepository(f"{os.path.abspath(where)}: not inside a Git repository", hint="run git init first")
+    hooks, common = r.stdout.splitlines()[:2]
+    return Path(hooks), Path(common)
 
 
 def hook_script() -> str:
@@ -85,11 +89,12 @@ def hook_script() -> str:
     return f"""#!/bin/sh
 {HOOK_MARK}: sends the checkpoint versions the pushed commits need.
 # A hook that was here before is kept as pre-push{CHAINED_SUFFIX} and runs after this one.
+# $PPID is the git that runs the hook: its command line tells a dry run (git does not say it).
 input=$(mktemp) || exit 1
 trap 'rm -f "$input"' EXIT
 cat > "$input"
 if [ "${{THETA_STORE_SKIP_PUSH:-}}" != 1 ]; then
-{missing}  {cmd} pre-push "$@" < "$input" || exit $?
+{missing}  THETA_STORE_GIT_PID=$PPID {cmd} pre-push "$@" < "$input" || exit $?
 fi
 if [ -x "$0{CHAINED_SUFFIX}" ]; then
   "$0{CHAINED_SUFFIX}" "$@" < "$input" || exit $?
@@ -103,15 +108,19 @@ fi
 """
 
 
-def ensure_hooks(store: GitStore) -> list[str]:
-    """Install the pre-push hook (idempotent); an existing foreign hook is kept and chained.
+def ensure_hooks(where: str | os.PathLike[str] = ".") -> list[str]:
+    """Install the pre-push hook (idempotent); a foreign hook found in its place is kept and chained.
 
-    Raises ThetaStoreError if a foreign hook is here and a different one is already chained.
+    Every command that touches a repository calls this, and so does the filter process: another
+    tool may have replaced our hook (`git lfs update --force` does), and a push without it would
+    send commits without their checkpoint versions. Returns what it did to another tool's hook, in
+    words for the user (nothing when there was none or ours was there). Raises ThetaStoreError if a foreign hook is here and a
+    different one is already chained.
     """
     done: list[str] = []
-    hooks = _hooks_dir(store)
+    hooks, common = git_dirs(where)
     hooks.mkdir(parents=True, exist_ok=True)
-    _no_delta_attributes(store)
+    ours_before = _no_delta_attributes(common)  # written with our first hook: this repository had it
     hook = hooks / "pre-push"
     chained = hooks / ("pre-push" + CHAINED_SUFFIX)
     script = hook_script()
@@ -122,28 +131,46 @@ def ensure_hooks(store: GitStore) -> list[str]:
         if HOOK_MARK not in current:
             if not chained.exists():
                 os.replace(hook, chained)
-                done.append(f"kept the existing pre-push hook as {chained.name}")
             elif chained.read_text(errors="replace") != current:
                 # e.g. `git lfs update --force` over ours, after a first foreign hook was chained
                 raise ThetaStoreError(
-                    f"{hook} is not theta-store's and {chained.name} is another hook: theta-store's pre-push hook is not installed",
+                    f"{hook} is not theta-store's and {chained.name} is another hook: theta-store's pre-push hook is not installed,"
+                    " so a git push would send commits without their checkpoint versions",
                     hint=f"merge {hook.name} into {chained.name} by hand, delete {hook.name}, then run `theta-store install`",
                 )
             # else: the hook here is the one already chained (re-installed over ours): just put ours back
+            if ours_before:
+                done.append(
+                    f"restored theta-store's pre-push hook in {hooks}: another tool had replaced it (theirs runs from {chained.name})"
+                )
+            else:
+                done.append(f"installed theta-store's pre-push hook in {hooks}; kept the existing pre-push hook as {chained.name}")
     tmp = hook.with_name("pre-push.theta-tmp")
     tmp.write_text(script)
     tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     os.replace(tmp, hook)
-    done.append(f"installed {hook}")
     return done
 
 
-def _no_delta_attributes(store: GitStore) -> None:
-    info = store.common_dir / "info" / "attributes"
+def ensure_hooks_and_say(where: str | os.PathLike[str] = ".") -> None:
+    """ensure_hooks, telling the user on stderr what changed; a hook that cannot be set is a warning."""
+    try:
+        done = ensure_hooks(where)
+    except (ThetaStoreError, OSError) as e:
+        done = [f"warning: {e}"]
+    for line in done:
+        print(f"theta-store: {line}", file=sys.stderr)
+
+
+def _no_delta_attributes(common_dir: Path) -> bool:
+    """Keep git's delta search off our frames; returns whether the line was there already."""
+    info = common_dir / "info" / "attributes"
     lines = info.read_text().splitlines() if info.exists() else []
-    if NO_DELTA_LINE not in lines:
-        info.parent.mkdir(parents=True, exist_ok=True)
-        info.write_text("\n".join([*lines, NO_DELTA_LINE]) + "\n")
+    if NO_DELTA_LINE in lines:
+        return True
+    info.parent.mkdir(parents=True, exist_ok=True)
+    info.write_text("\n".join([*lines, NO_DELTA_LINE]) + "\n")
+    return False
 
 
 def _attributes(store: GitStore) -> Path:
@@ -152,8 +179,10 @@ def _attributes(store: GitStore) -> Path:
 
 def track(patterns: list[str], path: str = ".") -> list[str]:
     """Add `PATTERN filter=thetastore ...` lines to .gitattributes (idempotent)."""
+    from .gitstore import GitStore
+
     with GitStore(path) as store:
-        ensure_hooks(store)
+        ensure_hooks_and_say(store.worktree)
         f = _attributes(store)
         lines = f.read_text().splitlines() if f.exists() else []
         added = []
@@ -171,6 +200,8 @@ def track(patterns: list[str], path: str = ".") -> list[str]:
 
 def untrack(patterns: list[str], path: str = ".") -> list[str]:
     """Remove our lines for these patterns; lines of other tools (filter=lfs, filter=theta) stay."""
+    from .gitstore import GitStore
+
     with GitStore(path) as store:
         f = _attributes(store)
         if not f.exists():

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 if sys.platform != "win32":
     import fcntl
@@ -192,8 +193,17 @@ class VersionsMissing(ObjectNotFound):
         return f"{where}checkpoint version {version.hex()[:16]} is not here and not on {remotes}"
 
 
-def ensure_versions(store: GitStore, ids: set[bytes], *, quiet: bool = False, what: str = "", remote: str | None = None) -> int:
-    """Make sure these versions are local, fetching from the remotes. Returns how many were fetched.
+def ensure_versions(
+    store: GitStore,
+    ids: set[bytes],
+    *,
+    quiet: bool = False,
+    what: str = "",
+    remote: str | None = None,
+    exclude: Iterable[str] = (),
+) -> int:
+    """Make sure these versions are local, fetching from the remotes (but `exclude`). Returns how
+    many were fetched.
 
     Raises VersionsMissing (naming the version, `what` and every remote tried) if some stay missing.
     """
@@ -202,7 +212,7 @@ def ensure_versions(store: GitStore, ids: set[bytes], *, quiet: bool = False, wh
         return 0
     tried = []
     fetched = 0
-    for name in [remote] if remote else remotes(store):
+    for name in [remote] if remote else [r for r in remotes(store) if r not in exclude]:
         try:
             got = fetch_versions(store, name, missing)
         except ThetaStoreError as e:
@@ -223,6 +233,11 @@ def ensure_versions(store: GitStore, ids: set[bytes], *, quiet: bool = False, wh
 
 def pointers_in(store: GitStore, revs: list[str], exclude: list[str] | None = None) -> dict[bytes, str]:
     """manifest id -> a path, for every pointer blob among the objects of `revs` (minus `exclude`)."""
+    return {v: path for v, path in pointer_blobs(store, revs, exclude).values()}
+
+
+def pointer_blobs(store: GitStore, revs: list[str], exclude: list[str] | None = None) -> dict[str, tuple[bytes, str]]:
+    """blob id (hex) -> (manifest id, a path), for every pointer blob among the objects of `revs` (minus `exclude`)."""
     args = ["rev-list", "--objects", *revs]
     if exclude:
         args += ["--not", *exclude]
@@ -240,11 +255,15 @@ def pointers_in(store: GitStore, revs: list[str], exclude: list[str] | None = No
         oid, kind, size = line.split()
         if kind == "blob" and int(size) <= POINTER_MAX:
             small.append(oid)
-    return _read_pointers(store, small, paths)
+    return _pointer_blobs(store, small, paths)
 
 
 def _read_pointers(store: GitStore, oids: list[str], paths: dict[str, str]) -> dict[bytes, str]:
-    out: dict[bytes, str] = {}
+    return {v: path for v, path in _pointer_blobs(store, oids, paths).values()}
+
+
+def _pointer_blobs(store: GitStore, oids: list[str], paths: dict[str, str]) -> dict[str, tuple[bytes, str]]:
+    out: dict[str, tuple[bytes, str]] = {}
     if not oids:
         return out
     data = _git(store, "cat-file", "--batch", input="\n".join(oids).encode() + b"\n").stdout
@@ -256,7 +275,7 @@ def _read_pointers(store: GitStore, oids: list[str], paths: dict[str, str]) -> d
         pos = nl + 1 + int(size) + 1
         if looks_like_pointer(blob):
             try:
-                out[Pointer.parse(blob, paths.get(oid, oid)).manifest_id] = paths.get(oid, oid)
+                out[oid] = (Pointer.parse(blob, paths.get(oid, oid)).manifest_id, paths.get(oid, oid))
             except ThetaStoreError:
                 continue
     return out
@@ -266,20 +285,69 @@ def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[s
     """The pre-push hook: push refs/theta/<id> for every version the pushed commits point to."""
     if os.environ.get("THETA_STORE_SKIP_PUSH") == "1":
         return {"versions": 0}
+    push_args = _push_command_line()
+    dry_run, forced = _push_flags(push_args)
     tips, exclude = [], []
     named = remote in _git(store, "remote", check=False).stdout.decode().split()
+    forced = forced or (named and _configured_force(store, remote))
     for line in lines:
         parts = line.split()
         if len(parts) != 4 or parts[1] == ZERO:
             continue
+        if parts[3] != ZERO:
+            if _git(store, "cat-file", "-e", parts[3], check=False).returncode == 0:
+                exclude.append(parts[3])
+            elif not forced and push_args is not None:
+                # The remote's tip is unknown here: git rejects this ref ("fetch first") after
+                # the hook, so sending its versions now would upload data for nothing.
+                continue
         tips.append(parts[1])
-        if parts[3] != ZERO and _git(store, "cat-file", "-e", parts[3], check=False).returncode == 0:
-            exclude.append(parts[3])
     if not tips:
         return {"versions": 0}
     if named:
         exclude.append(f"--remotes={remote}")
-    return send_versions(store, remote, remote if named else url, pointers_in(store, tips, exclude))
+    return send_versions(store, remote, remote if named else url, pointers_in(store, tips, exclude), dry_run=dry_run)
+
+
+def _push_command_line() -> list[str] | None:
+    """The arguments of the `git push` running this hook (the hook passes its pid), if known."""
+    pid = os.environ.get("THETA_STORE_GIT_PID", "")
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    words = [a.decode(errors="surrogateescape") for a in args if a]
+    return words[words.index("push") + 1 :] if "push" in words else None
+
+
+def _push_flags(args: list[str] | None) -> tuple[bool, bool]:
+    """(dry run, forced) as git push's parse-options would read `args`; unknown -> (False, True)."""
+    if args is None:
+        return False, True
+    dry = forced = False
+    options = True
+    for a in args:
+        if options and a == "--":
+            options = False
+        elif options and a.startswith("--"):
+            dry |= a == "--dry-run"
+            forced |= a.startswith(("--force", "--mirror"))
+        elif options and a.startswith("-") and len(a) > 1:
+            for ch in a[1:]:  # bundled short options; -o takes the rest as its value
+                if ch == "o":
+                    break
+                dry |= ch == "n"
+                forced |= ch == "f"
+        else:
+            forced |= a.startswith("+")
+    return dry, forced
+
+
+def _configured_force(store: GitStore, remote: str) -> bool:
+    r = _git(store, "config", "--get-all", f"remote.{remote}.push", check=False)
+    mirror = _git(store, "config", "--bool", f"remote.{remote}.mirror", check=False).stdout.strip() == b"true"
+    return mirror or any(spec.startswith(b"+") for spec in r.stdout.split())
 
 
 def push(store: GitStore, remote: str | None, revs: list[str], all_refs: bool = False) -> dict[str, int]:
@@ -294,23 +362,37 @@ def push(store: GitStore, remote: str | None, revs: list[str], all_refs: bool = 
     return send_versions(store, name, name, pointers_in(store, ["--branches", "--tags"] if all_refs else (revs or ["HEAD"])))
 
 
-def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes, str]) -> dict[str, int]:
-    """Push refs/theta/<id> for the versions in `needed` (id -> a path that uses it) that `target` lacks."""
+class IncompletePush(ThetaStoreError):
+    """A push whose history needs checkpoint versions that are neither here nor on another remote."""
+
+
+def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes, str], *, dry_run: bool = False) -> dict[str, int]:
+    """Push refs/theta/<id> for the versions in `needed` (id -> a path that uses it) that `target` lacks.
+
+    Versions missing here are fetched first from the other remotes. A version that none has makes
+    the push fail (the remote's clones could not check it out), unless thetastore.allowIncompletePush
+    is set, as with Git LFS's lfs.allowincompletepush.
+    """
     if not needed:
         return {"versions": 0}
     everything = remote_versions(store, target)  # one ls-remote: also tells new frames from reused ones
     on_remote = everything & set(needed)
     todo = sorted(v for v in needed if v not in on_remote)
+    absent = {v for v in todo if store.version_commit(v) is None}
+    fetched = 0
+    if absent and dry_run:
+        print(f"theta-store: dry run: {len(absent)} checkpoint version(s) the push needs are not here", file=sys.stderr)
+    elif absent:
+        try:
+            fetched = ensure_versions(store, absent, quiet=True, exclude=(remote, target))
+        except VersionsMissing as e:
+            fetched = len(absent - e.missing)
+            _incomplete(store, remote, {v: needed[v] for v in e.missing}, e.tried)
+        if fetched:
+            print(f"theta-store: fetched {fetched} checkpoint version(s) that the pushed history needs", file=sys.stderr)
     local = [v for v in todo if store.version_commit(v) is not None]
-    for v in todo:
-        if v not in local:
-            print(
-                f"theta-store: warning: {needed[v]} points to version {v.hex()[:16]}, which is not in this repository;"
-                " the remote will not be able to check it out",
-                file=sys.stderr,
-            )
     if not local:
-        return {"versions": 0}
+        return {"versions": 0, "fetched": fetched}
     new_frames = _frames(store, local)
     old_frames: set[bytes] = set()
     for v in everything:
@@ -318,6 +400,10 @@ def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes,
             old_frames |= set(store.version_frames(v))
     new_bytes = sum(n for cid, n in new_frames.items() if cid not in old_frames)
     reused = sum(n for cid, n in new_frames.items() if cid in old_frames)
+    sizes = f"{new_bytes / 1e6:.2f} MB new, {reused / 1e6:.2f} MB already there"
+    if dry_run:
+        print(f"theta-store: dry run: would push {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)
+        return {"versions": 0, "would_push": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
     for i in range(0, len(local), PUSH_BATCH):
         specs = [f"{ref_name(v)}:{ref_name(v)}" for v in local[i : i + PUSH_BATCH]]
         with _transport_lock(store):
@@ -327,12 +413,60 @@ def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes,
                 f"pushing checkpoint versions to {remote} failed: {r.stderr.decode(errors='replace').strip()}",
                 hint="set THETA_STORE_SKIP_PUSH=1 to push the commits alone",
             )
-    print(
-        f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {new_bytes / 1e6:.2f} MB new, "
-        f"{reused / 1e6:.2f} MB already there",
-        file=sys.stderr,
+    print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)
+    return {"versions": len(local), "new_bytes": new_bytes, "reused_bytes": reused, "fetched": fetched}
+
+
+def _incomplete(store: GitStore, remote: str, missing: dict[bytes, str], tried: list[str]) -> None:
+    """Refuse a push that would leave `remote` without versions its history needs, or say it goes anyway."""
+    where = ", ".join(tried) or "no other remote"
+    lines = [
+        f"{path} points to checkpoint version {v.hex()[:16]}, which is not in this repository nor on {where}" for v, path in missing.items()
+    ]
+    allowed = _git(store, "config", "--bool", "thetastore.allowIncompletePush", check=False).stdout.strip() == b"true"
+    if allowed:
+        for line in lines:
+            print(f"theta-store: warning: {line}", file=sys.stderr)
+        print(
+            f"theta-store: warning: incomplete push (thetastore.allowIncompletePush): {remote}'s clones cannot check out"
+            f" {len(missing)} checkpoint version(s)",
+            file=sys.stderr,
+        )
+        return
+    raise IncompletePush(
+        "refusing an incomplete push: " + "; ".join(lines),
+        hint="fetch the versions from a remote that has them (`theta-store fetch --all REMOTE`), or push anyway with"
+        " `git config thetastore.allowIncompletePush true` (the remote's clones will not be able to check them out)",
     )
-    return {"versions": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
+
+
+def check_remote(store: GitStore, remote: str | None, revs: list[str]) -> dict[str, Any]:
+    """The commits among `revs` and their history whose checkpoint versions `remote` lacks.
+
+    What `theta-store push --check` and `fsck --remote` report, like `git lfs fsck --pointers`
+    for a remote: each missing version with the commits that introduce it and a path.
+    """
+    name = remote or (remotes(store) or [""])[0]
+    if not name:
+        raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
+    blobs = pointer_blobs(store, revs)
+    needed = {v for v, _ in blobs.values()}
+    have = remote_versions(store, name, sorted(needed))
+    lacking = {oid: vp for oid, vp in blobs.items() if vp[0] not in have}
+    missing: list[dict[str, str | bool]] = []
+    if lacking:
+        log = _git(store, "log", "--format=%x00%H", "--raw", "--no-abbrev", "--no-renames", "--diff-merges=first-parent", *revs)
+        commit = ""
+        for line in log.stdout.decode(errors="surrogateescape").splitlines():
+            if line.startswith("\0"):
+                commit = line[1:]
+            elif line.startswith(":"):
+                meta, _, path = line.partition("\t")
+                oid = meta.split()[3]
+                if oid in lacking:
+                    v = lacking[oid][0]
+                    missing.append({"commit": commit, "path": path, "version": v.hex(), "here": store.version_commit(v) is not None})
+    return {"remote": name, "revs": revs, "versions": len(needed), "missing": missing, "ok": not lacking}
 
 
 def _frames(store: GitStore, versions: Iterable[bytes]) -> dict[bytes, int]:

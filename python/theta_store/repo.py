@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -11,6 +11,7 @@ from . import _native
 from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, load_manifest, restore_to
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
 from .gitstore import GitStore
+from .install import ensure_hooks_and_say
 from .pointer import Pointer, looks_like_pointer
 
 FSCK_BATCH = 16
@@ -27,6 +28,7 @@ class AddReport:
     reused_chunks: int
     new_bytes: int
     reused_bytes: int
+    tracked: bool = True  # a .gitattributes pattern gives the path our filter: clones get the checkpoint
 
 
 class Repo:
@@ -42,9 +44,11 @@ class Repo:
         1
     """
 
-    def __init__(self, path: str | os.PathLike[str] = ".") -> None:
+    def __init__(self, path: str | os.PathLike[str] = ".", *, hooks: bool = True) -> None:
         self.store = GitStore(path)
         self.root = str(self.store.worktree)
+        if hooks:  # every command that touches a repository: a push must never go without its versions
+            ensure_hooks_and_say(self.root)
 
     def close(self) -> None:
         self.store.close()
@@ -95,7 +99,20 @@ class Repo:
                     r.reused_bytes,
                 )
             )
+        if stage:
+            untracked = set(self.untracked(report.path for report in reports))
+            for report in reports:
+                report.tracked = report.path not in untracked
         return reports
+
+    def untracked(self, paths: Iterable[str]) -> list[str]:
+        """The paths (relative to the root) that no .gitattributes line gives theta-store's filter."""
+        names = list(paths)
+        if not names:
+            return []
+        out = self.store.git("check-attr", "-z", "--stdin", "filter", input="".join(f"{p}\0" for p in names).encode())
+        fields = out.decode(errors="surrogateescape").split("\0")
+        return [fields[i] for i in range(0, len(fields) - 2, 3) if fields[i + 2] != "thetastore"]
 
     def pointer(self, path: str, rev: str | None = None) -> Pointer:
         """The pointer stored for `path` in the index (rev None) or at commit `rev`."""
