@@ -164,9 +164,13 @@ class Repo:
             except (FileNotFoundError, NotADirectoryError):
                 out[rel] = "missing"
                 continue
-            if size <= POINTER_MAX and size != p.size:
+            if size <= POINTER_MAX:  # the pointer file itself, or a checkpoint as small as one
                 with open(path, "rb") as f:
-                    out[rel] = "pointer" if f.read() == p.to_bytes() else "modified"
+                    data = f.read()
+                if data == p.to_bytes():
+                    out[rel] = "pointer"
+                else:
+                    out[rel] = "materialised" if size == p.size and _native.chunk_id(data) == p.blake3 else "modified"
             elif size != p.size:
                 out[rel] = "modified"
             elif rel not in dirty or file_blake3(path) == p.blake3:
@@ -181,7 +185,8 @@ class Repo:
         in the work tree whose index entry is that pointer (all, or those under `paths`).
 
         Files that already hold their checkpoint are skipped; files with local changes are never
-        overwritten. Returns {"fetched": [version...], "restored": [path...], "skipped": [{path, reason}]}.
+        overwritten; a file missing from the work tree is written (as `git lfs pull` does).
+        Returns {"fetched": [version...], "restored": [path...], "skipped": [{path, reason}]}.
         Raises VersionsMissing (after restoring what it could) if some version is on no remote.
         """
         specs = [self.relpath(p) for p in paths]
