@@ -186,14 +186,17 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .install import ensure_filter, track
+    from .install import ensure_filter, stage_attributes, track
 
     added = track(args.patterns)
     configured = ensure_filter(".")
     lines = [f"tracking {p}" for p in added] or ["already tracked"]
+    staged = stage_attributes(".")
+    if staged:
+        lines.append(f"staged {staged}; commit it, or clones get pointer files: git commit -m 'track checkpoints' {staged}")
     if configured:
         lines.append("set theta-store's filter in this repository's git config (`theta-store install --global` sets it for all)")
-    _out(args, {"tracked": added, "configured": configured}, "\n".join(lines))
+    _out(args, {"tracked": added, "configured": configured, "staged": staged}, "\n".join(lines))
     return 0
 
 
@@ -212,6 +215,56 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     with GitStore(".") as store:
         r = fetch(store, args.remote, args.revs, all_versions=args.all)
     _out(args, r, f"{r['fetched']} version(s) fetched, {r['needed'] - r['fetched']} already here")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
+    with Repo(args.C) as repo:
+        s = repo.status()
+    rows = [
+        [
+            f["path"],
+            {"materialised": "checkpoint", "pointer": "pointer file"}.get(f["worktree"], f["worktree"]),
+            _mb(f["size"]),
+            f["version"][:12],
+            ", ".join(n for n, on in (("staged", f["changed"] or not f["committed"]), ("NOT TRACKED", not f["tracked"])) if on),
+        ]
+        for f in s["files"]
+    ]
+    table = _table(rows, ["path", "work tree", "size", "version", ""]) if rows else "no theta-store pointers in HEAD or the index"
+    lines = [line.rstrip() for line in table.splitlines()]
+    if s["uncovered"]:
+        lines += [
+            f"warning: {len(s['uncovered'])} pointer(s) under a path no filter=thetastore pattern covers (in the staged"
+            " .gitattributes): a clone gets the pointer file, not the checkpoint",
+            f"hint: theta-store track {' '.join(s['uncovered'][:3])} (then commit .gitattributes), or git mv it back to a tracked name",
+        ]
+    if s["pointer_files"]:
+        lines.append(f"hint: {len(s['pointer_files'])} file(s) hold only their pointer: `theta-store pull` puts the checkpoints there")
+    _out(args, s, "\n".join(lines))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .remote import is_remote
+    from .repo import Repo
+
+    with Repo(args.C) as repo:
+        remote, paths = args.remote, args.paths
+        if remote is not None and not is_remote(repo.store, remote):  # `pull -- PATH`: argparse drops the `--`
+            remote, paths = None, [remote, *paths]
+        r = repo.pull(remote, paths, progress=args.progress)
+    for s in r["skipped"]:
+        if not s["reason"].startswith("already") and not args.json:
+            print(f"theta-store: {s['path']}: {s['reason']}", file=sys.stderr)
+    lines = [f"restored {p}" for p in r["restored"]]
+    lines.append(
+        f"{len(r['fetched'])} version(s) fetched, {len(r['restored'])} file(s) restored, "
+        f"{sum(s['reason'].startswith('already') for s in r['skipped'])} already there"
+    )
+    _out(args, r, "\n".join(lines))
     return 0
 
 
@@ -305,7 +358,23 @@ def cmd_merge_driver(args: argparse.Namespace) -> int:
     return merge_driver(args.base, args.ours, args.theirs, args.pathname)
 
 
-VERBS = ("add", "restore", "show", "stats", "fsck", "install", "track", "untrack", "fetch", "push", "gc", "demo")
+VERBS = (
+    "add",
+    "restore",
+    "show",
+    "stats",
+    "status",
+    "ls-files",
+    "fsck",
+    "install",
+    "track",
+    "untrack",
+    "fetch",
+    "pull",
+    "push",
+    "gc",
+    "demo",
+)
 PLUMBING = ("filter-process", "pre-push", "textconv", "merge-driver")
 
 
@@ -347,7 +416,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = verb("add", "store checkpoints as chunks in .git and stage their pointers", cmd_add)
     sp.add_argument("paths", nargs="+", metavar="PATH")
-    sp = verb("restore", "rebuild checkpoints byte-exactly from their pointers", cmd_restore)
+    sp = verb("restore", "rebuild checkpoints byte-exactly from their pointers (PATH: a file, a directory or a pathspec)", cmd_restore)
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--source", "-s", metavar="REV", help="take pointers from this commit instead of the index")
     sp = verb("show", "per-tensor table of a stored checkpoint ([REV:]PATH)", cmd_show)
@@ -368,10 +437,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("patterns", nargs="+", metavar="PATTERN")
     sp = verb("untrack", "stop tracking these patterns (other tools' lines are left alone)", cmd_untrack)
     sp.add_argument("patterns", nargs="+", metavar="PATTERN")
-    sp = verb("fetch", "fetch the checkpoint versions that REVs (default HEAD) point to", cmd_fetch)
-    sp.add_argument("remote", nargs="?", default=None)
+    sp = verb(
+        "fetch",
+        "fetch the checkpoint versions that the trees of REVs (default HEAD) point to; a first argument that is not a remote is a REV",
+        cmd_fetch,
+    )
+    sp.add_argument("remote", nargs="?", default=None, metavar="REMOTE")
     sp.add_argument("revs", nargs="*", metavar="REV")
-    sp.add_argument("--all", action="store_true", help="every version the remote has")
+    sp.add_argument(
+        "--all",
+        action="store_true",
+        help="every version the whole history of REVs needs (default: of every branch, tag and remote-tracking ref)",
+    )
+    sp = verb(
+        "pull",
+        "fetch the versions HEAD needs and put the checkpoints in place of pointer files (after a clone"
+        " made without theta-store); files with local changes are left as they are",
+        cmd_pull,
+    )
+    sp.add_argument("remote", nargs="?", default=None, metavar="REMOTE", help="default: the upstream remote, then origin")
+    sp.add_argument("paths", nargs="*", metavar="-- PATH", help="only the pointers under these paths")
+    for name in ("status", "ls-files"):
+        verb(
+            name,
+            "list the pointers in the index and HEAD: checkpoint or pointer file in the work tree, and any outside"
+            " a tracked pattern (exit status 0 either way)",
+            cmd_status,
+        )
     sp = verb("push", "send the checkpoint versions that REVs (default HEAD) need and the remote lacks", cmd_push)
     sp.add_argument("remote", nargs="?", default=None)
     sp.add_argument("revs", nargs="*", metavar="REV")

@@ -198,6 +198,30 @@ def track(patterns: list[str], path: str = ".") -> list[str]:
         return added
 
 
+def stage_attributes(path: str = ".") -> str | None:
+    """`git add .gitattributes` (the root one, where `track` writes); returns its path, or None if
+    it is absent or already staged as it is.
+
+    Without it in the commits, every clone gets pointer files and a clean `git status`.
+    """
+    from .gitstore import GitStore
+
+    with GitStore(path) as store:
+        if not _attributes(store).exists():
+            return None
+
+        def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(["git", *args], cwd=store.worktree, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+
+        changed = run("diff", "--quiet", "--", ".gitattributes").returncode != 0
+        if not changed and run("ls-files", "--error-unmatch", "--", ".gitattributes").returncode == 0:
+            return None
+        r = run("add", "--", ".gitattributes")
+        if r.returncode != 0:
+            raise ThetaStoreError(f"git add .gitattributes failed: {r.stderr.decode(errors='replace').strip()}")
+        return os.path.relpath(_attributes(store))
+
+
 def untrack(patterns: list[str], path: str = ".") -> list[str]:
     """Remove our lines for these patterns; lines of other tools (filter=lfs, filter=theta) stay."""
     from .gitstore import GitStore

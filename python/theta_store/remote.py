@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 if sys.platform != "win32":
@@ -30,6 +30,10 @@ if sys.platform != "win32":
 from .errors import ObjectNotFound, ThetaStoreError
 from .gitstore import REF_PREFIX, GitStore
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
+
+TYPE_CHECKING = False  # not typing's: see __init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 ZERO = "0" * 40
 PUSH_BATCH = 400
@@ -247,26 +251,47 @@ def pointer_blobs(store: GitStore, revs: list[str], exclude: list[str] | None = 
         oid, _, path = line.partition(" ")
         if path:
             paths[oid] = path
-    if not paths:
+    return {oid: (p.manifest_id, paths[oid]) for oid, p in _pointer_blobs(store, list(paths)).items()}
+
+
+def tree_pointers(store: GitStore, rev: str | None, pathspecs: Sequence[str] = ()) -> dict[str, Pointer]:
+    """path -> pointer for every pointer in `rev`'s tree (None: the index, merged entries only),
+    limited to `pathspecs` (git pathspecs, relative to the top of the work tree).
+
+    Only the tree itself is read, never the history behind it: what a checkout of `rev` needs.
+    """
+    if rev is None:
+        listing = _git(store, "ls-files", "-s", "-z", "--", *pathspecs).stdout
+    else:
+        listing = _git(store, "ls-tree", "-r", "-z", "--full-tree", rev, "--", *pathspecs).stdout
+    paths: dict[str, list[str]] = {}
+    for rec in listing.split(b"\0"):
+        if not rec:
+            continue
+        meta, _, path = rec.partition(b"\t")
+        parts = meta.decode().split()
+        # ls-files: mode oid stage; ls-tree: mode type oid. Conflicted entries (stage > 0) are skipped.
+        oid, ok = (parts[1], parts[2] == "0") if rev is None else (parts[2], parts[1] == "blob")
+        if ok and parts[0] in ("100644", "100755"):
+            paths.setdefault(oid, []).append(path.decode(errors="surrogateescape"))
+    pointers = _pointer_blobs(store, list(paths))
+    return {path: pointers[oid] for oid, names in paths.items() if oid in pointers for path in names}
+
+
+def _pointer_blobs(store: GitStore, oids: list[str]) -> dict[str, Pointer]:
+    """oid -> pointer for the blobs among `oids` that are valid pointers (two batched cat-file runs)."""
+    if not oids:
         return {}
-    check = _git(store, "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)", input="\n".join(paths).encode() + b"\n")
+    check = _git(store, "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)", input="\n".join(oids).encode() + b"\n")
     small = []
     for line in check.stdout.decode().splitlines():
-        oid, kind, size = line.split()
-        if kind == "blob" and int(size) <= POINTER_MAX:
-            small.append(oid)
-    return _pointer_blobs(store, small, paths)
-
-
-def _read_pointers(store: GitStore, oids: list[str], paths: dict[str, str]) -> dict[bytes, str]:
-    return {v: path for v, path in _pointer_blobs(store, oids, paths).values()}
-
-
-def _pointer_blobs(store: GitStore, oids: list[str], paths: dict[str, str]) -> dict[str, tuple[bytes, str]]:
-    out: dict[str, tuple[bytes, str]] = {}
-    if not oids:
+        fields = line.split()  # "<oid> missing" for an object not here (a partial clone)
+        if len(fields) == 3 and fields[1] == "blob" and int(fields[2]) <= POINTER_MAX:
+            small.append(fields[0])
+    out: dict[str, Pointer] = {}
+    if not small:
         return out
-    data = _git(store, "cat-file", "--batch", input="\n".join(oids).encode() + b"\n").stdout
+    data = _git(store, "cat-file", "--batch", input="\n".join(small).encode() + b"\n").stdout
     pos = 0
     while pos < len(data):
         nl = data.index(b"\n", pos)
@@ -275,10 +300,21 @@ def _pointer_blobs(store: GitStore, oids: list[str], paths: dict[str, str]) -> d
         pos = nl + 1 + int(size) + 1
         if looks_like_pointer(blob):
             try:
-                out[oid] = (Pointer.parse(blob, paths.get(oid, oid)).manifest_id, paths.get(oid, oid))
+                out[oid] = Pointer.parse(blob, oid)
             except ThetaStoreError:
                 continue
     return out
+
+
+def is_remote(store: GitStore, name: str) -> bool:
+    """Whether `name` is a configured remote or names a repository (URL, scp-like, a repository's path)."""
+    if name in _git(store, "remote", check=False).stdout.decode().split():
+        return True
+    if "://" in name or (":" in name and "/" not in name.split(":", 1)[0]):
+        return True
+    p = os.path.abspath(name)
+    bare = os.path.isfile(os.path.join(p, "HEAD")) and os.path.isdir(os.path.join(p, "objects"))
+    return os.path.isdir(p) and (bare or os.path.exists(os.path.join(p, ".git")))
 
 
 def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[str, int]:
@@ -477,17 +513,30 @@ def _frames(store: GitStore, versions: Iterable[bytes]) -> dict[bytes, int]:
     return out
 
 
-def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bool = False) -> dict[str, int]:
-    """Prefetch the versions that `revs` (default HEAD) point to, or every version the remote has."""
+def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bool = False) -> dict[str, Any]:
+    """`theta-store fetch`: the versions that the trees of `revs` (default HEAD) point to.
+
+    With `all_versions`, the versions that the whole history of `revs` needs (default: of every
+    branch, tag and remote-tracking ref), as `git lfs fetch --all` does. A `remote` that names no
+    remote or repository is taken as the first revision, as `git lfs fetch` does.
+    """
+    if remote is not None and not is_remote(store, remote):
+        revs = [remote, *revs]
+        remote = None
+    for rev in revs:
+        if _git(store, "rev-parse", "--verify", "-q", f"{rev}^{{tree}}", check=False).returncode != 0:
+            raise ThetaStoreError(
+                f"{rev}: not a remote, nor a revision of this repository", hint="`git remote -v` lists the remotes, `git log` the revisions"
+            )
     if all_versions:
-        name = remote or (remotes(store) or [""])[0]
-        if not name:
-            raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
-        ids = remote_versions(store, name)
+        ids = set(pointers_in(store, revs or [f"--exclude={REF_PREFIX.decode()}*", "--all"]))
     else:
-        ids = set(pointers_in(store, revs or ["HEAD"]))
+        ids = set()
+        for rev in revs or (["HEAD"] if _git(store, "rev-parse", "-q", "--verify", "HEAD", check=False).returncode == 0 else []):
+            ids |= {p.manifest_id for p in tree_pointers(store, rev).values()}
+    missing = {v for v in ids if store.version_commit(v) is None}
     n = ensure_versions(store, ids, remote=remote)
-    return {"needed": len(ids), "fetched": n}
+    return {"needed": len(ids), "fetched": n, "versions": sorted(v.hex() for v in missing)}
 
 
 # Everything git itself keeps (refs but our own, every worktree's HEAD and index, reflogs, older

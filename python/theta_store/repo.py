@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import os
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -12,7 +14,8 @@ from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, lo
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
 from .gitstore import GitStore
 from .install import ensure_hooks_and_say
-from .pointer import Pointer, looks_like_pointer
+from .pointer import POINTER_MAX, Pointer, looks_like_pointer
+from .remote import VersionsMissing, ensure_versions, tree_pointers
 
 FSCK_BATCH = 16
 
@@ -106,13 +109,9 @@ class Repo:
         return reports
 
     def untracked(self, paths: Iterable[str]) -> list[str]:
-        """The paths (relative to the root) that no .gitattributes line gives theta-store's filter."""
-        names = list(paths)
-        if not names:
-            return []
-        out = self.store.git("check-attr", "-z", "--stdin", "filter", input="".join(f"{p}\0" for p in names).encode())
-        fields = out.decode(errors="surrogateescape").split("\0")
-        return [fields[i] for i in range(0, len(fields) - 2, 3) if fields[i + 2] != "thetastore"]
+        """The paths (relative to the root) that no staged .gitattributes line gives our filter."""
+        filters = self._filter_attributes(list(paths))
+        return [p for p, f in filters.items() if f != "thetastore"]
 
     def pointer(self, path: str, rev: str | None = None) -> Pointer:
         """The pointer stored for `path` in the index (rev None) or at commit `rev`."""
@@ -126,24 +125,166 @@ class Repo:
         return Pointer.parse(data, f"{rel} ({'index' if rev is None else rev})")
 
     def restore(self, paths: Sequence[str], *, rev: str | None = None, progress: bool | None = None) -> list[str]:
-        """Rebuild each checkpoint byte-exactly from its pointer (index or `rev`)."""
-        done = []
+        """Rebuild each checkpoint byte-exactly from its pointer (index or `rev`).
+
+        A path that names a directory (or a pathspec such as `.` or `'*.safetensors'`) restores
+        every pointer under it; there, a file that already holds its checkpoint is left alone.
+        Versions not here are fetched from the remotes first, as a checkout does.
+        """
+        todo: dict[str, Pointer] = {}
         for path in paths:
-            p = self.pointer(path, rev)
-            restore_to(self.store, p, path, progress=progress)
-            if rev is None:
-                # Record the new file's stat data: git would otherwise call a pointer-sized index
-                # entry "modified" by its size alone, without running the clean filter. The file
-                # is dated one second back: an index written in the second the file was written
-                # in makes its entry "racily clean" for git, and the next git command would hash
-                # the file again (stage_blob would rather wait out that second: 0.5 s on average).
-                st = os.stat(path)
-                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
-                self.store.stage_blob(self.relpath(path), p.to_bytes())
-            done.append(self.relpath(path))
-        return done
+            rel = self.relpath(path)
+            under = tree_pointers(self.store, rev, [rel])
+            if not under or rel in under:
+                todo[rel] = self.pointer(path, rev)  # one file: says why it is not a pointer
+                continue
+            states = self.worktree_states(under) if rev is None else {}
+            todo.update((r, p) for r, p in under.items() if states.get(r) != "materialised")
+        ensure_versions(self.store, {p.manifest_id for p in todo.values()}, what=", ".join(sorted(todo)[:3]))
+        for rel, p in sorted(todo.items()):
+            self._restore_one(rel, p, stage=rev is None, progress=progress)
+        return sorted(todo)
+
+    def _restore_one(self, rel: str, p: Pointer, *, stage: bool, progress: bool | None) -> None:
+        path = os.path.join(self.root, rel)
+        restore_to(self.store, p, path, progress=progress)
+        if stage:
+            # Record the new file's stat data: git would otherwise call a pointer-sized index
+            # entry "modified" by its size alone, without running the clean filter. The file
+            # is dated one second back: an index written in the second the file was written
+            # in makes its entry "racily clean" for git, and the next git command would hash
+            # the file again (stage_blob would rather wait out that second: 0.5 s on average).
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
+            self.store.stage_blob(rel, p.to_bytes())
+
+    def worktree_states(self, pointers: dict[str, Pointer]) -> dict[str, str]:
+        """For each index pointer (root-relative path -> pointer), what its work-tree file holds:
+        "materialised" (its checkpoint), "pointer" (the pointer file itself), "modified" or "missing".
+
+        Cheap: sizes first; a file whose stat data still matches the index is what git last
+        cleaned to that pointer; only a checkpoint-sized file git has not seen since is hashed
+        (in the core, mapped, not read through Python).
+        """
+        if not pointers:
+            return {}
+        dirty = set(self.store.git("diff-files", "--name-only", "-z").decode(errors="surrogateescape").split("\0"))
+        out = {}
+        for rel, p in pointers.items():
+            path = os.path.join(self.root, rel)
+            try:
+                size = os.stat(path).st_size
+            except (FileNotFoundError, NotADirectoryError):
+                out[rel] = "missing"
+                continue
+            if size <= POINTER_MAX:  # the pointer file itself, or a checkpoint as small as one
+                with open(path, "rb") as f:
+                    data = f.read()
+                if data == p.to_bytes():
+                    out[rel] = "pointer"
+                else:
+                    out[rel] = "materialised" if size == p.size and _native.chunk_id(data) == p.blake3 else "modified"
+            elif size != p.size:
+                out[rel] = "modified"
+            elif rel not in dirty or file_blake3(path) == p.blake3:
+                out[rel] = "materialised"
+            else:
+                out[rel] = "modified"
+        return out
+
+    # ---- getting files ----
+    def pull(self, remote: str | None = None, paths: Sequence[str] = (), *, progress: bool | None = None) -> dict[str, Any]:
+        """Fetch the versions HEAD's tree (and the index) need, then materialise every pointer file
+        in the work tree whose index entry is that pointer (all, or those under `paths`).
+
+        Files that already hold their checkpoint are skipped; files with local changes are never
+        overwritten; a file missing from the work tree is written (as `git lfs pull` does).
+        Returns {"fetched": [version...], "restored": [path...], "skipped": [{path, reason}]}.
+        Raises VersionsMissing (after restoring what it could) if some version is on no remote.
+        """
+        specs = [self.relpath(p) for p in paths]
+        head = tree_pointers(self.store, "HEAD", specs) if self._has_head() else {}
+        index = tree_pointers(self.store, None, specs)
+        if specs and not head and not index:
+            raise ObjectNotFound(
+                f"{', '.join(paths)}: no theta-store pointer there, in HEAD or in the index", hint="`theta-store status` lists the pointers"
+            )
+        needed = {p.manifest_id for p in (*head.values(), *index.values())}
+        absent = {v for v in needed if self.store.version_commit(v) is None}
+        missing: VersionsMissing | None = None
+        try:
+            ensure_versions(self.store, needed, remote=remote, what="HEAD")
+        except VersionsMissing as e:
+            missing = e
+        fetched = sorted(v.hex() for v in absent if self.store.version_commit(v) is not None)
+        states = self.worktree_states(index)
+        restored: list[str] = []
+        skipped: list[dict[str, str]] = []
+        for rel, p in sorted(index.items()):
+            state = states[rel]
+            if state == "materialised":
+                skipped.append({"path": rel, "reason": "already materialised"})
+            elif state == "modified":
+                skipped.append({"path": rel, "reason": "local changes (left as is; `theta-store restore` discards them)"})
+            elif missing is not None and p.manifest_id in missing.missing:
+                skipped.append({"path": rel, "reason": f"version {p.manifest_id.hex()[:16]} is not on any remote"})
+            else:
+                self._restore_one(rel, p, stage=True, progress=progress)
+                restored.append(rel)
+        if missing is not None:
+            raise VersionsMissing(missing.missing, missing.tried, ", ".join(s["path"] for s in skipped if "remote" in s["reason"]))
+        return {"fetched": fetched, "restored": restored, "skipped": skipped}
+
+    def _has_head(self) -> bool:
+        r = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD^{tree}"], cwd=self.root, capture_output=True, check=False)
+        return r.returncode == 0
 
     # ---- inspect ----
+    def status(self) -> dict[str, Any]:
+        """Every pointer in the index and in HEAD: its version, what the work tree holds for it, and
+        whether a `filter=thetastore` attribute of the staged .gitattributes covers its path.
+
+        A pointer under a path no pattern covers (`git mv model.safetensors model.bin`, or a
+        .gitattributes never committed) reaches a clone as the pointer file itself.
+        Returns {"files": [...], "uncovered": [path...], "pointer_files": [path...]}.
+        """
+        index = tree_pointers(self.store, None)
+        head = tree_pointers(self.store, "HEAD") if self._has_head() else {}
+        paths = sorted(set(index) | set(head))
+        filters = self._filter_attributes(paths)
+        states = self.worktree_states(index)
+        files = []
+        for rel in paths:
+            p = index.get(rel) or head[rel]
+            files.append(
+                {
+                    "path": rel,
+                    "version": p.manifest_id.hex(),
+                    "size": p.size,
+                    "format": p.format,
+                    "staged": rel in index,
+                    "committed": rel in head,
+                    "changed": rel in index and rel in head and index[rel] != head[rel],
+                    "worktree": states.get(rel, "deleted"),
+                    "tracked": filters.get(rel) == "thetastore",
+                }
+            )
+        return {
+            "files": files,
+            "uncovered": [f["path"] for f in files if not f["tracked"]],
+            "pointer_files": [f["path"] for f in files if f["worktree"] == "pointer"],
+        }
+
+    def _filter_attributes(self, paths: list[str]) -> dict[str, str]:
+        """path -> its `filter` attribute as the staged .gitattributes (what a commit carries) set it."""
+        if not paths:
+            return {}
+        out = self.store.git(
+            "check-attr", "--cached", "-z", "--stdin", "filter", input="\0".join(paths).encode(errors="surrogateescape") + b"\0"
+        )
+        fields = out.decode(errors="surrogateescape").split("\0")
+        return {fields[i]: fields[i + 2] for i in range(0, len(fields) - 2, 3)}
+
     def show(self, path: str, rev: str | None = None) -> dict[str, Any]:
         """Per-tensor table of a stored checkpoint: name, dtype, shape, raw and stored bytes, codec."""
         p = self.pointer(path, rev)
@@ -254,6 +395,15 @@ class Repo:
                 except PointerError as e:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
         return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
+
+
+def file_blake3(path: str) -> bytes:
+    """BLAKE3 of a file's bytes, hashed by the core over a read-only mapping of it."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return _native.chunk_id(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return _native.chunk_id(m)
 
 
 def report_dict(r: AddReport) -> dict[str, Any]:
