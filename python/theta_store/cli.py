@@ -391,6 +391,17 @@ def _verb_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _output_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """-q, --json, --progress/--no-progress: given to the top-level parser (default None: their real
+    defaults) and to every verb's (default argparse.SUPPRESS)."""
+    flag = False if default is None else default
+    p.add_argument("-q", "--quiet", action="store_true", default=flag, help="no progress, no chatter")
+    p.add_argument("--json", action="store_true", default=flag, help="machine-readable output")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=default, help="show progress even without a terminal")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=default)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of the command `only` alone (what a run that names it
     needs: building all sixteen sub-parsers costs 10 ms, 1.5% of an add of 400 MB)."""
@@ -398,20 +409,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="theta-store", description="Version ML model checkpoints in ordinary Git.")
     p.add_argument("-C", metavar="PATH", default=".", help="run as if started in PATH")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no chatter")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress even if stderr is not a terminal")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    _output_options(p, None)
+    # The same options after the verb (`theta-store stats --json -q`); SUPPRESS: absent there, the
+    # sub-parser sets nothing, and a value given before the verb stands.
+    shared = argparse.ArgumentParser(add_help=False)
+    _output_options(shared, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     unused = argparse.ArgumentParser(add_help=False, conflict_handler="resolve")  # takes the arguments of commands not built
 
-    def verb(name: str, help: str, fn: Any, json_flag: bool = True) -> argparse.ArgumentParser:
+    def verb(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return unused
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, parents=[shared])
         sp.set_defaults(fn=fn)
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
     sp = verb("add", "store checkpoints as chunks in .git and stage their pointers", cmd_add)
@@ -481,7 +491,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def plumbing(name: str, fn: Any) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return unused
-        sp = sub.add_parser(name, help=argparse.SUPPRESS)
+        sp = sub.add_parser(name, help=argparse.SUPPRESS, parents=[shared])
         sp.set_defaults(fn=fn)
         return sp
 
@@ -505,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(_verb_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
         if args.quiet:
             args.progress = False
+        if args.progress is False:  # and for the git commands run on our behalf (their filter, their fetches)
+            os.environ["THETA_STORE_PROGRESS"] = "0"
         if args.C != ".":
             os.chdir(args.C)
             args.C = "."

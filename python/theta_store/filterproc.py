@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from .gitstore import GitStore
+    from .progress import StatusLine
 
 MAX_PKT_DATA = 65516
 Plan = tuple[list[str], list[tuple[int, int, bytes, bytes]], int, bytes]  # packs, chunk tuples, size, BLAKE3
@@ -263,6 +264,12 @@ class FilterServer:
         self.delayed: dict[str, Pointer] = {}  # smudges answered "delayed": fetched in one batch
         self.ready: dict[str, Pointer] = {}  # fetched (or failed): git asks for them again
         self.failed: dict[str, ThetaStoreError] = {}
+        # Progress ("Filtering content: 3/7 checkpoints, 1.2/4.1 GB"), on a terminal only. Counted
+        # per file: the core sends a file without reporting how far it is.
+        self.line: StatusLine | None = None
+        self.show_progress: bool | None = None  # decided at the first smudge of a pointer
+        self.done = self.done_bytes = self.failed_count = 0
+        self.total: tuple[int, int] | None = None  # known once git has asked for every file
 
     def serve(self) -> int:
         while True:
@@ -282,7 +289,7 @@ class FilterServer:
                 except ValueError as e:  # the content stream itself is broken: nothing to resync on
                     raise ProtocolError(f"clean {pathname}: {e}") from None
                 except Exception as e:  # the content was read: tell git, keep serving the others
-                    print(f"theta-store: clean {pathname}: {_message(e)}", file=sys.stderr)
+                    self.say(f"theta-store: clean {pathname}: {_message(e)}")  # pauses the line
                     self.io.write_text("status=error")
                     self.io.flush_pkt()
                     continue
@@ -297,11 +304,55 @@ class FilterServer:
             except Exception as e:  # one file failed: tell git, keep serving the others
                 for _ in content:  # drain what git is still sending
                     pass
-                print(f"theta-store: {command} {pathname}: {_message(e)}", file=sys.stderr)
+                self.say(f"theta-store: {command} {pathname}: {_message(e)}")
                 self.io.write_text("status=error")
                 self.io.flush_pkt()
 
+    def say(self, message: str) -> None:
+        if self.line is not None:
+            self.line.say(message)
+        else:
+            print(message, file=sys.stderr)
+
+    def progress(self) -> None:
+        """Redraw the progress line with what is known (starting it at the first smudge)."""
+        if self.show_progress is None:
+            self.show_progress = _progress_wanted()
+        if not self.show_progress:
+            return
+        from .progress import StatusLine, human
+
+        if self.line is None:
+            self.line = StatusLine()
+        n = self.done
+        if self.total is not None and n + self.failed_count <= self.total[0]:
+            count, size = f"{n}/{self.total[0]}", human(self.done_bytes, self.total[1])
+        else:
+            count, size = f"{n}", human(self.done_bytes)
+        text = f"Filtering content: {count} checkpoint{'' if count == '1' else 's'}, {size}"
+        if self.delayed:
+            text += f"; {len(self.delayed)} to fetch, {human(sum(p.size for p in self.delayed.values()))}"
+        if self.failed_count:
+            text += f"; {self.failed_count} failed"
+        self.line.set(text)
+
+    def close(self) -> None:
+        """The end of the conversation: clear the progress line."""
+        if self.line is not None:
+            self.line.close()
+            self.line = None
+
+    def hold(self) -> contextlib.AbstractContextManager[None]:
+        """Around a fetch: git fetch's own progress gets the terminal line meanwhile."""
+        return self.line.hold() if self.line is not None else contextlib.nullcontext()
+
+    def rest(self) -> None:
+        """Before each answer's last packet: git may print once it has it, so the line goes."""
+        if self.line is not None:
+            self.line.pause()
+
     def reply(self, data: bytes) -> None:
+        self.rest()
         self.io.write_text("status=success")
         self.io.flush_pkt()
         self.io.write_stream(data)
@@ -315,6 +366,7 @@ class FilterServer:
     def smudge(self, pathname: str, data: bytes, can_delay: bool) -> None:
         if pathname in self.failed:
             self.ready.pop(pathname, None)
+            self.failed_count += 1
             raise self.failed.pop(pathname)
         if pathname in self.ready:
             ptr = self.ready.pop(pathname)  # git sends no content the second time
@@ -323,18 +375,21 @@ class FilterServer:
         else:
             self.reply(data)  # not a pointer (a file committed before it was tracked), or pointers wanted
             return
+        self.progress()
         plan = load_plan(self.repo.state_dir, ptr)
         if plan is None:
             self.repo.prefetch()
             if not self.repo.has_version(ptr.manifest_id):
                 if can_delay:
                     self.delayed[pathname] = ptr
+                    self.rest()
                     self.io.write_text("status=delayed")
                     self.io.flush_pkt()
                     return
                 from .remote import ensure_versions
 
-                ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
+                with self.hold():
+                    ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
             try:
                 plan = smudge_plan(self.store, ptr)
             except (PointerError, ObjectNotFound):
@@ -349,11 +404,15 @@ class FilterServer:
             _native.send_file(f"/dev/fd/{self.out_fd}", tuples, packs, size, blake3, self.repo.read_object)
         except Exception as e:  # git drops what it got so far: the working file is never half-written
             drop_plan(self.repo.state_dir, ptr.manifest_id)
-            print(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}", file=sys.stderr)
+            self.failed_count += 1
+            self.say(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}")
             self.io.flush_pkt()
             self.io.write_text("status=error")
             self.io.flush_pkt()
             return
+        self.done += 1
+        self.done_bytes += size
+        self.rest()
         self.io.flush_pkt()
         self.io.flush_pkt()
 
@@ -362,7 +421,8 @@ class FilterServer:
 
         if self.delayed:
             try:
-                ensure_versions(self.store, {p.manifest_id for p in self.delayed.values()}, quiet=True)
+                with self.hold():
+                    ensure_versions(self.store, {p.manifest_id for p in self.delayed.values()}, quiet=True)
             except VersionsMissing as e:
                 for path, p in self.delayed.items():
                     if p.manifest_id in e.missing:
@@ -371,11 +431,34 @@ class FilterServer:
                 self.failed.update(dict.fromkeys(self.delayed, e))
             self.ready.update(self.delayed)
             self.delayed.clear()
+            # git asks for the delayed files once it has asked for every other one: the total is known
+            self.total = (
+                self.done + self.failed_count + len(self.ready),
+                self.done_bytes + sum(p.size for path, p in self.ready.items() if path not in self.failed),
+            )
+        self.rest()
         for path in sorted(self.ready):
             self.io.write_text(f"pathname={path}")
         self.io.flush_pkt()
         self.io.write_text("status=success")
         self.io.flush_pkt()
+
+
+def _progress_wanted() -> bool:
+    """Progress on a terminal, unless the git command that runs us was told -q or --no-progress.
+
+    Also tells the fetches this process runs (remote.fetch_versions) to be quiet in that case."""
+    from .progress import on_terminal
+
+    if not on_terminal():
+        return False
+    from .gitproc import git_command, is_quiet
+
+    cmd = git_command()
+    if cmd is not None and is_quiet(cmd[1]):
+        os.environ["THETA_STORE_PROGRESS"] = "0"
+        return False
+    return True
 
 
 def _grow_pipes(size: int = 1 << 20) -> None:
@@ -574,7 +657,9 @@ def run() -> int:
     io.write_text(*ours)
     io.flush_pkt()
     repo = Repository()
+    server = FilterServer(io, repo)
     try:
-        return FilterServer(io, repo).serve()
+        return server.serve()
     finally:
+        server.close()
         repo.close()

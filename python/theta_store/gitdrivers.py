@@ -17,7 +17,8 @@ from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 
 def textconv(path: str, out: TextIO | None = None) -> None:
-    """One line per tensor (name, dtype, shape, bytes, content digest), so `git diff` shows what changed.
+    """One line per tensor (name, dtype, shape, bytes, content digest) after the header's
+    `__metadata__` entries, so `git diff` shows what changed.
 
     git hands textconv the working-tree form of both sides (it smudges the old blob into a temporary
     file), so this is usually a real checkpoint: the digests come from hashing it. For a pointer
@@ -36,6 +37,7 @@ def textconv(path: str, out: TextIO | None = None) -> None:
         except ThetaStoreError as e:
             print(f"# (tensors not available here: {e.args[0]})", file=w)
             return
+        _print_metadata(m.metadata, w)
         for s in m.tensors:
             digest = _native.chunk_id(b"".join(c for c, _ in s.chunks)).hex()[:16]
             print(f"{s.name}\t{s.dtype}\t{_shape(s.shape)}\t{s.length}\tchunks:{digest}", file=w)
@@ -48,8 +50,21 @@ def textconv(path: str, out: TextIO | None = None) -> None:
         return
     whole, digests = _digests(path, layout.regions)
     print(f"# theta-store checkpoint: {layout.format}, {layout.size} bytes, blake3 {whole.hex()[:16]}", file=w)
+    _print_metadata(layout.metadata, w)
     for r, d in zip(layout.regions, digests, strict=True):
         print(f"{r.name}\t{r.dtype}\t{_shape(r.shape)}\t{r.length}\tblake3:{d.hex()[:16]}", file=w)
+
+
+def _print_metadata(metadata: dict[str, object], w: TextIO) -> None:
+    """A safetensors header's `__metadata__`, one `__metadata__<TAB>KEY<TAB>VALUE` line per key in
+    key order, so that `git diff` names the entry that changed (values JSON-quoted: one line each)."""
+    import json
+
+    meta = metadata.get("__metadata__")
+    if not isinstance(meta, dict):
+        return
+    for k in sorted(meta):
+        print(f"__metadata__\t{k}\t{json.dumps(meta[k], ensure_ascii=False)}", file=w)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -84,11 +99,18 @@ def _digests(path: str, regions: list[TensorRegion]) -> tuple[bytes, list[bytes]
     return whole.digest(), out
 
 
-def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:
-    """Whole-file three-way merge of pointers: take the side that changed; both changed -> conflict.
+STRATEGIES = ("ours", "theirs", "fail")
 
-    Per-tensor merging strategies (ours/theirs/average/task-arithmetic/ties) come with the merge
-    issue; until then a true conflict exits 1 and leaves our version in place.
+
+def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:
+    """Whole-file three-way merge of pointers: take the side that changed; both changed -> the strategy.
+
+    When both sides changed, the first of these says which side to keep: `-X ours|theirs` given
+    to the git command that runs us (git does not pass it to merge drivers: it is read from the
+    process tree, see gitproc), $THETA_STORE_MERGE, `git config thetastore.merge.strategy`;
+    otherwise "fail": exit 1 (a conflict), leaving our version in place. "ours" is %A, the branch
+    being merged into (in a rebase: the upstream, the commits being replayed are "theirs").
+    Per-tensor merging comes with the merge issue.
     """
     b, o, t = (Path(p).read_bytes() for p in (base, ours, theirs))
     if o == t or b == t:
@@ -96,9 +118,43 @@ def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:
     if b == o:
         shutil.copyfile(theirs, ours)
         return 0
+    strategy, why = merge_strategy()
+    if strategy == "theirs":
+        shutil.copyfile(theirs, ours)
+    if strategy in ("ours", "theirs"):
+        print(f"theta-store: {pathname}: both sides changed the checkpoint; kept {strategy} ({why})", file=sys.stderr)
+        return 0
     print(
         f"theta-store: {pathname}: both sides changed the checkpoint; keep one side with "
         f"`git checkout --ours {pathname}` or `--theirs`, then `git add {pathname}`",
         file=sys.stderr,
     )
+    print("hint: `git merge -X theirs` (or ours) or `git config thetastore.merge.strategy theirs` picks a side for all", file=sys.stderr)
     return 1
+
+
+def merge_strategy() -> tuple[str, str]:
+    """(strategy, where it was set) for a checkpoint both sides changed; raises nothing: a bad
+    setting is said and treated as "fail", which leaves the file for the user."""
+    import subprocess
+
+    from .gitproc import favor
+
+    r = subprocess.run(["git", "rev-parse", "--git-dir"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    found = favor(r.stdout.strip() if r.returncode == 0 else None)
+    if found is not None:
+        return found
+    env = os.environ.get("THETA_STORE_MERGE", "").strip()
+    if env:
+        setting, value = "THETA_STORE_MERGE", env
+    else:
+        r = subprocess.run(
+            ["git", "config", "--get", "thetastore.merge.strategy"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        setting, value = "git config thetastore.merge.strategy", r.stdout.strip()
+    if not value:
+        return "fail", "the default"
+    if value not in STRATEGIES:
+        print(f'theta-store: warning: {setting} is {value!r}, not one of {", ".join(STRATEGIES)}; merging as "fail"', file=sys.stderr)
+        return "fail", setting
+    return value, setting

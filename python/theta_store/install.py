@@ -40,6 +40,8 @@ def config_items() -> list[tuple[str, str]]:
         ("filter.thetastore.process", f"{cmd} filter-process"),
         ("filter.thetastore.required", "true"),
         ("diff.thetastore.textconv", f"{cmd} textconv"),
+        # `git log -p` would otherwise rebuild and hash both checkpoints of every commit, each time
+        ("diff.thetastore.cachetextconv", "true"),
         ("merge.thetastore.name", "theta-store checkpoint merge"),
         ("merge.thetastore.driver", f"{cmd} merge-driver %O %A %B %P"),
     ]

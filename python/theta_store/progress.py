@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from types import TracebackType
+
+TYPE_CHECKING = False  # not typing's: the filter process imports this module
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class Progress:
@@ -34,3 +39,140 @@ class Progress:
         if self.enabled and self._last:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+
+
+def on_terminal() -> bool:
+    """Whether to show progress: stderr is a terminal and THETA_STORE_PROGRESS is not 0 (the CLI's
+    -q / --no-progress set it, so that git commands run on their behalf are quiet too)."""
+    import os
+
+    if os.environ.get("THETA_STORE_PROGRESS") == "0":
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (OSError, ValueError):  # closed
+        return False
+
+
+def _unit(n: float) -> tuple[str, float]:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return unit, size
+    return "B", 1.0
+
+
+def human(n: float, total: float | None = None) -> str:
+    """Bytes in decimal units, one decimal: "1.2 GB", or with a total "1.2/4.1 GB" (in its unit)."""
+    unit, size = _unit(n if total is None else total)
+    digits = 0 if unit == "B" else 1
+    if total is None:
+        return f"{n / size:.{digits}f} {unit}"
+    return f"{n / size:.{digits}f}/{total / size:.{digits}f} {unit}"
+
+
+class StatusLine:
+    """One stderr line, redrawn at most 10 times a second while its text changes, and cleared
+    (paused) whenever someone else may write: the filter's progress.
+
+    set() shows a new text at once if the last redraw is old enough, else a thread shows it at its
+    next tick (the core sends a file without telling us how far it is, so a request may not come
+    for a while). The filter pauses the line before each answer to git (git may print as soon as
+    it has one), says its messages through say(), and runs fetches inside hold().
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import threading
+
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._text = ""
+        self._shown = ""
+        self._held = False
+        self._last = 0.0
+        self._thread = threading.Thread(target=self._run, name="theta-store-progress", daemon=True)
+        self._thread.start()
+
+    def set(self, text: str) -> None:
+        """Show this text (now, or at the next tick); ends a pause."""
+        with self._lock:
+            self._text = text
+            self._held = False
+            self._draw()
+
+    def pause(self) -> None:
+        """Clear the line; nothing is drawn until the next set()."""
+        with self._lock:
+            self._clear()
+            self._held = True
+
+    def _draw(self) -> None:
+        """Show the text if it changed and the last redraw is old enough (call with the lock held)."""
+        now = time.monotonic()
+        if not self._held and self._text != self._shown and now - self._last >= self.interval:
+            self._write("\r" + self._text + "\033[K")
+            self._shown = self._text
+            self._last = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                self._draw()
+
+    def _write(self, s: str) -> None:
+        try:
+            sys.stderr.write(s)
+            sys.stderr.flush()
+        except (OSError, ValueError):  # the terminal went away: progress is not worth failing for
+            pass
+
+    def _clear(self) -> None:
+        if self._shown:
+            self._write("\r\033[K")
+            self._shown = ""
+
+    def say(self, message: str) -> None:
+        """A line of its own (an error, a warning); the line stays paused after it."""
+        with self._lock:
+            self._clear()
+            self._held = True
+            self._write(message + "\n")
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """`with line.hold():` paused while something else (git fetch) writes; the next set() after
+        it shows at once: the line was blank all that while."""
+        self.pause()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._last = 0.0
+
+    def close(self) -> None:
+        """Stop redrawing and clear the line."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._clear()
+
+
+def run_teeing_stderr(argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, bytes]:
+    """Run a command whose stderr goes on to ours as it comes (git's progress, on a terminal) and is
+    also returned (its last 64 kB: error messages). Its stdin is closed, its stdout dropped: in the
+    filter process both are git's pipes to us."""
+    import os
+    import subprocess
+
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    kept = b""
+    while block := os.read(proc.stderr.fileno(), 65536):
+        kept = (kept + block)[-65536:]
+        try:
+            sys.stderr.buffer.write(block)
+            sys.stderr.buffer.flush()
+        except (OSError, ValueError):
+            pass
+    proc.stderr.close()
+    return proc.wait(), kept

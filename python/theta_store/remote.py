@@ -151,16 +151,27 @@ def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[b
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
     """Fetch these versions from one remote; returns the ones it had."""
+    from .progress import on_terminal, run_teeing_stderr
+
     have = remote_versions(store, remote, sorted(ids))
     todo = sorted(have & ids)
     got: set[bytes] = set()
+    # On a terminal, git's own progress (receiving objects) shows as it comes, without the ref lines
+    tty = on_terminal()
+    if tty and todo:
+        print(f"theta-store: fetching {len(todo)} checkpoint version(s) from {remote}", file=sys.stderr, flush=True)
     for i in range(0, len(todo), PUSH_BATCH):
         batch = todo[i : i + PUSH_BATCH]
         specs = [f"+{ref_name(v)}:{ref_name(v)}" for v in batch]
+        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
         with _transport_lock(store):
-            r = _run_transport(store, "fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", remote, *specs)
-            if r.returncode != 0:
-                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {r.stderr.decode(errors='replace').strip()}")
+            if tty:
+                rc, err = run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
+            else:
+                r = _run_transport(store, *args)
+                rc, err = r.returncode, r.stderr
+            if rc != 0:
+                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
             t = store.state_dir / "transport"
             listing = subprocess.run(
                 ["git", "for-each-ref", "--format=%(objectname) %(refname)", *[ref_name(v) for v in batch]],
