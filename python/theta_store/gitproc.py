@@ -96,6 +96,29 @@ def is_quiet(args: list[str]) -> bool:
     return False
 
 
+def push_flags(args: list[str] | None) -> tuple[bool, bool]:
+    """(dry run, forced) as `git push` reads `args`; not known (None) -> (False, True), the safe guess."""
+    if args is None:
+        return False, True
+    dry = forced = False
+    options = True
+    for a in args:
+        if options and a == "--":
+            options = False
+        elif options and a.startswith("--"):
+            dry |= a == "--dry-run"
+            forced |= a.startswith(("--force", "--mirror"))
+        elif options and a.startswith("-") and len(a) > 1:
+            for ch in a[1:]:  # bundled short options; -o takes the rest as its value
+                if ch == "o":
+                    break
+                dry |= ch == "n"
+                forced |= ch == "f"
+        else:
+            forced |= a.startswith("+")
+    return dry, forced
+
+
 def strategy_options(args: list[str]) -> list[str]:
     """The -X / --strategy-option values of a git command, in order."""
     out = []

@@ -91,12 +91,11 @@ def hook_script() -> str:
     return f"""#!/bin/sh
 {HOOK_MARK}: sends the checkpoint versions the pushed commits need.
 # A hook that was here before is kept as pre-push{CHAINED_SUFFIX} and runs after this one.
-# $PPID is the git that runs the hook: its command line tells a dry run (git does not say it).
 input=$(mktemp) || exit 1
 trap 'rm -f "$input"' EXIT
 cat > "$input"
 if [ "${{THETA_STORE_SKIP_PUSH:-}}" != 1 ]; then
-{missing}  THETA_STORE_GIT_PID=$PPID {cmd} pre-push "$@" < "$input" || exit $?
+{missing}  {cmd} pre-push "$@" < "$input" || exit $?
 fi
 if [ -x "$0{CHAINED_SUFFIX}" ]; then
   "$0{CHAINED_SUFFIX}" "$@" < "$input" || exit $?

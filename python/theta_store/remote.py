@@ -28,6 +28,7 @@ if sys.platform != "win32":
     import fcntl
 
 from .errors import ObjectNotFound, ThetaStoreError
+from .gitproc import git_command, push_flags
 from .gitstore import REF_PREFIX, GitStore
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
@@ -332,8 +333,9 @@ def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[s
     """The pre-push hook: push refs/theta/<id> for every version the pushed commits point to."""
     if os.environ.get("THETA_STORE_SKIP_PUSH") == "1":
         return {"versions": 0}
-    push_args = _push_command_line()
-    dry_run, forced = _push_flags(push_args)
+    cmd = git_command()
+    push_args = cmd[1] if cmd is not None and cmd[0] == "push" else None
+    dry_run, forced = push_flags(push_args)
     tips, exclude = [], []
     named = remote in _git(store, "remote", check=False).stdout.decode().split()
     forced = forced or (named and _configured_force(store, remote))
@@ -354,41 +356,6 @@ def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[s
     if named:
         exclude.append(f"--remotes={remote}")
     return send_versions(store, remote, remote if named else url, pointers_in(store, tips, exclude), dry_run=dry_run)
-
-
-def _push_command_line() -> list[str] | None:
-    """The arguments of the `git push` running this hook (the hook passes its pid), if known."""
-    pid = os.environ.get("THETA_STORE_GIT_PID", "")
-    try:
-        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    words = [a.decode(errors="surrogateescape") for a in args if a]
-    return words[words.index("push") + 1 :] if "push" in words else None
-
-
-def _push_flags(args: list[str] | None) -> tuple[bool, bool]:
-    """(dry run, forced) as git push's parse-options would read `args`; unknown -> (False, True)."""
-    if args is None:
-        return False, True
-    dry = forced = False
-    options = True
-    for a in args:
-        if options and a == "--":
-            options = False
-        elif options and a.startswith("--"):
-            dry |= a == "--dry-run"
-            forced |= a.startswith(("--force", "--mirror"))
-        elif options and a.startswith("-") and len(a) > 1:
-            for ch in a[1:]:  # bundled short options; -o takes the rest as its value
-                if ch == "o":
-                    break
-                dry |= ch == "n"
-                forced |= ch == "f"
-        else:
-            forced |= a.startswith("+")
-    return dry, forced
 
 
 def _configured_force(store: GitStore, remote: str) -> bool:
