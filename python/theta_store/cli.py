@@ -104,8 +104,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from .repo import Repo
 
-    rev, _, path = args.path.rpartition(":") if ":" in args.path else (None, "", args.path)
+    rev, path = split_rev_path(args.path)
     with Repo(args.C) as repo:
+        if rev is not None and not (path in (".", "..") or path.startswith(("./", "../"))):
+            path = os.path.join(repo.root, path)  # REV:path is relative to the top, as in git
         info = repo.show(path, rev or None)
     rows = [
         [
@@ -125,6 +127,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "codec (per byte plane)"]))
     return 0
+
+
+def split_rev_path(spec: str) -> tuple[str | None, str]:
+    """`REV:path` as git splits it (at the first colon outside `@{...}`); `:path` gives REV "" (the
+    index), a spec without a colon REV None (a path relative to the current directory)."""
+    depth = 0
+    for i, ch in enumerate(spec):
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        elif ch == ":" and not depth:
+            return spec[:i], spec[i + 1 :]
+    return None, spec
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -359,13 +375,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(_verb_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
         if args.quiet:
             args.progress = False
-        if args.C != ".":
-            os.chdir(args.C)
+        rc = _chdir(args.C)
+        if rc == 0:
             args.C = "."
-        rc = _guarded(args.fn, args)
+            rc = _guarded(args.fn, args)
     if argv is None:
         _exit_now(rc)
     return rc
+
+
+def _chdir(path: str) -> int:
+    """Enter `-C PATH`; a bad one is a usage error (exit 2), said in one line."""
+    if path == ".":
+        return 0
+    try:
+        os.chdir(path)
+    except OSError as e:
+        print(f"theta-store: error: cannot change to {path!r}: {e.strerror or e}", file=sys.stderr)
+        print("hint: -C takes an existing directory (a repository or a folder inside one)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _exit_now(rc: int) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ThetaStoreError
+from .errors import NotARepository, ThetaStoreError
 from .gitstore import GitStore
 
 ATTRS = "filter=thetastore diff=thetastore merge=thetastore -text"
@@ -47,8 +47,18 @@ def install(path: str = ".", scope: str = "local") -> list[str]:
     """Set the git config (local: this repo; global: ~/.gitconfig) and, for a repo, the hooks."""
     done = []
     cwd = path if scope == "local" else None
+    if scope == "local":
+        try:
+            GitStore(path).close()
+        except NotARepository:
+            raise NotARepository(
+                f"{os.path.abspath(path)}: not a git repository; did you mean --global?",
+                hint="run `theta-store install` inside a repository, or `theta-store install --global` to set it up for every one",
+            ) from None
     for key, value in config_items():
-        subprocess.run(["git", "config", f"--{scope}", key, value], cwd=cwd, check=True, capture_output=True)
+        r = subprocess.run(["git", "config", f"--{scope}", key, value], cwd=cwd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ThetaStoreError(f"git config --{scope} {key} failed: {r.stderr.strip()}", hint="check that git can write its config file")
         done.append(f"{key}={value}")
     if scope == "local":
         with GitStore(path) as store:

@@ -205,6 +205,9 @@ def _views(m: Manifest) -> dict[str, TensorView]:
 def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None) -> CheckpointReader:
     """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily.
 
+    A relative `path` is taken relative to `repo` when it is given (as `git -C repo` would),
+    else to the current directory.
+
     Example:
         >>> import theta_store, tempfile, subprocess, numpy as np
         >>> d = tempfile.mkdtemp(); _ = subprocess.run(["git", "init", "-q", d])
@@ -216,6 +219,8 @@ def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.
         array([3., 4., 5.], dtype=float32)
     """
     p = os.fspath(path)
+    if repo is not None and not os.path.isabs(p):
+        p = os.path.join(os.fspath(repo), p)
     store = GitStore(repo if repo is not None else os.path.dirname(os.path.abspath(p)))
     try:
         rel = os.path.relpath(os.path.realpath(p), store.worktree).replace(os.sep, "/")

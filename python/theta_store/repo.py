@@ -226,7 +226,11 @@ class Repo:
                             problems.append({"version": mid.hex(), "object": t[3].hex(), "problem": str(e)})
                 checked.update(t[2] for t in batch)
         for rel, oid in self.store.iter_paths(None):
-            data = self.store.read_object(oid)
+            try:
+                data = self.store.read_object(oid)
+            except (ObjectNotFound, CorruptObject) as e:
+                problems.append({"version": "", "object": oid.hex(), "problem": f"{rel}: {e}"})
+                continue
             if looks_like_pointer(data):
                 try:
                     p = Pointer.parse(data, rel)
