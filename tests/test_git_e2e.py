@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -834,10 +836,12 @@ def test_git_starts_us_without_site(tmp_path: Path) -> None:
     """git runs `python -S -P .../_launch.py`: no .pth file runs, yet every dependency imports."""
     from theta_store.install import command, launcher
 
-    assert command().endswith(f"-S -P {launcher()}")
     cfg = g(tmp_path, "config", "--global", "filter.thetastore.process").stdout.strip()
-    python, rest = cfg.split(" ", 1)  # the interpreter of the `theta-store` that ran install
-    assert rest == f"-S -P {launcher()} filter-process" and os.access(python, os.X_OK), cfg
+    assert cfg == f"{command()} filter-process"
+    # sh -c CHECK PYTHON LAUNCHER ARGS: the interpreter of the `theta-store` that ran install
+    sh, _, check, python, launch, verb = shlex.split(cfg)
+    assert (sh, launch, verb) == ("sh", launcher(), "filter-process") and os.access(python, os.X_OK), cfg
+    assert check.endswith('exec "$0" -S -P "$l" "$@"'), check
     r = subprocess.run([sys.executable, "-S", "-P", launcher(), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "theta-store" in r.stdout, r.stderr
     # the dependencies are found without site.main() (it would have defined builtins.help)

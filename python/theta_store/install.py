@@ -28,8 +28,20 @@ def command() -> str:
 
     By absolute paths: git then starts us without a PATH lookup through version-manager shims (a
     pyenv shim cost 0.13 s per start) and without the .pth files of site-packages (39-56 ms here, hyperfine).
+    Without the check, git reports a filter that cannot start as "the remote end hung up unexpectedly".
     """
-    return f"{shlex.quote(sys.executable)} -S -P {shlex.quote(launcher())}"
+    return f"sh -c {shlex.quote(_CHECK)} {shlex.quote(sys.executable)} {shlex.quote(launcher())}"
+
+
+# $0: the interpreter, $1: the launcher, then git's arguments. One simple command, so that callers
+# can append arguments and redirections to it (the pre-push hook does).
+_CHECK = (
+    '[ -x "$0" ] || { echo "theta-store: $0 (the Python git runs theta-store with) is gone: run theta-store install'
+    ' (or install --global) again with the theta-store you use now" >&2; exit 127; }; '
+    '[ -f "$1" ] || { echo "theta-store: $1 is gone (theta-store was uninstalled or moved): run theta-store install'
+    ' (or install --global) again with the theta-store you use now" >&2; exit 127; }; '
+    'l=$1; shift; exec "$0" -S -P "$l" "$@"'
+)
 
 
 def config_items() -> list[tuple[str, str]]:
