@@ -6,6 +6,7 @@ import os
 import sys
 
 from .errors import ThetaStoreError
+from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
@@ -16,14 +17,10 @@ if TYPE_CHECKING:
     from .repo import Repo
 
 
-def _mb(n: int | float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.2f} MB"
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -84,8 +81,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     with repo() as rp:
         reports = rp.add(args.paths, progress=args.progress, scanned=scanned)
     lines = [
-        f"{r.path}: {r.format}, {r.tensors} tensors, {_mb(r.size)}; new {_mb(r.new_bytes)} in {r.new_chunks} chunks, "
-        f"reused {_mb(r.reused_bytes)} in {r.reused_chunks} chunks"
+        f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}; new {human_size(r.new_bytes)} in {r.new_chunks} chunks, "
+        f"reused {human_size(r.reused_bytes)} in {r.reused_chunks} chunks"
         for r in reports
     ]
     _out(args, [report_dict(r) for r in reports], "\n".join(lines))
@@ -114,15 +111,15 @@ def cmd_show(args: argparse.Namespace) -> int:
             r["name"],
             r["dtype"],
             "x".join(map(str, r["shape"])) or "-",
-            _mb(r["bytes"]),
-            _mb(r["stored"]),
+            human_size(r["bytes"]),
+            human_size(r["stored"]),
             f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-",
             r["codec"],
         ]
         for r in info["rows"]
     ]
     head = (
-        f"{info['path']}: {info['format']}, {info['tensors']} tensors, {_mb(info['size'])} stored as {_mb(info['stored'])}"
+        f"{info['path']}: {info['format']}, {info['tensors']} tensors, {human_size(info['size'])} stored as {human_size(info['stored'])}"
         f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
     )
     _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "codec (per byte plane)"]))
@@ -148,19 +145,35 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     with Repo(args.C) as repo:
         s = repo.stats()
-    rows = [[v["manifest"][:12], v["format"], str(v["tensors"]), _mb(v["size"]), _mb(v["stored"])] for v in s["versions"]]
-    text = _table(rows, ["version", "format", "tensors", "raw", "stored (all its chunks)"])
+    rows = []
+    for v in s["versions"]:
+        cells = [v["manifest"][:12], v["format"], str(v["tensors"]), human_size(v["size"]), human_size(v["stored"]), human_size(v["added"])]
+        commits = [_commit_cell(c) for c in v["commits"][:STATS_COMMITS]] or ["(no commit)"]
+        if len(v["commits"]) > STATS_COMMITS:
+            commits.append(f"... {len(v['commits']) - STATS_COMMITS} more (--json lists them)")
+        rows.append([*cells, commits[0]])
+        rows += [[""] * len(cells) + [c] for c in commits[1:]]
+    text = _table(rows, ["version", "format", "tensors", "raw", "stored", "added", "commits that wrote it"])
     if s["checkpoints"]:
         text += "\n\n" + _table(
-            [[c["path"], c["manifest"][:12], _mb(c["size"]), _mb(c["stored"])] for c in s["checkpoints"]],
+            [[c["path"], c["manifest"][:12], human_size(c["size"]), human_size(c["stored"])] for c in s["checkpoints"]],
             ["checkpoint (index)", "version", "raw", "stored"],
         )
     text += (
-        f"\n\n{len(s['versions'])} versions, {_mb(s['raw_bytes'])} raw in all, {_mb(s['stored_bytes'])} stored "
-        f"in {s['unique_chunks']} unique chunks (ratio {s['ratio']:.3f})"
+        f"\n\n{len(s['versions'])} versions, {human_size(s['raw_bytes'])} raw in all, {human_size(s['stored_bytes'])} stored "
+        f"in {s['unique_chunks']} unique chunks (ratio {s['ratio']:.3f})\n"
+        "stored: the frames the version needs; added: those no version before it (in commit order) had"
     )
     _out(args, s, text)
     return 0
+
+
+STATS_COMMITS = 5  # per version, in the table; --json has them all
+
+
+def _commit_cell(c: dict[str, str]) -> str:
+    """`abc1234 2024-06-01 12:00 path`: short hash, committer date (minutes), path."""
+    return f"{c['commit'][:7]} {c['date'][:16].replace('T', ' ')} {c['path']}"
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -242,7 +255,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     lines = [f"{verb} {v}" for v in dropped]
     freed = r["freed_bytes"]
     assert isinstance(freed, int)
-    lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({_mb(freed)} of frames no other version uses)")
+    lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({human_size(freed)} of frames no other version uses)")
     if not args.dry_run and not args.prune and dropped:
         lines.append("run `git gc --prune=now` (or theta-store gc --prune) to free the disk space")
     _out(args, r, "\n".join(lines))
@@ -324,7 +337,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--source", "-s", metavar="REV", help="take pointers from this commit instead of the index")
     sp = verb("show", "per-tensor table of a stored checkpoint ([REV:]PATH)", cmd_show)
     sp.add_argument("path", metavar="[REV:]PATH")
-    verb("stats", "raw vs stored bytes, dedup, per checkpoint", cmd_stats)
+    verb("stats", "each stored version: raw, stored and added bytes, the commits that wrote it", cmd_stats)
     verb("fsck", "re-hash every stored object; report missing or corrupt ones", cmd_fsck)
     sp = verb("install", "configure git to use theta-store (filter, diff, merge drivers, hooks)", cmd_install)
     sp.add_argument("--global", dest="global_", action="store_true", help="in ~/.gitconfig for every repository")

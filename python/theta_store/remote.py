@@ -327,11 +327,10 @@ def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes,
                 f"pushing checkpoint versions to {remote} failed: {r.stderr.decode(errors='replace').strip()}",
                 hint="set THETA_STORE_SKIP_PUSH=1 to push the commits alone",
             )
-    print(
-        f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {new_bytes / 1e6:.2f} MB new, "
-        f"{reused / 1e6:.2f} MB already there",
-        file=sys.stderr,
-    )
+    from .sizes import human_size
+
+    already = f", {human_size(reused)} already there" if reused else ""
+    print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {human_size(new_bytes)} new{already}", file=sys.stderr)
     return {"versions": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
 
 

@@ -11,7 +11,7 @@ from . import _native
 from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, load_manifest, restore_to
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
 from .gitstore import GitStore
-from .pointer import Pointer, looks_like_pointer
+from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 FSCK_BATCH = 16
 
@@ -163,12 +163,20 @@ class Repo:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Raw vs stored bytes per checkpoint in the index, and for every stored version."""
+        """Raw vs stored bytes per checkpoint in the index, and for every stored version.
+
+        Versions come in the order of the first commit that wrote them (versions no commit
+        points to last); each one's `added` is the bytes of the frames no version before it had.
+        """
         frame_len: dict[bytes, int] = {}
         versions: list[dict[str, Any]] = []
-        for mid in self.store.versions():
+        commits = commits_by_version(self.store)
+        stored = self.store.versions()
+        have = set(stored)
+        for mid in [v for v in commits if v in have] + [v for v in stored if v not in commits]:
             m = load_manifest(self.store, mid)
             fr = self.store.version_frames(mid)
+            added = sum(f.frame_len for cid, f in fr.items() if cid not in frame_len)
             for cid, f in fr.items():
                 frame_len[cid] = f.frame_len
             ids = m.chunk_ids()
@@ -179,7 +187,9 @@ class Repo:
                     "size": m.size,
                     "tensors": len(m.tensors),
                     "stored": sum(fr[c].frame_len for c in ids if c in fr),
+                    "added": added,
                     "chunks": len(ids),
+                    "commits": commits.get(mid, []),
                 }
             )
         checkpoints = []
@@ -241,6 +251,52 @@ class Repo:
                 except PointerError as e:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
         return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
+
+
+def commits_by_version(store: GitStore) -> dict[bytes, list[dict[str, str]]]:
+    """For each version, the commits that wrote a pointer to it (added or changed a path to it),
+    oldest first, over every branch, tag and remote-tracking ref: {"commit", "date", "path"}."""
+    log = store.git(
+        "log", "--exclude=refs/theta/*", "--all", "--reverse", "--date-order", "--no-renames",
+        "--format=%x01%H %cI", "--raw", "--no-abbrev", "-z",
+    )  # fmt: skip
+    wrote: list[tuple[str, str, str, str]] = []  # commit, date, path, blob
+    for record in log.split(b"\x01")[1:]:
+        head, _, raw = record.partition(b"\0")
+        commit, _, date = head.decode().partition(" ")
+        fields = raw.lstrip(b"\n").split(b"\0")
+        for meta, name in zip(fields[0::2], fields[1::2], strict=False):
+            parts = meta.split()
+            if len(parts) == 5 and parts[4] != b"D" and parts[1] in (b"100644", b"100755"):
+                wrote.append((commit, date, name.decode(errors="replace"), parts[3].decode()))
+    blobs = sorted({b for *_, b in wrote})
+    if not blobs:
+        return {}
+    sizes = store.git("cat-file", "--batch-check=%(objectname) %(objectsize)", input="\n".join(blobs).encode() + b"\n")
+    listed = (line.decode().partition(" ") for line in sizes.splitlines())
+    small = [oid for oid, _, size in listed if size.isdigit() and int(size) <= POINTER_MAX]
+    contents = store.git("cat-file", "--batch", input="\n".join(small).encode() + b"\n") if small else b""
+    version_of: dict[str, bytes] = {}
+    pos = 0
+    for oid in small:
+        header_end = contents.index(b"\n", pos)
+        header = contents[pos:header_end].split()
+        if len(header) != 3:  # "<oid> missing": a partial clone, say
+            pos = header_end + 1
+            continue
+        size = int(header[2])
+        data = contents[header_end + 1 : header_end + 1 + size]
+        pos = header_end + 1 + size + 1
+        if looks_like_pointer(data):
+            try:
+                version_of[oid] = Pointer.parse(data, oid).manifest_id
+            except PointerError:
+                continue
+    out: dict[bytes, list[dict[str, str]]] = {}
+    for commit, date, path, blob in wrote:
+        if blob in version_of:
+            out.setdefault(version_of[blob], []).append({"commit": commit, "date": date, "path": path})
+    return out
 
 
 def report_dict(r: AddReport) -> dict[str, Any]:
