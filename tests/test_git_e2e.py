@@ -694,7 +694,7 @@ def test_missing_remote_and_missing_version(tmp_path: Path, file_remote: Remote)
     g(b, "remote", "remove", "origin")
 
     # once the version is pushed, the same clone recovers with plain git
-    assert "1 version(s) pushed" in ts(a, "push", file_remote.url).stdout
+    assert "pushed 1 checkpoint version(s)" in ts(a, "push", file_remote.url).stderr
     g(b, "remote", "add", "origin", file_remote.url)
     g(b, "reset", "-q", "--hard")
     assert (b / "model.safetensors").read_bytes() == v1

@@ -196,15 +196,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from .install import install
+    from .install import config_items, install
 
-    done = install(".", "global" if args.global_ else "local")
-    _out(args, {"configured": done}, "\n".join(done))
+    scope = "global" if args.global_ else "local"
+    done = install(".", scope)
+    keys = tuple(f"{k}=" for k, _ in config_items())
+    where = "your global git config" if args.global_ else "this repository's git config"
+    # One line for the settings (their values are long command lines); the hook lines say what happened to hooks.
+    lines = [f"set theta-store's filter, diff and merge driver in {where} (`git config --{scope} --get-regexp thetastore` lists them)"]
+    lines += [d for d in done if not d.startswith(keys)]
+    _out(args, {"configured": done}, "\n".join(lines))
     return 0
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .install import ensure_filter, track
+    from .install import ensure_filter, track, tracked
+
+    if not args.patterns:
+        found = tracked(".")
+        text = "\n".join(["Listing tracked patterns", *(f"    {pat} ({name})" for pat, name in found)])
+        if not found:
+            text = "no patterns are tracked; `theta-store track '*.safetensors'` tracks one"
+        _out(args, {"tracked": [{"pattern": p, "file": n} for p, n in found]}, text)
+        return 0
 
     added = track(args.patterns)
     configured = ensure_filter(".")
@@ -239,7 +253,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     with GitStore(".") as store:
         r = push(store, args.remote, args.revs, all_refs=args.all)
-    _out(args, r, f"{r['versions']} version(s) pushed")
+    # A push that sent versions has said so on stderr (as the pre-push hook does): say only "nothing".
+    if args.json or not r["versions"]:
+        what = " ".join(args.revs) or ("every branch and tag" if args.all else "HEAD")
+        _out(args, r, f"nothing to push: {args.remote or 'the remote'} has every checkpoint version {what} needs")
     return 0
 
 
@@ -313,6 +330,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     import argparse
 
     p = argparse.ArgumentParser(prog="theta-store", description="Version ML model checkpoints in ordinary Git.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"theta-store {__version__}")
     p.add_argument("-C", metavar="PATH", default=".", help="run as if started in PATH")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no chatter")
     g = p.add_mutually_exclusive_group()
@@ -342,8 +362,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = verb("install", "configure git to use theta-store (filter, diff, merge drivers, hooks)", cmd_install)
     sp.add_argument("--global", dest="global_", action="store_true", help="in ~/.gitconfig for every repository")
     sp.add_argument("--local", dest="global_", action="store_false", help="in this repository (default)")
-    sp = verb("track", "store files matching these patterns with theta-store (.gitattributes)", cmd_track)
-    sp.add_argument("patterns", nargs="+", metavar="PATTERN")
+    sp = verb("track", "store files matching these patterns with theta-store (.gitattributes); none: list them", cmd_track)
+    sp.add_argument("patterns", nargs="*", metavar="PATTERN", help="none: list the tracked patterns")
     sp = verb("untrack", "stop tracking these patterns (other tools' lines are left alone)", cmd_untrack)
     sp.add_argument("patterns", nargs="+", metavar="PATTERN")
     sp = verb("fetch", "fetch the checkpoint versions that REVs (default HEAD) point to", cmd_fetch)
@@ -364,7 +384,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def plumbing(name: str, fn: Any) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return unused
-        sp = sub.add_parser(name, help=argparse.SUPPRESS)
+        sp = sub.add_parser(name)  # no help=: argparse lists a subcommand given one, even SUPPRESS
         sp.set_defaults(fn=fn)
         return sp
 
@@ -384,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else list(argv)) == ["filter-process"]:
         # git starts this on every command that reads the work tree: skip argparse.
         rc = _guarded(cmd_filter_process, None)
+    elif not (sys.argv[1:] if argv is None else argv):
+        build_parser().print_help()  # as bare `git` does: the help, exit status 1
+        rc = 1
     else:
         args = build_parser(_verb_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
         if args.quiet:

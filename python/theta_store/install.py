@@ -24,7 +24,8 @@ def launcher() -> str:
 
 
 def command() -> str:
-    """How git should call us: this Python, without `site`, on our launcher (see _launch.py).
+    """How git should call us: this Python, without `site`, on our launcher (see _launch.py),
+    through a line of `sh` that says what is wrong if either has gone (a deleted virtualenv).
 
     By absolute paths: git then starts us without a PATH lookup through version-manager shims (a
     pyenv shim cost 0.13 s per start) and without the .pth files of site-packages (39-56 ms here, hyperfine).
@@ -189,6 +190,26 @@ def track(patterns: list[str], path: str = ".") -> list[str]:
         if added:
             f.write_text("\n".join(lines) + "\n")
         return added
+
+
+def tracked(path: str = ".") -> list[tuple[str, str]]:
+    """(pattern, file) of every line that gives a pattern our filter, in the work tree's
+    .gitattributes files and the repository's info/attributes, as `git lfs track` lists them."""
+    with GitStore(path) as store:
+        listed = store.git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", ":(glob)**/.gitattributes")
+        files = [(store.worktree / name, name) for name in sorted({n.decode() for n in listed.split(b"\0") if n})]
+        files.append((store.common_dir / "info" / "attributes", ".git/info/attributes"))
+        found = []
+        for full, name in files:
+            try:
+                text = full.read_text(errors="replace")
+            except OSError:  # listed in the index, deleted from the work tree
+                continue
+            for line in text.splitlines():
+                fields = line.split()
+                if fields and not fields[0].startswith("#") and "filter=thetastore" in fields[1:]:
+                    found.append((fields[0], name))
+        return found
 
 
 def untrack(patterns: list[str], path: str = ".") -> list[str]:
