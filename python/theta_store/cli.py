@@ -6,6 +6,7 @@ import os
 import sys
 
 from .errors import ThetaStoreError
+from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
@@ -16,14 +17,10 @@ if TYPE_CHECKING:
     from .repo import Repo
 
 
-def _mb(n: int | float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.2f} MB"
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -84,8 +81,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     with repo() as rp:
         reports = rp.add(args.paths, progress=args.progress, scanned=scanned)
     lines = [
-        f"{r.path}: {r.format}, {r.tensors} tensors, {_mb(r.size)}; new {_mb(r.new_bytes)} in {r.new_chunks} chunks, "
-        f"reused {_mb(r.reused_bytes)} in {r.reused_chunks} chunks"
+        f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}; new {human_size(r.new_bytes)} in {r.new_chunks} chunks, "
+        f"reused {human_size(r.reused_bytes)} in {r.reused_chunks} chunks"
         for r in reports
     ]
     for r in reports:
@@ -113,27 +110,43 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from .repo import Repo
 
-    rev, _, path = args.path.rpartition(":") if ":" in args.path else (None, "", args.path)
+    rev, path = split_rev_path(args.path)
     with Repo(args.C) as repo:
+        if rev is not None and not (path in (".", "..") or path.startswith(("./", "../"))):
+            path = os.path.join(repo.root, path)  # REV:path is relative to the top, as in git
         info = repo.show(path, rev or None)
     rows = [
         [
             r["name"],
             r["dtype"],
             "x".join(map(str, r["shape"])) or "-",
-            _mb(r["bytes"]),
-            _mb(r["stored"]),
+            human_size(r["bytes"]),
+            human_size(r["stored"]),
             f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-",
             r["codec"],
         ]
         for r in info["rows"]
     ]
     head = (
-        f"{info['path']}: {info['format']}, {info['tensors']} tensors, {_mb(info['size'])} stored as {_mb(info['stored'])}"
+        f"{info['path']}: {info['format']}, {info['tensors']} tensors, {human_size(info['size'])} stored as {human_size(info['stored'])}"
         f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
     )
     _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "codec (per byte plane)"]))
     return 0
+
+
+def split_rev_path(spec: str) -> tuple[str | None, str]:
+    """`REV:path` as git splits it (at the first colon outside `@{...}`); `:path` gives REV "" (the
+    index), a spec without a colon REV None (a path relative to the current directory)."""
+    depth = 0
+    for i, ch in enumerate(spec):
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        elif ch == ":" and not depth:
+            return spec[:i], spec[i + 1 :]
+    return None, spec
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -141,19 +154,35 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     with Repo(args.C) as repo:
         s = repo.stats()
-    rows = [[v["manifest"][:12], v["format"], str(v["tensors"]), _mb(v["size"]), _mb(v["stored"])] for v in s["versions"]]
-    text = _table(rows, ["version", "format", "tensors", "raw", "stored (all its chunks)"])
+    rows = []
+    for v in s["versions"]:
+        cells = [v["manifest"][:12], v["format"], str(v["tensors"]), human_size(v["size"]), human_size(v["stored"]), human_size(v["added"])]
+        commits = [_commit_cell(c) for c in v["commits"][:STATS_COMMITS]] or ["(no commit)"]
+        if len(v["commits"]) > STATS_COMMITS:
+            commits.append(f"... {len(v['commits']) - STATS_COMMITS} more (--json lists them)")
+        rows.append([*cells, commits[0]])
+        rows += [[""] * len(cells) + [c] for c in commits[1:]]
+    text = _table(rows, ["version", "format", "tensors", "raw", "stored", "added", "commits that wrote it"])
     if s["checkpoints"]:
         text += "\n\n" + _table(
-            [[c["path"], c["manifest"][:12], _mb(c["size"]), _mb(c["stored"])] for c in s["checkpoints"]],
+            [[c["path"], c["manifest"][:12], human_size(c["size"]), human_size(c["stored"])] for c in s["checkpoints"]],
             ["checkpoint (index)", "version", "raw", "stored"],
         )
     text += (
-        f"\n\n{len(s['versions'])} versions, {_mb(s['raw_bytes'])} raw in all, {_mb(s['stored_bytes'])} stored "
-        f"in {s['unique_chunks']} unique chunks (ratio {s['ratio']:.3f})"
+        f"\n\n{len(s['versions'])} versions, {human_size(s['raw_bytes'])} raw in all, {human_size(s['stored_bytes'])} stored "
+        f"in {s['unique_chunks']} unique chunks (ratio {s['ratio']:.3f})\n"
+        "stored: the frames the version needs; added: those no version before it (in commit order) had"
     )
     _out(args, s, text)
     return 0
+
+
+STATS_COMMITS = 5  # per version, in the table; --json has them all
+
+
+def _commit_cell(c: dict[str, str]) -> str:
+    """`abc1234 2024-06-01 12:00 path`: short hash, committer date (minutes), path."""
+    return f"{c['commit'][:7]} {c['date'][:16].replace('T', ' ')} {c['path']}"
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -178,15 +207,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from .install import install
+    from .install import config_items, install
 
-    done = install(".", "global" if args.global_ else "local")
-    _out(args, {"configured": done}, "\n".join(done))
+    scope = "global" if args.global_ else "local"
+    done = install(".", scope)
+    keys = tuple(f"{k}=" for k, _ in config_items())
+    where = "your global git config" if args.global_ else "this repository's git config"
+    # One line for the settings (their values are long command lines); the hook lines say what happened to hooks.
+    lines = [f"set theta-store's filter, diff and merge driver in {where} (`git config --{scope} --get-regexp thetastore` lists them)"]
+    lines += [d for d in done if not d.startswith(keys)]
+    _out(args, {"configured": done}, "\n".join(lines))
     return 0
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .install import ensure_filter, stage_attributes, track
+    from .install import ensure_filter, stage_attributes, track, tracked
+
+    if not args.patterns:
+        found = tracked(".")
+        text = "\n".join(["Listing tracked patterns", *(f"    {pat} ({name})" for pat, name in found)])
+        if not found:
+            text = "no patterns are tracked; `theta-store track '*.safetensors'` tracks one"
+        _out(args, {"tracked": [{"pattern": p, "file": n} for p, n in found]}, text)
+        return 0
 
     added = track(args.patterns)
     configured = ensure_filter(".")
@@ -227,7 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         [
             f["path"],
             {"materialised": "checkpoint", "pointer": "pointer file"}.get(f["worktree"], f["worktree"]),
-            _mb(f["size"]),
+            human_size(f["size"]),
             f["version"][:12],
             ", ".join(n for n, on in (("staged", f["changed"] or not f["committed"]), ("NOT TRACKED", not f["tracked"])) if on),
         ]
@@ -276,7 +319,10 @@ def cmd_push(args: argparse.Namespace) -> int:
         return _check_remote(args, args.remote, ["--branches", "--tags"] if args.all else (args.revs or ["HEAD"]))
     with Repo(args.C) as repo:
         r = push(repo.store, args.remote, args.revs, all_refs=args.all)
-    _out(args, r, f"{r['versions']} version(s) pushed")
+    # A push that sent versions has said so on stderr (as the pre-push hook does): say only "nothing".
+    if args.json or not r["versions"]:
+        what = " ".join(args.revs) or ("every branch and tag" if args.all else "HEAD")
+        _out(args, r, f"nothing to push: {args.remote or 'the remote'} has every checkpoint version {what} needs")
     return 0
 
 
@@ -323,7 +369,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     lines = [f"{verb} {v}" for v in dropped]
     freed = r["freed_bytes"]
     assert isinstance(freed, int)
-    lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({_mb(freed)} of frames no other version uses)")
+    lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({human_size(freed)} of frames no other version uses)")
     if not args.dry_run and not args.prune and dropped:
         lines.append("run `git gc --prune=now` (or theta-store gc --prune) to free the disk space")
     _out(args, r, "\n".join(lines))
@@ -408,6 +454,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     import argparse
 
     p = argparse.ArgumentParser(prog="theta-store", description="Version ML model checkpoints in ordinary Git.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"theta-store {__version__}")
     p.add_argument("-C", metavar="PATH", default=".", help="run as if started in PATH")
     _output_options(p, None)
     # The same options after the verb (`theta-store stats --json -q`); SUPPRESS: absent there, the
@@ -431,7 +480,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--source", "-s", metavar="REV", help="take pointers from this commit instead of the index")
     sp = verb("show", "per-tensor table of a stored checkpoint ([REV:]PATH)", cmd_show)
     sp.add_argument("path", metavar="[REV:]PATH")
-    verb("stats", "raw vs stored bytes, dedup, per checkpoint", cmd_stats)
+    verb("stats", "each stored version: raw, stored and added bytes, the commits that wrote it", cmd_stats)
     sp = verb("fsck", "re-hash every stored object; report missing or corrupt ones", cmd_fsck)
     sp.add_argument(
         "--remote",
@@ -443,8 +492,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = verb("install", "configure git to use theta-store (filter, diff, merge drivers, hooks)", cmd_install)
     sp.add_argument("--global", dest="global_", action="store_true", help="in ~/.gitconfig for every repository")
     sp.add_argument("--local", dest="global_", action="store_false", help="in this repository (default)")
-    sp = verb("track", "store files matching these patterns with theta-store (.gitattributes)", cmd_track)
-    sp.add_argument("patterns", nargs="+", metavar="PATTERN")
+    sp = verb("track", "store files matching these patterns with theta-store (.gitattributes); none: list them", cmd_track)
+    sp.add_argument("patterns", nargs="*", metavar="PATTERN", help="none: list the tracked patterns")
     sp = verb("untrack", "stop tracking these patterns (other tools' lines are left alone)", cmd_untrack)
     sp.add_argument("patterns", nargs="+", metavar="PATTERN")
     sp = verb(
@@ -491,7 +540,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def plumbing(name: str, fn: Any) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return unused
-        sp = sub.add_parser(name, help=argparse.SUPPRESS, parents=[shared])
+        sp = sub.add_parser(name, parents=[shared])  # no help=: argparse lists a subcommand given one, even SUPPRESS
         sp.set_defaults(fn=fn)
         return sp
 
@@ -511,19 +560,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else list(argv)) == ["filter-process"]:
         # git starts this on every command that reads the work tree: skip argparse.
         rc = _guarded(cmd_filter_process, None)
+    elif not (sys.argv[1:] if argv is None else argv):
+        build_parser().print_help()  # as bare `git` does: the help, exit status 1
+        rc = 1
     else:
         args = build_parser(_verb_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
         if args.quiet:
             args.progress = False
         if args.progress is False:  # and for the git commands run on our behalf (their filter, their fetches)
             os.environ["THETA_STORE_PROGRESS"] = "0"
-        if args.C != ".":
-            os.chdir(args.C)
+        rc = _chdir(args.C)
+        if rc == 0:
             args.C = "."
-        rc = _guarded(args.fn, args)
+            rc = _guarded(args.fn, args)
     if argv is None:
         _exit_now(rc)
     return rc
+
+
+def _chdir(path: str) -> int:
+    """Enter `-C PATH`; a bad one is a usage error (exit 2), said in one line."""
+    if path == ".":
+        return 0
+    try:
+        os.chdir(path)
+    except OSError as e:
+        print(f"theta-store: error: cannot change to {path!r}: {e.strerror or e}", file=sys.stderr)
+        print("hint: -C takes an existing directory (a repository or a folder inside one)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _exit_now(rc: int) -> None:

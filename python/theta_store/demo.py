@@ -79,6 +79,7 @@ def _du(path: str) -> int:
 def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool = False) -> int:
     """Versions of a small model through plain git: add, commit, push, clone, checkout, storage table."""
     from .install import config_items, install, track
+    from .sizes import human_size
 
     work = directory or tempfile.mkdtemp(prefix="theta-store-demo-")
     os.makedirs(work, exist_ok=True)
@@ -106,7 +107,7 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
         digests.append(_native.chunk_id(Path(path).read_bytes()))
         raw = os.path.getsize(path)
         rows.append({"version": f"v{i}", "change": what, "raw": raw, "stored": stored, "pushed": pushed})
-        say(f"  v{i} {what}: git add + commit stored {stored / 1e6:.3f} MB, git push sent {pushed / 1e6:.3f} MB")
+        say(f"  v{i} {what}: git add + commit stored {human_size(stored)}, git push sent {human_size(pushed)}")
     clone = os.path.join(work, "bob")
     cfg = [a for key, value in config_items() for a in ("--config", f"{key}={value}")]
     _git(work, "clone", "-q", *cfg, "file://" + remote, clone)

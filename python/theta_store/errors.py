@@ -47,3 +47,7 @@ class NotARepository(ThetaStoreError, FileNotFoundError):
 
 class PointerError(ThetaStoreError, ValueError):
     """A file that should be a theta-store pointer is not one."""
+
+
+class GitCommandError(ThetaStoreError):
+    """A git command that theta-store ran failed: names the command and git's own message."""

@@ -239,9 +239,16 @@ def _parse_pointer(data: bytes, pathname: str) -> Pointer:
 
 def _damaged(ptr: Pointer, e: BaseException) -> ThetaStoreError:
     """An error while decoding a stored version, said as such, with what to do."""
+    if isinstance(e, CorruptObject) and ptr.manifest_id.hex()[:16] in e.args[0]:
+        return e  # it names the version and the object already
+    own = isinstance(e, ThetaStoreError) and bool(e.args)
+    hint = (
+        e.hint
+        if isinstance(e, ThetaStoreError) and e.hint
+        else "`theta-store fsck` lists what is damaged; a clone of the remote has an intact copy"
+    )
     return CorruptObject(
-        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository: {_message(e)}",
-        hint="`theta-store fsck` lists what is damaged; a clone of the remote has an intact copy",
+        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository: {e.args[0] if own else _message(e)}", hint=hint
     )
 
 

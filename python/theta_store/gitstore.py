@@ -19,26 +19,29 @@ import os
 import struct
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
-from dulwich.errors import NotGitRepository
+from dulwich.errors import ChecksumMismatch, NotGitRepository, ObjectFormatException
 from dulwich.index import IndexEntry
 from dulwich.objects import Blob, Commit, ObjectID, Tree
 from dulwich.refs import Ref
 from dulwich.repo import Repo as DulwichRepo
 
 from . import _native
-from .errors import CorruptObject, NotARepository, ObjectNotFound
+from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
 
 REF_PREFIX = Ref(b"refs/theta/")
 AUTHOR = b"theta-store <theta-store@localhost>"
 # chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
 _RECORD = struct.Struct("<32s20sQBH")
 _MODES = ("raw", "zstd", "rans")
+# What dulwich raises for an object it finds but cannot read (a damaged loose file or pack entry).
+_UNREADABLE = (ObjectFormatException, ChecksumMismatch, zlib.error, ValueError, EOFError)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ def _pack_modes(planes: str) -> tuple[int, int]:
 
 def _unpack_modes(n: int, code: int) -> str:
     return "+".join(_MODES[(code >> (2 * j)) & 3] for j in range(n))
+
+
+def _unknown_revision(rev: str) -> ObjectNotFound:
+    return ObjectNotFound(
+        f"{rev}: unknown revision (no branch, tag or commit of that name here)",
+        hint="`git log --oneline --all` lists the commits; `git fetch` brings a remote's branches",
+    )
 
 
 class GitStore:
@@ -190,7 +200,25 @@ class GitStore:
             raise ObjectNotFound(
                 f"object {oid.hex()} is not in {self.common_dir}", hint="run `theta-store fetch` or check the remote"
             ) from None
+        except _UNREADABLE as e:
+            raise self._corrupt(oid.hex(), "", e) from None
         return bytes(data)
+
+    def _corrupt(self, hexid: str, what: str, e: BaseException) -> CorruptObject:
+        """The error for an object git has but cannot read, naming it and where it lies."""
+        loose = self.objects_dir / hexid[:2] / hexid[2:]
+        where = f" at {loose}" if loose.exists() else ""
+        return CorruptObject(
+            f"object {hexid}{what}{where} is corrupt ({type(e).__name__}: {e})",
+            hint="`git fsck` lists every damaged object; a clone of the remote has an intact copy",
+        )
+
+    def _load(self, sha: ObjectID, manifest_id: bytes, what: str) -> Any:
+        """A dulwich object of version `manifest_id`; a damaged one raises CorruptObject naming it."""
+        try:
+            return self.repo[sha]
+        except _UNREADABLE as e:
+            raise self._corrupt(sha.decode(), f", the {what} of checkpoint version {manifest_id.hex()[:16]},", e) from None
 
     def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[int]]:
         """Pack paths and, per object, (pack number << 48 | offset) or 2**64-1 if not in a pack."""
@@ -262,9 +290,9 @@ class GitStore:
     def _version_tree(self, manifest_id: bytes) -> Tree:
         ref = _ref(manifest_id)
         try:
-            commit = self.repo[self.repo.refs[ref]]
+            commit = self._load(self.repo.refs[ref], manifest_id, "commit")
             assert isinstance(commit, Commit)
-            tree = self.repo[commit.tree]
+            tree = self._load(commit.tree, manifest_id, "tree")
         except KeyError:
             raise ObjectNotFound(
                 f"checkpoint version {manifest_id.hex()[:16]} is not in this repository ({ref.decode()} missing)",
@@ -276,20 +304,21 @@ class GitStore:
     def read_manifest_bytes(self, manifest_id: bytes) -> bytes:
         tree = self._version_tree(manifest_id)
         _, sha = tree[b"manifest"]
-        return self.repo[sha].as_raw_string()
+        return bytes(self._load(sha, manifest_id, "manifest").as_raw_string())
 
     def version_frames(self, manifest_id: bytes) -> dict[bytes, StoredFrame]:
         tree = self._version_tree(manifest_id)
         _, fsha = tree[b"frames"]
+        raw = self._load(fsha, manifest_id, "frames table").as_raw_string()
         try:
-            table = msgpack.unpackb(self.repo[fsha].as_raw_string(), raw=False, strict_map_key=False)
+            table = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as e:
             raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {e}") from None
         out: dict[bytes, StoredFrame] = {}
         for entry in tree.items():
             if entry.mode != 0o040000:
                 continue
-            sub = self.repo[entry.sha]
+            sub = self._load(entry.sha, manifest_id, "tree")
             assert isinstance(sub, Tree)
             for leaf in sub.items():
                 cid = bytes.fromhex((entry.path + leaf.path).decode())
@@ -307,7 +336,7 @@ class GitStore:
     def git(self, *args: str, input: bytes | None = None) -> bytes:
         r = subprocess.run(["git", "-C", str(self.worktree), *args], input=input, capture_output=True, check=False)
         if r.returncode != 0:
-            raise RuntimeError(f"git {' '.join(args)} failed: {r.stderr.decode(errors='replace').strip()}")
+            raise GitCommandError(f"git {' '.join(args[:3])} failed: {r.stderr.decode(errors='replace').strip()}")
         return r.stdout
 
     def stage_blob(self, relpath: str, data: bytes) -> None:
@@ -351,9 +380,30 @@ class GitStore:
         spec = f":{relpath}" if rev is None else f"{rev}:{relpath}"
         r = subprocess.run(["git", "-C", str(self.worktree), "cat-file", "blob", spec], capture_output=True, check=False)
         if r.returncode != 0:
-            where = "the index" if rev is None else rev
-            raise ObjectNotFound(f"{relpath}: not in {where}", hint="add it with `theta-store add` first")
+            if rev is None:
+                raise ObjectNotFound(f"{relpath}: not in the index", hint="add it with `theta-store add` first")
+            if not self.has_revision(rev):
+                raise _unknown_revision(rev)
+            raise ObjectNotFound(
+                f"{relpath}: not in {rev}",
+                hint=f"`git ls-tree -r --name-only {rev}` lists its files; add and commit it with `theta-store add` first",
+            )
         return r.stdout
+
+    def has_revision(self, rev: str) -> bool:
+        """`rev` names a commit or tree here (as `git rev-parse` reads it)."""
+        args = ["git", "-C", str(self.worktree), "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{tree}}"]
+        return subprocess.run(args, capture_output=True, check=False).returncode == 0
+
+    def ls_tree(self, rev: str, pathspecs: Sequence[str] = ()) -> bytes:
+        """`git ls-tree -r -z` of the whole tree of `rev` (limited to `pathspecs`); an unknown
+        revision is said as such."""
+        try:
+            return self.git("ls-tree", "-r", "-z", "--full-tree", rev, "--", *pathspecs)
+        except GitCommandError:
+            if not self.has_revision(rev):
+                raise _unknown_revision(rev) from None
+            raise
 
     def iter_paths(self, rev: str | None) -> Iterator[tuple[str, bytes]]:
         """(path, blob id) of every file in the index or in `rev`."""
@@ -364,7 +414,7 @@ class GitStore:
                     meta, path = rec.split(b"\t", 1)
                     yield path.decode(), bytes.fromhex(meta.split()[1].decode())
         else:
-            out = self.git("ls-tree", "-r", "-z", rev)
+            out = self.ls_tree(rev)
             for rec in out.split(b"\0"):
                 if rec:
                     meta, path = rec.split(b"\t", 1)

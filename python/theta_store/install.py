@@ -26,12 +26,25 @@ def launcher() -> str:
 
 
 def command() -> str:
-    """How git should call us: this Python, without `site`, on our launcher (see _launch.py).
+    """How git should call us: this Python, without `site`, on our launcher (see _launch.py),
+    through a line of `sh` that says what is wrong if either has gone (a deleted virtualenv).
 
     By absolute paths: git then starts us without a PATH lookup through version-manager shims (a
     pyenv shim cost 0.13 s per start) and without the .pth files of site-packages (39-56 ms here, hyperfine).
+    Without the check, git reports a filter that cannot start as "the remote end hung up unexpectedly".
     """
-    return f"{shlex.quote(sys.executable)} -S -P {shlex.quote(launcher())}"
+    return f"sh -c {shlex.quote(_CHECK)} {shlex.quote(sys.executable)} {shlex.quote(launcher())}"
+
+
+# $0: the interpreter, $1: the launcher, then git's arguments. One simple command, so that callers
+# can append arguments and redirections to it (the pre-push hook does).
+_CHECK = (
+    '[ -x "$0" ] || { echo "theta-store: $0 (the Python git runs theta-store with) is gone: run theta-store install'
+    ' (or install --global) again with the theta-store you use now" >&2; exit 127; }; '
+    '[ -f "$1" ] || { echo "theta-store: $1 is gone (theta-store was uninstalled or moved): run theta-store install'
+    ' (or install --global) again with the theta-store you use now" >&2; exit 127; }; '
+    'l=$1; shift; exec "$0" -S -P "$l" "$@"'
+)
 
 
 def config_items() -> list[tuple[str, str]]:
@@ -51,8 +64,18 @@ def install(path: str = ".", scope: str = "local") -> list[str]:
     """Set the git config (local: this repo; global: ~/.gitconfig) and, for a repo, the hooks."""
     done = []
     cwd = path if scope == "local" else None
+    if scope == "local":
+        try:
+            git_dirs(path)
+        except NotARepository:
+            raise NotARepository(
+                f"{os.path.abspath(path)}: not a git repository; did you mean --global?",
+                hint="run `theta-store install` inside a repository, or `theta-store install --global` to set it up for every one",
+            ) from None
     for key, value in config_items():
-        subprocess.run(["git", "config", f"--{scope}", key, value], cwd=cwd, check=True, capture_output=True)
+        r = subprocess.run(["git", "config", f"--{scope}", key, value], cwd=cwd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ThetaStoreError(f"git config --{scope} {key} failed: {r.stderr.strip()}", hint="check that git can write its config file")
         done.append(f"{key}={value}")
     if scope == "local":
         done += ensure_hooks(path)
@@ -221,6 +244,28 @@ def stage_attributes(path: str = ".") -> str | None:
         if r.returncode != 0:
             raise ThetaStoreError(f"git add .gitattributes failed: {r.stderr.decode(errors='replace').strip()}")
         return os.path.relpath(_attributes(store))
+
+
+def tracked(path: str = ".") -> list[tuple[str, str]]:
+    """(pattern, file) of every line that gives a pattern our filter, in the work tree's
+    .gitattributes files and the repository's info/attributes, as `git lfs track` lists them."""
+    from .gitstore import GitStore
+
+    with GitStore(path) as store:
+        listed = store.git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", ":(glob)**/.gitattributes")
+        files = [(store.worktree / name, name) for name in sorted({n.decode() for n in listed.split(b"\0") if n})]
+        files.append((store.common_dir / "info" / "attributes", ".git/info/attributes"))
+        found = []
+        for full, name in files:
+            try:
+                text = full.read_text(errors="replace")
+            except OSError:  # listed in the index, deleted from the work tree
+                continue
+            for line in text.splitlines():
+                fields = line.split()
+                if fields and not fields[0].startswith("#") and "filter=thetastore" in fields[1:]:
+                    found.append((fields[0], name))
+        return found
 
 
 def untrack(patterns: list[str], path: str = ".") -> list[str]:

@@ -5,9 +5,9 @@
         w = f.get_tensor("lm_head.weight")        # numpy array; decodes only that tensor's chunks
         rows = f.get_slice("embed.weight")[100:200]  # decodes only the chunks those rows live in
 
-Values come back as numpy arrays of the stored dtype. numpy has no bfloat16 or float8: those
-come back as `ml_dtypes` arrays when that package is installed, else as their raw bit patterns
-(uint16 / uint8). Quantized or opaque dtypes (GGUF Q8_0, big-endian data...) come back as uint8.
+Values come back as numpy arrays of the stored dtype; bfloat16 and float8 (which numpy lacks)
+as `ml_dtypes` arrays (a dependency), so `.astype(np.float32)` gives their values.
+Quantized or opaque dtypes (GGUF Q8_0, big-endian data...) come back as uint8.
 Missing versions are fetched from the remote (whole versions: git moves refs, not byte ranges).
 """
 
@@ -40,21 +40,27 @@ _NUMPY = {
     "U64": "<u8",
     "BOOL": "?",
 }
-_BITS = {"BF16": ("bfloat16", "<u2"), "F8_E4M3": ("float8_e4m3fn", "u1"), "F8_E5M2": ("float8_e5m2", "u1")}
+_BITS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def numpy_dtype(name: str) -> np.dtype[Any]:
-    """The numpy dtype a stored dtype name reads as (see the module docstring for bf16/fp8)."""
+    """The numpy dtype a stored dtype name reads as (see the module docstring for bf16/fp8).
+
+    Raises ThetaStoreError for bf16/fp8 if `ml_dtypes` cannot be imported: their raw bit
+    patterns as uint16/uint8 would give garbage that looks like data after `.astype(float)`.
+    """
     if name in _NUMPY:
         return np.dtype(_NUMPY[name])
     if name in _BITS:
         try:
             import ml_dtypes  # type: ignore[import-not-found,unused-ignore]
-
-            found: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _BITS[name][0]))
-            return found
-        except ImportError:
-            return np.dtype(_BITS[name][1])
+        except ImportError as e:
+            raise ThetaStoreError(
+                f"{name} tensors need the ml_dtypes package, which failed to import: {e}",
+                hint="pip install 'ml_dtypes>=0.4' (a dependency of theta-store)",
+            ) from None
+        found: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _BITS[name]))
+        return found
     return np.dtype("u1")
 
 
@@ -199,6 +205,9 @@ def _views(m: Manifest) -> dict[str, TensorView]:
 def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None) -> CheckpointReader:
     """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily.
 
+    A relative `path` is taken relative to `repo` when it is given (as `git -C repo` would),
+    else to the current directory.
+
     Example:
         >>> import theta_store, tempfile, subprocess, numpy as np
         >>> d = tempfile.mkdtemp(); _ = subprocess.run(["git", "init", "-q", d])
@@ -210,6 +219,8 @@ def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.
         array([3., 4., 5.], dtype=float32)
     """
     p = os.fspath(path)
+    if repo is not None and not os.path.isabs(p):
+        p = os.path.join(os.fspath(repo), p)
     store = GitStore(repo if repo is not None else os.path.dirname(os.path.abspath(p)))
     try:
         rel = os.path.relpath(os.path.realpath(p), store.worktree).replace(os.sep, "/")

@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 if sys.platform != "win32":
@@ -30,7 +30,8 @@ if sys.platform != "win32":
 from .errors import ObjectNotFound, ThetaStoreError
 from .gitproc import git_command, push_flags
 from .gitstore import REF_PREFIX, GitStore
-from .pointer import POINTER_MAX, Pointer, looks_like_pointer
+from .history import pointer_writes, pointers_in, tree_pointers
+from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
@@ -247,77 +248,6 @@ def ensure_versions(
     raise VersionsMissing(missing, tried, what)
 
 
-def pointers_in(store: GitStore, revs: list[str], exclude: list[str] | None = None) -> dict[bytes, str]:
-    """manifest id -> a path, for every pointer blob among the objects of `revs` (minus `exclude`)."""
-    return {v: path for v, path in pointer_blobs(store, revs, exclude).values()}
-
-
-def pointer_blobs(store: GitStore, revs: list[str], exclude: list[str] | None = None) -> dict[str, tuple[bytes, str]]:
-    """blob id (hex) -> (manifest id, a path), for every pointer blob among the objects of `revs` (minus `exclude`)."""
-    args = ["rev-list", "--objects", *revs]
-    if exclude:
-        args += ["--not", *exclude]
-    listing = _git(store, *args).stdout.decode(errors="surrogateescape").splitlines()
-    paths = {}
-    for line in listing:
-        oid, _, path = line.partition(" ")
-        if path:
-            paths[oid] = path
-    return {oid: (p.manifest_id, paths[oid]) for oid, p in _pointer_blobs(store, list(paths)).items()}
-
-
-def tree_pointers(store: GitStore, rev: str | None, pathspecs: Sequence[str] = ()) -> dict[str, Pointer]:
-    """path -> pointer for every pointer in `rev`'s tree (None: the index, merged entries only),
-    limited to `pathspecs` (git pathspecs, relative to the top of the work tree).
-
-    Only the tree itself is read, never the history behind it: what a checkout of `rev` needs.
-    """
-    if rev is None:
-        listing = _git(store, "ls-files", "-s", "-z", "--", *pathspecs).stdout
-    else:
-        listing = _git(store, "ls-tree", "-r", "-z", "--full-tree", rev, "--", *pathspecs).stdout
-    paths: dict[str, list[str]] = {}
-    for rec in listing.split(b"\0"):
-        if not rec:
-            continue
-        meta, _, path = rec.partition(b"\t")
-        parts = meta.decode().split()
-        # ls-files: mode oid stage; ls-tree: mode type oid. Conflicted entries (stage > 0) are skipped.
-        oid, ok = (parts[1], parts[2] == "0") if rev is None else (parts[2], parts[1] == "blob")
-        if ok and parts[0] in ("100644", "100755"):
-            paths.setdefault(oid, []).append(path.decode(errors="surrogateescape"))
-    pointers = _pointer_blobs(store, list(paths))
-    return {path: pointers[oid] for oid, names in paths.items() if oid in pointers for path in names}
-
-
-def _pointer_blobs(store: GitStore, oids: list[str]) -> dict[str, Pointer]:
-    """oid -> pointer for the blobs among `oids` that are valid pointers (two batched cat-file runs)."""
-    if not oids:
-        return {}
-    check = _git(store, "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)", input="\n".join(oids).encode() + b"\n")
-    small = []
-    for line in check.stdout.decode().splitlines():
-        fields = line.split()  # "<oid> missing" for an object not here (a partial clone)
-        if len(fields) == 3 and fields[1] == "blob" and int(fields[2]) <= POINTER_MAX:
-            small.append(fields[0])
-    out: dict[str, Pointer] = {}
-    if not small:
-        return out
-    data = _git(store, "cat-file", "--batch", input="\n".join(small).encode() + b"\n").stdout
-    pos = 0
-    while pos < len(data):
-        nl = data.index(b"\n", pos)
-        oid, _, size = data[pos:nl].decode().split()
-        blob = data[nl + 1 : nl + 1 + int(size)]
-        pos = nl + 1 + int(size) + 1
-        if looks_like_pointer(blob):
-            try:
-                out[oid] = Pointer.parse(blob, oid)
-            except ThetaStoreError:
-                continue
-    return out
-
-
 def is_remote(store: GitStore, name: str) -> bool:
     """Whether `name` is a configured remote or names a repository (URL, scp-like, a repository's path)."""
     if name in _git(store, "remote", check=False).stdout.decode().split():
@@ -414,7 +344,7 @@ def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes,
             old_frames |= set(store.version_frames(v))
     new_bytes = sum(n for cid, n in new_frames.items() if cid not in old_frames)
     reused = sum(n for cid, n in new_frames.items() if cid in old_frames)
-    sizes = f"{new_bytes / 1e6:.2f} MB new, {reused / 1e6:.2f} MB already there"
+    sizes = f"{human_size(new_bytes)} new" + (f", {human_size(reused)} already there" if reused else "")
     if dry_run:
         print(f"theta-store: dry run: would push {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)
         return {"versions": 0, "would_push": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
@@ -458,29 +388,20 @@ def check_remote(store: GitStore, remote: str | None, revs: list[str]) -> dict[s
     """The commits among `revs` and their history whose checkpoint versions `remote` lacks.
 
     What `theta-store push --check` and `fsck --remote` report, like `git lfs fsck --pointers`
-    for a remote: each missing version with the commits that introduce it and a path.
+    for a remote: each missing version with the commits that wrote it and the path.
     """
     name = remote or (remotes(store) or [""])[0]
     if not name:
         raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
-    blobs = pointer_blobs(store, revs)
-    needed = {v for v, _ in blobs.values()}
+    writes = pointer_writes(store, revs)
+    needed = {w.version for w in writes} | set(pointers_in(store, revs))
     have = remote_versions(store, name, sorted(needed))
-    lacking = {oid: vp for oid, vp in blobs.items() if vp[0] not in have}
-    missing: list[dict[str, str | bool]] = []
-    if lacking:
-        log = _git(store, "log", "--format=%x00%H", "--raw", "--no-abbrev", "--no-renames", "--diff-merges=first-parent", *revs)
-        commit = ""
-        for line in log.stdout.decode(errors="surrogateescape").splitlines():
-            if line.startswith("\0"):
-                commit = line[1:]
-            elif line.startswith(":"):
-                meta, _, path = line.partition("\t")
-                oid = meta.split()[3]
-                if oid in lacking:
-                    v = lacking[oid][0]
-                    missing.append({"commit": commit, "path": path, "version": v.hex(), "here": store.version_commit(v) is not None})
-    return {"remote": name, "revs": revs, "versions": len(needed), "missing": missing, "ok": not lacking}
+    missing = [
+        {"commit": w.commit, "path": w.path, "version": w.version.hex(), "here": store.version_commit(w.version) is not None}
+        for w in writes
+        if w.version not in have
+    ]
+    return {"remote": name, "revs": revs, "versions": len(needed), "missing": missing, "ok": needed <= have}
 
 
 def _frames(store: GitStore, versions: Iterable[bytes]) -> dict[bytes, int]:

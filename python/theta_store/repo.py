@@ -13,9 +13,10 @@ from . import _native
 from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, load_manifest, restore_to
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
 from .gitstore import GitStore
+from .history import pointer_writes, tree_pointers
 from .install import ensure_hooks_and_say
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
-from .remote import VersionsMissing, ensure_versions, tree_pointers
+from .remote import VersionsMissing, ensure_versions
 
 FSCK_BATCH = 16
 
@@ -321,12 +322,22 @@ class Repo:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Raw vs stored bytes per checkpoint in the index, and for every stored version."""
+        """Raw vs stored bytes per checkpoint in the index, and for every stored version.
+
+        Versions come in the order of the first commit that wrote them (versions no commit
+        points to last); each one's `added` is the bytes of the frames no version before it had.
+        """
         frame_len: dict[bytes, int] = {}
         versions: list[dict[str, Any]] = []
-        for mid in self.store.versions():
+        commits: dict[bytes, list[dict[str, str]]] = {}
+        for w in pointer_writes(self.store, ["--exclude=refs/theta/*", "--all"], oldest_first=True):
+            commits.setdefault(w.version, []).append({"commit": w.commit, "date": w.date, "path": w.path})
+        stored = self.store.versions()
+        have = set(stored)
+        for mid in [v for v in commits if v in have] + [v for v in stored if v not in commits]:
             m = load_manifest(self.store, mid)
             fr = self.store.version_frames(mid)
+            added = sum(f.frame_len for cid, f in fr.items() if cid not in frame_len)
             for cid, f in fr.items():
                 frame_len[cid] = f.frame_len
             ids = m.chunk_ids()
@@ -337,7 +348,9 @@ class Repo:
                     "size": m.size,
                     "tensors": len(m.tensors),
                     "stored": sum(fr[c].frame_len for c in ids if c in fr),
+                    "added": added,
                     "chunks": len(ids),
+                    "commits": commits.get(mid, []),
                 }
             )
         checkpoints = []
@@ -384,7 +397,11 @@ class Repo:
                             problems.append({"version": mid.hex(), "object": t[3].hex(), "problem": str(e)})
                 checked.update(t[2] for t in batch)
         for rel, oid in self.store.iter_paths(None):
-            data = self.store.read_object(oid)
+            try:
+                data = self.store.read_object(oid)
+            except (ObjectNotFound, CorruptObject) as e:
+                problems.append({"version": "", "object": oid.hex(), "problem": f"{rel}: {e}"})
+                continue
             if looks_like_pointer(data):
                 try:
                     p = Pointer.parse(data, rel)
