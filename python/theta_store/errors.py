@@ -51,3 +51,15 @@ class PointerError(ThetaStoreError, ValueError):
 
 class GitCommandError(ThetaStoreError):
     """A git command that theta-store ran failed: names the command and git's own message."""
+
+
+class FileChanged(ThetaStoreError, OSError):
+    """A file changed (was cut short, rewritten) while theta-store read it: nothing was stored."""
+
+
+class ProtocolError(ThetaStoreError):
+    """git's pkt-line stream to the filter process is broken: there is nothing to resynchronise on."""
+
+
+class InvalidArgument(ThetaStoreError, ValueError):
+    """A caller passed arguments the core cannot honour: a bug in the caller, not bad data."""

@@ -18,7 +18,7 @@ import sys
 import threading
 
 from . import _native
-from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ThetaStoreError
+from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ProtocolError, ThetaStoreError
 from .hooks import looks_installed
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
@@ -35,10 +35,6 @@ if TYPE_CHECKING:
 MAX_PKT_DATA = 65516
 Plan = tuple[list[str], list[tuple[int, int, bytes, bytes]], int, bytes]  # packs, chunk tuples, size, BLAKE3
 _CACHE_REC = struct.Struct("<32sH")
-
-
-class ProtocolError(ThetaStoreError):
-    pass
 
 
 class PktIO:
