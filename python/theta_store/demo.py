@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _native
 from .formats.safetensors import save
+from .remote import check_remote
 from .repo import Repo
 
 GIT_ENV = {
@@ -121,10 +122,19 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
     say(f"  cloned into {clone}; checked out v1..v{len(digests)}: " + ("byte-identical, git status clean" if ok else "MISMATCH"))
     with Repo(clone) as cloned_repo:
         fsck = cloned_repo.fsck(progress=False)
+        status = cloned_repo.status()
+    real = sum(f["worktree"] == "materialised" for f in status["files"])
+    say(f"  theta-store status in the clone: {real} of {len(status['files'])} checkpoint(s) are real files, none untracked")
+    ok = ok and real == len(status["files"]) and not status["uncovered"]
+    with Repo(repo) as alice:
+        check = check_remote(alice.store, "origin", ["--branches", "--tags"])
+    say(f"  theta-store push --check origin: {'origin has every version' if check['ok'] else check['missing']} its branches and tags need")
+    ok = ok and check["ok"]
     total_raw = sum(r["raw"] for r in rows)
     total_stored = sum(r["stored"] for r in rows)
     if json_out:
-        print(json.dumps({"dir": work, "versions": rows, "clone_exact": ok, "fsck_ok": fsck["ok"]}, indent=2))
+        out = {"dir": work, "versions": rows, "clone_exact": ok, "fsck_ok": fsck["ok"], "clone_status": status, "remote_check": check}
+        print(json.dumps(out, indent=2))
     elif not quiet:
         print("\nstorage: what each version added to .git and sent by git push (Git LFS stores and sends the whole file)")
         print(f"{'version':8} {'change':34} {'raw MB':>8} {'stored MB':>10} {'pushed MB':>10} {'Git LFS MB':>11}")
