@@ -216,3 +216,26 @@ def test_rejected_push_uploads_no_version(tmp_path: Path, daemon_remote: Remote)
     r = g(a, "push", "origin", "main", ok=False)  # not a fast-forward: git refuses it before our hook
     assert "rejected" in r.stderr
     assert versions(daemon_remote.path) == before
+
+
+# ---------------------------------------------------------------- 7. the upload shows progress on a terminal
+
+
+def test_push_shows_upload_progress_on_a_terminal_only(tmp_path: Path, file_remote: Remote) -> None:
+    from test_collab_d import run_tty
+
+    a = new_repo(tmp_path / "a")
+    g(a, "remote", "add", "origin", file_remote.url)
+    write(a / "model.safetensors", model_bytes(0, layers=1))
+    commit(a, "v1")
+    rc, out = run_tty(a, "git", "push", "origin", "main")
+    assert rc == 0 and "pushing 1 checkpoint version(s) to origin" in out and "Writing objects" in out, out
+    write(a / "model.safetensors", model_bytes(0, bias=1.0, layers=1))
+    commit(a, "v2")
+    rc, out = run_tty(a, "git", "push", "-q", "origin", "main")  # git's -q silences ours too
+    assert rc == 0 and "pushing" not in out and "Writing objects" not in out, out
+    write(a / "model.safetensors", model_bytes(0, bias=2.0, layers=1))
+    commit(a, "v3")
+    r = g(a, "push", "origin", "main")  # no terminal: the one summary line, no progress
+    assert "pushed 1 checkpoint version(s)" in r.stderr and "Writing objects" not in r.stderr
+    assert versions(file_remote.path) == versions(a)

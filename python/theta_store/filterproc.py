@@ -323,18 +323,19 @@ class FilterServer:
             self.show_progress = _progress_wanted()
         if not self.show_progress:
             return
-        from .progress import StatusLine, human
+        from .progress import StatusLine
+        from .sizes import human_progress
 
         if self.line is None:
             self.line = StatusLine()
         n = self.done
         if self.total is not None and n + self.failed_count <= self.total[0]:
-            count, size = f"{n}/{self.total[0]}", human(self.done_bytes, self.total[1])
+            count, size = f"{n}/{self.total[0]}", human_progress(self.done_bytes, self.total[1])
         else:
-            count, size = f"{n}", human(self.done_bytes)
+            count, size = f"{n}", human_progress(self.done_bytes)
         text = f"Filtering content: {count} checkpoint{'' if count == '1' else 's'}, {size}"
         if self.delayed:
-            text += f"; {len(self.delayed)} to fetch, {human(sum(p.size for p in self.delayed.values()))}"
+            text += f"; {len(self.delayed)} to fetch, {human_progress(sum(p.size for p in self.delayed.values()))}"
         if self.failed_count:
             text += f"; {self.failed_count} failed"
         self.line.set(text)

@@ -54,22 +54,6 @@ def on_terminal() -> bool:
         return False
 
 
-def _unit(n: float) -> tuple[str, float]:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return unit, size
-    return "B", 1.0
-
-
-def human(n: float, total: float | None = None) -> str:
-    """Bytes in decimal units, one decimal: "1.2 GB", or with a total "1.2/4.1 GB" (in its unit)."""
-    unit, size = _unit(n if total is None else total)
-    digits = 0 if unit == "B" else 1
-    if total is None:
-        return f"{n / size:.{digits}f} {unit}"
-    return f"{n / size:.{digits}f}/{total / size:.{digits}f} {unit}"
-
-
 class StatusLine:
     """One stderr line, redrawn at most 10 times a second while its text changes, and cleared
     (paused) whenever someone else may write: the filter's progress.

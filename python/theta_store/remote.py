@@ -28,9 +28,10 @@ if sys.platform != "win32":
     import fcntl
 
 from .errors import ObjectNotFound, ThetaStoreError
-from .gitproc import git_command, push_flags
+from .gitproc import git_command, is_quiet, push_flags
 from .gitstore import REF_PREFIX, GitStore
 from .history import pointer_writes, pointers_in, tree_pointers
+from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
@@ -153,7 +154,6 @@ def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[b
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
     """Fetch these versions from one remote; returns the ones it had."""
-    from .progress import on_terminal, run_teeing_stderr
 
     have = remote_versions(store, remote, sorted(ids))
     todo = sorted(have & ids)
@@ -285,7 +285,8 @@ def pre_push(store: GitStore, remote: str, url: str, lines: list[str]) -> dict[s
         return {"versions": 0}
     if named:
         exclude.append(f"--remotes={remote}")
-    return send_versions(store, remote, remote if named else url, pointers_in(store, tips, exclude), dry_run=dry_run)
+    progress = on_terminal() and not (push_args is not None and is_quiet(push_args))
+    return send_versions(store, remote, remote if named else url, pointers_in(store, tips, exclude), dry_run=dry_run, progress=progress)
 
 
 def _configured_force(store: GitStore, remote: str) -> bool:
@@ -303,14 +304,17 @@ def push(store: GitStore, remote: str | None, revs: list[str], all_refs: bool = 
     name = remote or (remotes(store) or [""])[0]
     if not name:
         raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
-    return send_versions(store, name, name, pointers_in(store, ["--branches", "--tags"] if all_refs else (revs or ["HEAD"])))
+    needed = pointers_in(store, ["--branches", "--tags"] if all_refs else (revs or ["HEAD"]))
+    return send_versions(store, name, name, needed, progress=on_terminal())
 
 
 class IncompletePush(ThetaStoreError):
     """A push whose history needs checkpoint versions that are neither here nor on another remote."""
 
 
-def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes, str], *, dry_run: bool = False) -> dict[str, int]:
+def send_versions(
+    store: GitStore, remote: str, target: str, needed: dict[bytes, str], *, dry_run: bool = False, progress: bool = False
+) -> dict[str, int]:
     """Push refs/theta/<id> for the versions in `needed` (id -> a path that uses it) that `target` lacks.
 
     Versions missing here are fetched first from the other remotes. A version that none has makes
@@ -348,13 +352,21 @@ def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes,
     if dry_run:
         print(f"theta-store: dry run: would push {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)
         return {"versions": 0, "would_push": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
+    if progress:
+        print(f"theta-store: pushing {len(local)} checkpoint version(s) to {remote}", file=sys.stderr, flush=True)
     for i in range(0, len(local), PUSH_BATCH):
         specs = [f"{ref_name(v)}:{ref_name(v)}" for v in local[i : i + PUSH_BATCH]]
+        # On a terminal, git's own progress (writing objects) shows as it comes, without the ref lines
+        args = ["push", "--no-verify", "-q", *(["--progress"] if progress else []), target, *specs]
         with _transport_lock(store):
-            r = _run_transport(store, "push", "--no-verify", "-q", target, *specs)
-        if r.returncode != 0:
+            if progress:
+                rc, err = run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
+            else:
+                r = _run_transport(store, *args)
+                rc, err = r.returncode, r.stderr
+        if rc != 0:
             raise ThetaStoreError(
-                f"pushing checkpoint versions to {remote} failed: {r.stderr.decode(errors='replace').strip()}",
+                f"pushing checkpoint versions to {remote} failed: {err.decode(errors='replace').strip()}",
                 hint="set THETA_STORE_SKIP_PUSH=1 to push the commits alone",
             )
     print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)

@@ -30,3 +30,12 @@ def human_size(n: int | float | None) -> str:
                 return f"{value:.1f} {unit}"
             return f"{value:.0f} {unit}"
     raise AssertionError("unreachable")
+
+
+def human_progress(n: float, total: float | None = None) -> str:
+    """For a progress line: one decimal, "1.2 GB", or with a total "1.2/4.1 GB" (both in its unit)."""
+    unit, size = next(((u, z) for u, z in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if (n if total is None else total) >= z), ("B", 1.0))
+    digits = 0 if unit == "B" else 1
+    if total is None:
+        return f"{n / size:.{digits}f} {unit}"
+    return f"{n / size:.{digits}f}/{total / size:.{digits}f} {unit}"
