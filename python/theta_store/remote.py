@@ -34,10 +34,6 @@ from .history import pointer_writes, pointers_in, tree_pointers
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
-TYPE_CHECKING = False  # not typing's: see __init__.py
-if TYPE_CHECKING:
-    from typing import Any
-
 ZERO = "0" * 40
 PUSH_BATCH = 400
 
@@ -154,7 +150,6 @@ def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[b
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
     """Fetch these versions from one remote; returns the ones it had."""
-
     have = remote_versions(store, remote, sorted(ids))
     todo = sorted(have & ids)
     got: set[bytes] = set()
