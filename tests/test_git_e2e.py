@@ -714,11 +714,10 @@ def test_corrupt_object_in_pack(tmp_path: Path) -> None:
     v1_version = pointer_version(a, "HEAD~1:model.safetensors")
     with theta_store.Repo(a) as repo:
         frames = repo.store.version_frames(bytes.fromhex(v1_version))
-        _, where = repo.store.locate([max(frames.values(), key=lambda f: f.frame_len).object_id])
-        pack_paths, _ = repo.store.locate([max(frames.values(), key=lambda f: f.frame_len).object_id])
-    assert packs
-    pack = Path(pack_paths[0])
-    offset = where[0] & ((1 << 48) - 1)
+        pack_paths, where = repo.store.locate([max(frames.values(), key=lambda f: f.frame_len).object_id])
+    assert packs and where[0] is not None
+    pack = Path(pack_paths[where[0].pack])
+    offset = where[0].offset
     data = bytearray(pack.read_bytes())
     data[offset + 5000] ^= 0x55
     os.chmod(pack, 0o644)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TextIO
 
 from . import _native
-from .checkpoint import load_manifest
 from .errors import FormatError, ThetaStoreError
 from .formats import TensorRegion, detect
 from .gitstore import GitStore
+from .plan import load_manifest
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 

@@ -27,10 +27,13 @@ from typing import Any
 if sys.platform != "win32":
     import fcntl
 
-from .errors import ObjectNotFound, ThetaStoreError
+from .errors import GitCommandError, ThetaStoreError
+from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
+from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, push_flags
-from .gitstore import REF_PREFIX, GitStore
+from .gitstore import GitStore
 from .history import pointer_writes, pointers_in, tree_pointers
+from .plan import REF_PREFIX, drop_plan, ref_name, version_of_ref
 from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
@@ -45,12 +48,8 @@ def _git(store: GitStore, *args: str, input: bytes | None = None, check: bool = 
     # Never let git inherit our stdin: in the filter process it is git's pkt-line pipe.
     r = subprocess.run(["git", *args], cwd=store.worktree, input=input or b"", capture_output=True, check=False)
     if check and r.returncode != 0:
-        raise ThetaStoreError(f"git {' '.join(args[:3])} failed: {r.stderr.decode(errors='replace').strip()}")
+        raise GitCommandError(f"git {' '.join(args[:3])} failed: {r.stderr.decode(errors='replace').strip()}")
     return r
-
-
-def ref_name(manifest_id: bytes) -> str:
-    return REF_PREFIX.decode() + manifest_id.hex()
 
 
 def remotes(store: GitStore) -> list[str]:
@@ -73,7 +72,7 @@ def remotes(store: GitStore) -> list[str]:
 
 def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> set[bytes]:
     """Versions the remote has (all of them, or only among `ids`: protocol v2 filters by prefix)."""
-    patterns = [ref_name(i) for i in ids] if ids is not None else [REF_PREFIX.decode() + "*"]
+    patterns = [ref_name(i) for i in ids] if ids is not None else [REF_PREFIX + "*"]
     found: set[bytes] = set()
     for i in range(0, max(len(patterns), 1), PUSH_BATCH):
         batch = patterns[i : i + PUSH_BATCH]
@@ -83,12 +82,9 @@ def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = 
         if r.returncode != 0:
             raise ThetaStoreError(f"cannot reach remote {remote!r}: {r.stderr.decode(errors='replace').strip()}")
         for line in r.stdout.decode().splitlines():
-            _, _, ref = line.partition("\t")
-            if ref.startswith(REF_PREFIX.decode()):
-                try:
-                    found.add(bytes.fromhex(ref[len(REF_PREFIX) :]))
-                except ValueError:
-                    continue
+            version = version_of_ref(line.partition("\t")[2])
+            if version is not None:
+                found.add(version)
     return found
 
 
@@ -184,30 +180,11 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
             ).stdout.decode()
         pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
         _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
-        got |= {bytes.fromhex(ref[len(REF_PREFIX) :]) for _, ref in pairs}
+        got |= {v for _, ref in pairs if (v := version_of_ref(ref)) is not None}
     store.refresh()
     for v in sorted(got):
         store.record_chunks(store.version_frames(v))
     return got
-
-
-class VersionsMissing(ObjectNotFound):
-    """Versions that are neither here nor on any remote tried."""
-
-    HINT = (
-        "push it from a clone that has it (a plain git push sends it; `theta-store push` if it was skipped), "
-        "or set THETA_STORE_REMOTE to the remote that has it"
-    )
-
-    def __init__(self, missing: set[bytes], tried: list[str], what: str = "") -> None:
-        self.missing = missing
-        self.tried = tried
-        super().__init__(self.describe(min(missing), what), hint=self.HINT)
-
-    def describe(self, version: bytes, what: str = "") -> str:
-        where = f"{what}: " if what else ""
-        remotes = ", ".join(self.tried) or "any remote (none configured)"
-        return f"{where}checkpoint version {version.hex()[:16]} is not here and not on {remotes}"
 
 
 def ensure_versions(
@@ -304,10 +281,6 @@ def push(store: GitStore, remote: str | None, revs: list[str], all_refs: bool = 
     if not name:
         raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
     return send_versions(store, name, name, pointers_in(store, ["--branches", "--tags"] if all_refs else (revs or ["HEAD"])))
-
-
-class IncompletePush(ThetaStoreError):
-    """A push whose history needs checkpoint versions that are neither here nor on another remote."""
 
 
 def send_versions(store: GitStore, remote: str, target: str, needed: dict[bytes, str], *, dry_run: bool = False) -> dict[str, int]:
@@ -428,7 +401,7 @@ def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bo
                 f"{rev}: not a remote, nor a revision of this repository", hint="`git remote -v` lists the remotes, `git log` the revisions"
             )
     if all_versions:
-        ids = set(pointers_in(store, revs or [f"--exclude={REF_PREFIX.decode()}*", "--all"]))
+        ids = set(pointers_in(store, revs or [f"--exclude={REF_PREFIX}*", "--all"]))
     else:
         ids = set()
         for rev in revs or (["HEAD"] if _git(store, "rev-parse", "-q", "--verify", "HEAD", check=False).returncode == 0 else []):
@@ -440,7 +413,7 @@ def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bo
 
 # Everything git itself keeps (refs but our own, every worktree's HEAD and index, reflogs, older
 # stashes): a version is dropped only when git would also prune every pointer to it.
-GC_ROOTS = ["--exclude=" + REF_PREFIX.decode() + "*", "--all", "--reflog", "--indexed-objects"]
+GC_ROOTS = ["--exclude=" + REF_PREFIX + "*", "--all", "--reflog", "--indexed-objects"]
 
 
 def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str, object]:
@@ -452,8 +425,6 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
     drop_frames = _frames(store, drop)
     freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
     if not dry_run:
-        from .filterproc import drop_plan
-
         for v in drop:
             _git(store, "update-ref", "-d", ref_name(v))
             drop_plan(store.state_dir, v)

@@ -9,14 +9,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import _native
-from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, load_manifest, restore_to
-from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
+from . import _native, install
+from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to
+from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
-from .install import ensure_hooks_and_say
+from .plan import REF_PREFIX, load_manifest, locate, native_chunks
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
-from .remote import VersionsMissing, ensure_versions
+from .remote import ensure_versions
 
 FSCK_BATCH = 16
 
@@ -52,7 +52,7 @@ class Repo:
         self.store = GitStore(path)
         self.root = str(self.store.worktree)
         if hooks:  # every command that touches a repository: a push must never go without its versions
-            ensure_hooks_and_say(self.root)
+            install.ensure_hooks_and_say(self.root)
 
     def close(self) -> None:
         self.store.close()
@@ -330,7 +330,7 @@ class Repo:
         frame_len: dict[bytes, int] = {}
         versions: list[dict[str, Any]] = []
         commits: dict[bytes, list[dict[str, str]]] = {}
-        for w in pointer_writes(self.store, ["--exclude=refs/theta/*", "--all"], oldest_first=True):
+        for w in pointer_writes(self.store, [f"--exclude={REF_PREFIX}*", "--all"], oldest_first=True):
             commits.setdefault(w.version, []).append({"commit": w.commit, "date": w.date, "path": w.path})
         stored = self.store.versions()
         have = set(stored)
@@ -381,21 +381,21 @@ class Repo:
                 m = load_manifest(self.store, mid)
                 todo = [(c, n) for s in m.spans for c, n in s.chunks if c not in checked]
                 todo = list(dict(todo).items())
-                packs, tuples = chunk_tuples(self.store, mid, todo)
+                packs, chunks = locate(self.store, mid, todo)
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
-            for i in range(0, len(tuples), FSCK_BATCH):
-                batch = tuples[i : i + FSCK_BATCH]
+            for i in range(0, len(chunks), FSCK_BATCH):
+                batch = chunks[i : i + FSCK_BATCH]
                 try:
-                    _native.read_chunks(batch, packs, self.store.read_object)
+                    _native.read_chunks(native_chunks(batch), packs, self.store.read_object)
                 except (ObjectNotFound, CorruptObject, OSError):
-                    for t in batch:  # find which ones
+                    for c in batch:  # find which ones
                         try:
-                            _native.read_chunks([t], packs, self.store.read_object)
+                            _native.read_chunks(native_chunks([c]), packs, self.store.read_object)
                         except (ObjectNotFound, CorruptObject, OSError) as e:
-                            problems.append({"version": mid.hex(), "object": t[3].hex(), "problem": str(e)})
-                checked.update(t[2] for t in batch)
+                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": str(e)})
+                checked.update(c.chunk_id for c in batch)
         for rel, oid in self.store.iter_paths(None):
             try:
                 data = self.store.read_object(oid)
