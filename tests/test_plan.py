@@ -1,4 +1,4 @@
-"""The read plan's home (plan.py), the package's import graph, errors in errors.py."""
+"""The read plan's home (plan.py), the package's import graph, errors in errors.py, and the porcelain."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import theta_store
+from servers import Remote
 from test_filter_errors import FilterClient
-from test_git_e2e import commit, g, global_config, model_bytes, new_repo, write
+from test_git_e2e import commit, file_remote, g, global_config, model_bytes, new_repo, write
 from theta_store import errors, plan
 from theta_store.checkpoint import restore_to
 from theta_store.errors import PointerError
@@ -21,7 +22,7 @@ from theta_store.plan import Location, PlannedChunk, ReadPlan, load_plan, native
 from theta_store.pointer import Pointer
 from theta_store.reader import CheckpointReader
 
-__all__ = ["global_config"]  # autouse fixture
+__all__ = ["file_remote", "global_config"]  # fixtures; global_config is autouse
 
 PACKAGE = Path(theta_store.__file__).parent
 
@@ -268,3 +269,56 @@ def test_every_public_exception_lives_in_errors_py() -> None:
 
     assert remote.VersionsMissing is errors.VersionsMissing and remote.IncompletePush is errors.IncompletePush
     assert issubclass(errors.VersionsMissing, errors.ObjectNotFound) and issubclass(errors.IncompletePush, errors.ThetaStoreError)
+
+
+# ---------------------------------------------------------------- one porcelain
+
+
+USER_VERBS_OUTSIDE_A_REPO = {"cmd_install", "cmd_demo"}
+
+
+def test_cli_verbs_call_the_porcelain() -> None:
+    """Each user verb goes through Repo: none reaches into the store, the transport or install."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    for fn in tree.body:
+        if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("cmd_")) or fn.name in USER_VERBS_OUTSIDE_A_REPO:
+            continue
+        if fn.name in ("cmd_filter_process", "cmd_pre_push", "cmd_textconv", "cmd_merge_driver"):
+            continue  # plumbing git runs: the git-facing modules
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module in ("repo", "checkpoint", None), f"{fn.name} imports .{node.module}"
+
+
+def test_porcelain_push_fetch_check_gc(tmp_path: Path, file_remote: Remote) -> None:
+    a = new_repo(tmp_path / "a")
+    write(a / "model.safetensors", model_bytes(0, layers=1))
+    commit(a, "v1")
+    g(a, "remote", "add", "origin", file_remote.url)
+    g(a, "push", "-q", "origin", "main", env={"THETA_STORE_SKIP_PUSH": "1"})
+    with theta_store.Repo(a) as repo:
+        assert repo.is_remote("origin") and not repo.is_remote("HEAD")
+        assert not repo.check_remote("origin", ["HEAD"])["ok"]
+        assert repo.push("origin")["versions"] == 1
+        assert repo.check_remote("origin", ["HEAD"])["ok"]
+        g(a, "fetch", "-q", "origin")
+        assert repo.check_remote("origin")["ok"]  # the remote's branches as last fetched
+    b = tmp_path / "b"
+    g(tmp_path, "clone", "-q", file_remote.url, str(b), env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    with theta_store.Repo(b) as repo:
+        assert repo.fetch()["fetched"] == 1
+        assert repo.pull()["restored"] == ["model.safetensors"]
+    assert (b / "model.safetensors").read_bytes() == model_bytes(0, layers=1)
+    write(a / "model.safetensors", model_bytes(1, layers=1))
+    commit(a, "v2")
+    g(a, "reset", "-q", "--hard", "HEAD~1")
+    g(a, "reflog", "expire", "--expire=now", "--all")
+    with theta_store.Repo(a) as repo:
+        dry = repo.gc(dry_run=True)
+        assert len(dry["dropped"]) == 1 and dry["dry_run"]
+        assert repo.gc()["dropped"] == dry["dropped"]
+        assert len(repo.store.versions()) == 1
+        assert not os.path.exists(plan_path(repo.store.state_dir, bytes.fromhex(dry["dropped"][0])))
+        assert repo.track(["*.bin"])["tracked"] == ["*.bin"]
+        assert ("*.bin", ".gitattributes") in repo.tracked()
+        assert repo.untrack(["*.bin"]) == ["*.bin"]

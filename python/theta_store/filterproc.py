@@ -1,5 +1,7 @@
 """git's long-running filter process (`filter.thetastore.process`), pkt-line protocol version 2.
 
+Git-facing: git starts this (see repo.py for the two parts).
+
 clean  (git add, git status): the checkpoint streams in; out goes its pointer. The stream is hashed
        as it arrives and compared with the work-tree file; if they match, the work-tree file is
        stored directly (no temporary copy). A content-addressed cache (file BLAKE3 -> pointer) makes

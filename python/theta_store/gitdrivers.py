@@ -1,4 +1,7 @@
-"""`textconv` (git diff) and `merge-driver` (git merge) for checkpoints stored as pointers."""
+"""`textconv` (git diff) and `merge-driver` (git merge) for checkpoints stored as pointers.
+
+Git-facing: git starts this (see repo.py for the two parts).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The store, mapped onto Git objects. The only module that imports dulwich.
 
+Git-as-storage: the object store and refs (remote.py is the transport; see repo.py for the two parts).
+
 Layout of one checkpoint version (all ordinary Git objects):
 
     refs/theta/<manifest-id hex>  ->  commit (deterministic: fixed author, time 0, no parent)

@@ -1,5 +1,7 @@
 """Moving checkpoint versions between repositories with plain git: push, fetch, gc.
 
+Git-as-storage: the transport (see repo.py for the two parts).
+
 Each version is a parentless, deterministic commit under refs/theta/<manifest id>. Ref names are
 content ids, so two people pushing different versions never conflict, and pushing a version
 twice is a no-op.
