@@ -169,7 +169,7 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     plan = plan_for(store, pointer, manifest=manifest, where=dest)
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    import tempfile  # here, not at the top: pathlib and tempfile are 20 ms an add need not wait for
+    import tempfile  # here, not at the top: an add need not wait for pathlib and tempfile
     from pathlib import Path
 
     prefix = f".{os.path.basename(dest)}.theta-tmp."

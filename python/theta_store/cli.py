@@ -39,7 +39,7 @@ def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    import threading  # not concurrent.futures: 6 ms of imports before the hashing can start
+    import threading  # not concurrent.futures: its imports would delay the start of the hashing
 
     from .checkpoint import scan
 
@@ -48,8 +48,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     def open_repo() -> None:
         # Only once the hashing runs (in the core, without the GIL): before that, these imports
-        # would share the GIL with the main thread's, and the hashing would start later
-        # (measured: 0.10-0.14 s after launch, one core idle until then).
+        # would share the GIL with the main thread's, and the hashing would start later.
         hashing.wait()
         try:
             from .repo import Repo
@@ -65,7 +64,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         r: Repo = opened["repo"]
         return r
 
-    # The first checkpoint is hashed while the repository opens on a thread (dulwich: ~50 ms to
+    # The first checkpoint is hashed while the repository opens on a thread (dulwich is slow to
     # import and open).
     first = args.paths[0] if args.paths and os.path.isfile(args.paths[0]) else None
     thread = threading.Thread(target=open_repo, name="theta-open-repo", daemon=True)
@@ -446,7 +445,7 @@ def _output_options(p: argparse.ArgumentParser, default: Any) -> None:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of the command `only` alone (what a run that names it
-    needs: building all sixteen sub-parsers costs 10 ms, 1.5% of an add of 400 MB)."""
+    needs: building every sub-parser is a cost each run would pay)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="theta-store", description="Version ML model checkpoints in ordinary Git.")
@@ -588,8 +587,8 @@ def _chdir(path: str) -> int:
 
 
 def _exit_now(rc: int) -> None:
-    """End the process without the interpreter's teardown (freeing every module and object: 25 ms
-    after an add). Every command has written and closed its files by now; git waits for its
+    """End the process without the interpreter's teardown (freeing every module and object, a cost
+    paid for nothing). Every command has written and closed its files by now; git waits for its
     filter to exit, and the shell for us."""
     try:
         sys.stdout.flush()

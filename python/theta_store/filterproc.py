@@ -498,7 +498,7 @@ class Repository:
 
     The clean cache, version refs and smudge plans are plain files in the git directory, read
     without dulwich: `touch; git status` and the checkout of a version checked out before need
-    nothing else. The object store (dulwich: 45 ms to import and open) opens on a thread as soon as
+    nothing else. The object store (dulwich, slow to import and open) opens on a thread as soon as
     a request is known to need it; then the pre-push hook is checked (`git rev-parse`), also off
     the request path.
     """

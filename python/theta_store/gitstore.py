@@ -347,7 +347,7 @@ class GitStore:
         """Stage `data` (a pointer) for `relpath`, with the work-tree file's stat data.
 
         With the file's stat data in the index, git sees the file as unchanged and does not
-        re-read it (without it, `git commit` re-hashed a 400 MB checkpoint: 1 s). This is the
+        re-read it (without it, `git commit` hashes the whole checkpoint again). This is the
         state a clean filter leaves too. Falls back to `git update-index` if the index is in a
         form dulwich does not write (split index...).
         """

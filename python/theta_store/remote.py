@@ -8,12 +8,12 @@ twice is a no-op.
 
 Why a transport repository: git excludes the objects a remote already has only along commit
 ancestry ("edges"). Versions share frames but not history, so a plain `git push` of a new
-version ref re-sent every frame of the model (measured: 285 MB for a one-bias change of a
-345 MB model). Git treats the trees of *all* known commits as already sent when the sending or
-the fetching repository is shallow (`--objects-edge-aggressive`). So versions travel through a
-small scratch repository, `.git/theta-store/transport`: it shares our object directory
-(GIT_OBJECT_DIRECTORY), includes our config (remotes, credentials), mirrors our refs/theta/ and is
-marked shallow. Same push, 27 KB. The user's repository itself is never made shallow.
+version ref re-sends every frame of the model, even for a one-bias change. Git treats the trees
+of *all* known commits as already sent when the sending or the fetching repository is shallow
+(`--objects-edge-aggressive`). So versions travel through a small scratch repository,
+`.git/theta-store/transport`: it shares our object directory (GIT_OBJECT_DIRECTORY), includes
+our config (remotes, credentials), mirrors our refs/theta/ and is marked shallow: the same push
+sends only the new frames (README "Figures"). The user's repository itself is never made shallow.
 """
 
 from __future__ import annotations
@@ -108,8 +108,7 @@ def _transport(store: GitStore) -> dict[str, str]:
             (t / d).mkdir(parents=True, exist_ok=True)
         (t / "HEAD").write_text("ref: refs/heads/unused\n")
     config = store.common_dir / "config"
-    # Frames are compressed and rarely similar: delta search over hundreds of MB of them cost
-    # 10 s on a 400 MB push (measured) for nothing. No delta search, reuse stored data as is.
+    # Frames are compressed and rarely similar: delta search over them is slow and finds nothing.
     (t / "config").write_text(
         f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n[pack]\n\twindow = 0\n\tdepth = 0\n"
     )

@@ -163,7 +163,7 @@ class Repo:
             # entry "modified" by its size alone, without running the clean filter. The file
             # is dated one second back: an index written in the second the file was written
             # in makes its entry "racily clean" for git, and the next git command would hash
-            # the file again (stage_blob would rather wait out that second: 0.5 s on average).
+            # the file again (stage_blob would rather wait out that second).
             st = os.stat(path)
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
             self.store.stage_blob(rel, p.to_bytes())
