@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import _native
-from .errors import CorruptObject
-from .filterproc import save_plan
 from .manifest import Manifest, Pointer, SpanEntry
+from .plan import load_manifest, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -18,6 +17,8 @@ if TYPE_CHECKING:
 
     from .formats.base import Layout
     from .gitstore import GitStore, StoredFrame
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "AddResult", "ScanSpan", "Scanned", "add_file", "load_manifest", "restore_to", "scan", "spans_of"]
 
 # Chosen by benchmark (benches/bench_chunk_size.py): see README "Chunk size".
 DEFAULT_CHUNK_BYTES = 2 << 20
@@ -35,7 +36,9 @@ class AddResult:
 
 
 @dataclass(frozen=True)
-class PlannedSpan:
+class ScanSpan:
+    """A tile of the file as the core scans it: a tensor region, or opaque bytes between regions."""
+
     offset: int
     length: int
     codec_dtype: str  # what the Rust codec sees ("BYTES" for opaque data)
@@ -46,21 +49,31 @@ class PlannedSpan:
     shape: tuple[int, ...] = ()
 
 
-def spans_of(layout: Layout) -> list[PlannedSpan]:
+def spans_of(layout: Layout) -> list[ScanSpan]:
     """Tile the file: tensor regions plus opaque gaps between them."""
     from .formats.base import CODEC_DTYPES  # the adapters load only when a file is stored
 
-    out: list[PlannedSpan] = []
+    out: list[ScanSpan] = []
     pos = 0
     for r in layout.regions:
         if r.offset > pos:
-            out.append(PlannedSpan(pos, r.offset - pos, "BYTES", 1, True))
+            out.append(ScanSpan(pos, r.offset - pos, "BYTES", 1, True))
         codec = r.dtype if r.dtype in CODEC_DTYPES else "BYTES"
-        out.append(PlannedSpan(r.offset, r.length, codec, r.align, False, r.name, r.dtype, r.shape))
+        out.append(ScanSpan(r.offset, r.length, codec, r.align, False, r.name, r.dtype, r.shape))
         pos = r.end
     if pos < layout.size:
-        out.append(PlannedSpan(pos, layout.size - pos, "BYTES", 1, True))
+        out.append(ScanSpan(pos, layout.size - pos, "BYTES", 1, True))
     return out
+
+
+def native_spans(spans: list[ScanSpan]) -> list[tuple[int, int, str, int, bool]]:
+    """The spans as `_native.scan_file` takes them."""
+    return [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans]
+
+
+# What `_native.scan_file` gives per chunk and `_native.write_pack` takes: (file offset, length,
+# codec dtype, chunk id). Not the read side's chunks (plan.PlannedChunk).
+ScannedChunk = tuple[int, int, str, bytes]
 
 
 @dataclass
@@ -69,10 +82,10 @@ class Scanned:
 
     path: str
     layout: Layout
-    spans: list[PlannedSpan]
+    spans: list[ScanSpan]
     size: int
     file_id: bytes
-    chunked: list[list[tuple[int, int, str, bytes]]]
+    chunked: list[list[ScannedChunk]]
     stamp: tuple[int, int, int, int, int] | None
     chunk_bytes: int
 
@@ -89,9 +102,7 @@ def scan(
     if started is not None:
         started()
     with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
-        size, file_id, chunked, stamp = _native.scan_file(
-            path, [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
-        )
+        size, file_id, chunked, stamp = _native.scan_file(path, native_spans(spans), chunk_bytes, p)
     return Scanned(path, layout, spans, size, file_id, chunked, stamp, chunk_bytes)
 
 
@@ -107,7 +118,7 @@ def add_file(
         scanned = scan(path, chunk_bytes, progress)
     layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
     entries: list[SpanEntry] = []
-    all_chunks: dict[bytes, tuple[int, int, str, bytes]] = {}
+    all_chunks: dict[bytes, ScannedChunk] = {}
     for span, chunks in zip(scanned.spans, scanned.chunked, strict=True):
         entries.append(
             SpanEntry(
@@ -127,7 +138,7 @@ def add_file(
     manifest_id = _native.chunk_id(mbytes)
 
     frames: dict[bytes, StoredFrame] = {}
-    todo: list[tuple[int, int, str, bytes]] = []
+    todo: list[ScannedChunk] = []
     for cid, c in all_chunks.items():
         known = store.known_frame(cid)
         if known is not None:
@@ -144,34 +155,10 @@ def add_file(
     store.record_chunks(new)
     pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
     # Where each chunk is, for the next checkout of this version (an old version, the usual case):
-    # it then starts streaming at once (filterproc.load_plan).
-    save_plan(store.state_dir, pointer, (*chunk_tuples(store, manifest_id, [c for s in entries for c in s.chunks], frames), size, file_id))
+    # it then starts streaming at once (plan.load_plan).
+    save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames))
     reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
     return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
-
-
-def load_manifest(store: GitStore, manifest_id: bytes) -> Manifest:
-    data = store.read_manifest_bytes(manifest_id)
-    if _native.chunk_id(data) != manifest_id:
-        raise CorruptObject(f"manifest {manifest_id.hex()[:16]} does not hash to its id", hint="run `theta-store fsck`")
-    return Manifest.from_bytes(data, f"manifest {manifest_id.hex()[:16]}")
-
-
-def chunk_tuples(
-    store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]], frames: dict[bytes, StoredFrame] | None = None
-) -> tuple[list[str], list[tuple[int, int, bytes, bytes]]]:
-    """Pack paths, and per chunk (length, location, chunk id, object id), as the core reads them.
-    `frames`: the version's frames when known (else read from its tree)."""
-    if frames is None:
-        frames = store.version_frames(manifest_id)
-    missing = [cid for cid, _ in chunks if cid not in frames]
-    if missing:
-        raise CorruptObject(
-            f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`"
-        )
-    oids = [frames[cid].object_id for cid, _ in chunks]
-    packs, locs = store.locate(oids)
-    return packs, [(n, loc, cid, oid) for (cid, n), loc, oid in zip(chunks, locs, oids, strict=True)]
 
 
 def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:
@@ -179,13 +166,10 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     from .gitstore import remove_stale  # dulwich: only when a store is at hand anyway
 
     manifest = load_manifest(store, pointer.manifest_id)
-    if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
-        raise CorruptObject(f"{dest}: pointer and manifest {pointer.manifest_id.hex()[:16]} disagree on the file")
-    chunks = [c for s in manifest.spans for c in s.chunks]
-    packs, tuples = chunk_tuples(store, pointer.manifest_id, chunks)
+    plan = plan_for(store, pointer, manifest=manifest, where=dest)
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    import tempfile  # here, not at the top: pathlib and tempfile are 20 ms an add need not wait for
+    import tempfile  # here, not at the top: an add need not wait for pathlib and tempfile
     from pathlib import Path
 
     prefix = f".{os.path.basename(dest)}.theta-tmp."
@@ -194,7 +178,7 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     os.close(fd)
     try:
         with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
-            _native.restore_file(tmp, tuples, packs, manifest.size, manifest.blake3, store.read_object, p)
+            _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p)
         try:
             os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
         except FileNotFoundError:

@@ -1,4 +1,9 @@
-"""The `theta-store` command (also `git theta-store`)."""
+"""The `theta-store` command (also `git theta-store`).
+
+Every user verb is one call of `theta_store.Repo` (the porcelain), or of install for the
+settings outside a repository. The plumbing git starts (filter-process, pre-push, textconv,
+merge-driver) goes to the git-facing modules (filterproc, remote.pre_push, gitdrivers).
+"""
 
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    import threading  # not concurrent.futures: 6 ms of imports before the hashing can start
+    import threading  # not concurrent.futures: its imports would delay the start of the hashing
 
     from .checkpoint import scan
 
@@ -43,8 +48,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     def open_repo() -> None:
         # Only once the hashing runs (in the core, without the GIL): before that, these imports
-        # would share the GIL with the main thread's, and the hashing would start later
-        # (measured: 0.10-0.14 s after launch, one core idle until then).
+        # would share the GIL with the main thread's, and the hashing would start later.
         hashing.wait()
         try:
             from .repo import Repo
@@ -60,7 +64,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         r: Repo = opened["repo"]
         return r
 
-    # The first checkpoint is hashed while the repository opens on a thread (dulwich: ~50 ms to
+    # The first checkpoint is hashed while the repository opens on a thread (dulwich is slow to
     # import and open).
     first = args.paths[0] if args.paths and os.path.isfile(args.paths[0]) else None
     thread = threading.Thread(target=open_repo, name="theta-open-repo", daemon=True)
@@ -221,42 +225,43 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .install import ensure_filter, stage_attributes, track, tracked
+    from .repo import Repo
 
     if not args.patterns:
-        found = tracked(".")
+        with Repo(args.C) as repo:
+            found = repo.tracked()
         text = "\n".join(["Listing tracked patterns", *(f"    {pat} ({name})" for pat, name in found)])
         if not found:
             text = "no patterns are tracked; `theta-store track '*.safetensors'` tracks one"
         _out(args, {"tracked": [{"pattern": p, "file": n} for p, n in found]}, text)
         return 0
 
-    added = track(args.patterns)
-    configured = ensure_filter(".")
+    with Repo(args.C) as repo:
+        r = repo.track(args.patterns)
+    added, configured, staged = r["tracked"], r["configured"], r["staged"]
     lines = [f"tracking {p}" for p in added] or ["already tracked"]
-    staged = stage_attributes(".")
     if staged:
         lines.append(f"staged {staged}; commit it, or clones get pointer files: git commit -m 'track checkpoints' {staged}")
     if configured:
         lines.append("set theta-store's filter in this repository's git config (`theta-store install --global` sets it for all)")
-    _out(args, {"tracked": added, "configured": configured, "staged": staged}, "\n".join(lines))
+    _out(args, r, "\n".join(lines))
     return 0
 
 
 def cmd_untrack(args: argparse.Namespace) -> int:
-    from .install import untrack
+    from .repo import Repo
 
-    removed = untrack(args.patterns)
+    with Repo(args.C) as repo:
+        removed = repo.untrack(args.patterns)
     _out(args, {"untracked": removed}, "\n".join(f"untracked {p}" for p in removed) or "nothing to untrack")
     return 0
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from .gitstore import GitStore
-    from .remote import fetch
+    from .repo import Repo
 
-    with GitStore(".") as store:
-        r = fetch(store, args.remote, args.revs, all_versions=args.all)
+    with Repo(args.C) as repo:
+        r = repo.fetch(args.remote, args.revs, all_versions=args.all)
     _out(args, r, f"{r['fetched']} version(s) fetched, {r['needed'] - r['fetched']} already here")
     return 0
 
@@ -291,12 +296,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .remote import is_remote
     from .repo import Repo
 
     with Repo(args.C) as repo:
         remote, paths = args.remote, args.paths
-        if remote is not None and not is_remote(repo.store, remote):  # `pull -- PATH`: argparse drops the `--`
+        if remote is not None and not repo.is_remote(remote):  # `pull -- PATH`: argparse drops the `--`
             remote, paths = None, [remote, *paths]
         r = repo.pull(remote, paths, progress=args.progress)
     for s in r["skipped"]:
@@ -312,13 +316,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .remote import push
     from .repo import Repo
 
     if args.check:
         return _check_remote(args, args.remote, ["--branches", "--tags"] if args.all else (args.revs or ["HEAD"]))
     with Repo(args.C) as repo:
-        r = push(repo.store, args.remote, args.revs, all_refs=args.all)
+        r = repo.push(args.remote, args.revs, all_refs=args.all)
     # A push that sent versions has said so on stderr (as the pre-push hook does): say only "nothing".
     if args.json or not r["versions"]:
         what = " ".join(args.revs) or ("every branch and tag" if args.all else "HEAD")
@@ -328,17 +331,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def _check_remote(args: argparse.Namespace, remote: str | None, revs: list[str] | None) -> int:
     """`push --check` and `fsck --remote`: list the commits whose checkpoint versions the remote lacks."""
-    from .remote import check_remote
     from .repo import Repo
 
     with Repo(args.C) as repo:
-        if revs is None:  # the remote's branches, as last fetched
-            name = remote or "origin"
-            tracking = repo.store.git("for-each-ref", "--format=%(refname)", f"refs/remotes/{name}/").split()
-            if not tracking:
-                raise ThetaStoreError(f"no remote-tracking branches of {name!r} here", hint=f"git fetch {name}")
-            remote, revs = name, [f"--remotes={name}"]
-        r = check_remote(repo.store, remote, revs)
+        r = repo.check_remote(remote, revs)
     missing = r["missing"]
     assert isinstance(missing, list)
     lines = [
@@ -358,11 +354,10 @@ def _check_remote(args: argparse.Namespace, remote: str | None, revs: list[str] 
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .remote import gc
     from .repo import Repo
 
     with Repo(args.C) as repo:
-        r = gc(repo.store, dry_run=args.dry_run, prune=args.prune)
+        r = repo.gc(dry_run=args.dry_run, prune=args.prune)
     verb = "would drop" if args.dry_run else "dropped"
     dropped = r["dropped"]
     assert isinstance(dropped, list)
@@ -450,7 +445,7 @@ def _output_options(p: argparse.ArgumentParser, default: Any) -> None:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of the command `only` alone (what a run that names it
-    needs: building all sixteen sub-parsers costs 10 ms, 1.5% of an add of 400 MB)."""
+    needs: building every sub-parser is a cost each run would pay)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="theta-store", description="Version ML model checkpoints in ordinary Git.")
@@ -592,8 +587,8 @@ def _chdir(path: str) -> int:
 
 
 def _exit_now(rc: int) -> None:
-    """End the process without the interpreter's teardown (freeing every module and object: 25 ms
-    after an add). Every command has written and closed its files by now; git waits for its
+    """End the process without the interpreter's teardown (freeing every module and object, a cost
+    paid for nothing). Every command has written and closed its files by now; git waits for its
     filter to exit, and the shell for us."""
     try:
         sys.stdout.flush()

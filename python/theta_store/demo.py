@@ -13,7 +13,6 @@ import numpy as np
 
 from . import _native
 from .formats.safetensors import save
-from .remote import check_remote
 from .repo import Repo
 
 GIT_ENV = {
@@ -127,7 +126,7 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
     say(f"  theta-store status in the clone: {real} of {len(status['files'])} checkpoint(s) are real files, none untracked")
     ok = ok and real == len(status["files"]) and not status["uncovered"]
     with Repo(repo) as alice:
-        check = check_remote(alice.store, "origin", ["--branches", "--tags"])
+        check = alice.check_remote("origin", ["--branches", "--tags"])
     say(f"  theta-store push --check origin: {'origin has every version' if check['ok'] else check['missing']} its branches and tags need")
     ok = ok and check["ok"]
     total_raw = sum(r["raw"] for r in rows)

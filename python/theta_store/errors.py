@@ -63,3 +63,26 @@ class ProtocolError(ThetaStoreError):
 
 class InvalidArgument(ThetaStoreError, ValueError):
     """A caller passed arguments the core cannot honour: a bug in the caller, not bad data."""
+
+
+class VersionsMissing(ObjectNotFound):
+    """Versions that are neither here nor on any remote tried."""
+
+    HINT = (
+        "push it from a clone that has it (a plain git push sends it; `theta-store push` if it was skipped), "
+        "or set THETA_STORE_REMOTE to the remote that has it"
+    )
+
+    def __init__(self, missing: set[bytes], tried: list[str], what: str = "") -> None:
+        self.missing = missing
+        self.tried = tried
+        super().__init__(self.describe(min(missing), what), hint=self.HINT)
+
+    def describe(self, version: bytes, what: str = "") -> str:
+        where = f"{what}: " if what else ""
+        remotes = ", ".join(self.tried) or "any remote (none configured)"
+        return f"{where}checkpoint version {version.hex()[:16]} is not here and not on {remotes}"
+
+
+class IncompletePush(ThetaStoreError):
+    """A push whose history needs checkpoint versions that are neither here nor on another remote."""

@@ -1,5 +1,7 @@
 """git's long-running filter process (`filter.thetastore.process`), pkt-line protocol version 2.
 
+Git-facing: git starts this (see repo.py for the two parts).
+
 clean  (git add, git status): the checkpoint streams in; out goes its pointer. The stream is hashed
        as it arrives and compared with the work-tree file; if they match, the work-tree file is
        stored directly (no temporary copy). A content-addressed cache (file BLAKE3 -> pointer) makes
@@ -20,6 +22,7 @@ import threading
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ProtocolError, ThetaStoreError
 from .hooks import looks_installed
+from .plan import drop_plan, load_plan, plan_for, ref_name
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 # Not typing, pathlib or re: this module starts with every filter process git runs (see
@@ -30,10 +33,10 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from .gitstore import GitStore
+    from .plan import ReadPlan
     from .progress import StatusLine
 
 MAX_PKT_DATA = 65516
-Plan = tuple[list[str], list[tuple[int, int, bytes, bytes]], int, bytes]  # packs, chunk tuples, size, BLAKE3
 _CACHE_REC = struct.Struct("<32sH")
 
 
@@ -158,14 +161,19 @@ def clean(repo: Repository, pathname: str, rfd: int) -> bytes:
     # no cached pointer is of this size, the clean is a miss: the store opens meanwhile. A miss
     # re-reads the file and checks its hash. git runs filters at the top of the work tree, so
     # `pathname` names the file from here. Without a work-tree file, keep a copy of what git sends.
-    if os.path.isfile(pathname):
-        if not repo.cache.may_hold(os.path.getsize(pathname)):
+    try:
+        if os.path.isfile(pathname):
+            if not repo.cache.may_hold(os.path.getsize(pathname)):
+                repo.prefetch()
+            total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", pathname, None, POINTER_MAX + 1, compare=False)
+        else:
             repo.prefetch()
-        total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", pathname, None, POINTER_MAX + 1, compare=False)
-    else:
-        repo.prefetch()
-        os.makedirs(repo.state_dir, exist_ok=True)
-        total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", None, repo.state_dir, POINTER_MAX + 1, compare=True)
+            os.makedirs(repo.state_dir, exist_ok=True)
+            total, digest, head, spill = _native.receive_content(f"/dev/fd/{rfd}", None, repo.state_dir, POINTER_MAX + 1, compare=True)
+    except ProtocolError:
+        raise
+    except Exception as e:  # the core reads ahead: where the stream stopped is unknown, so no answer can follow
+        raise ProtocolError(f"clean {pathname}: reading the content git sent failed: {_message(e)}") from None
     try:
         if spill is not None:
             named = spill + os.path.splitext(pathname)[1]
@@ -203,20 +211,6 @@ def clean(repo: Repository, pathname: str, rfd: int) -> bytes:
         if spill is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spill)
-
-
-def smudge_plan(store: GitStore, pointer: Pointer) -> Plan:
-    """What the core needs to send a checkpoint: packs, chunk tuples, size and BLAKE3."""
-    from .checkpoint import chunk_tuples, load_manifest
-
-    manifest = load_manifest(store, pointer.manifest_id)
-    if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
-        raise PointerError(
-            f"pointer and stored version {pointer.manifest_id.hex()[:16]} disagree on the file (size {pointer.size} vs {manifest.size})",
-            hint="the pointer was edited: check out another commit, or commit the checkpoint again",
-        )
-    packs, tuples = chunk_tuples(store, pointer.manifest_id, [c for s in manifest.spans for c in s.chunks])
-    return packs, tuples, manifest.size, manifest.blake3
 
 
 def _strip(message: str, pathname: str) -> str:
@@ -286,28 +280,22 @@ class FilterServer:
             if command == "list_available_blobs":
                 self.list_available()
                 continue
-            if command == "clean":
-                try:
-                    out = clean(self.repo, pathname, self.io.rfd)
-                except ValueError as e:  # the content stream itself is broken: nothing to resync on
-                    raise ProtocolError(f"clean {pathname}: {e}") from None
-                except Exception as e:  # the content was read: tell git, keep serving the others
-                    self.say(f"theta-store: clean {pathname}: {_message(e)}")  # pauses the line
-                    self.io.write_text("status=error")
-                    self.io.flush_pkt()
-                    continue
-                self.reply(out)
-                continue
-            content = self.io.read_stream()
             try:
+                if command == "clean":
+                    self.reply(clean(self.repo, pathname, self.io.rfd))
+                    continue
+                try:
+                    content = b"".join(self.io.read_stream())
+                except EOFError:
+                    raise ProtocolError(f"{command} {pathname}: git closed the pipe in the middle of a request") from None
                 if command == "smudge":
-                    self.smudge(pathname, b"".join(content), meta.get("can-delay") == "1")
+                    self.smudge(pathname, content, meta.get("can-delay") == "1")
                 else:
                     raise ThetaStoreError(f"unknown filter command {command!r}")
-            except Exception as e:  # one file failed: tell git, keep serving the others
-                for _ in content:  # drain what git is still sending
-                    pass
-                self.say(f"theta-store: {command} {pathname}: {_message(e)}")
+            except ProtocolError:  # the stream is out of step: no answer git could read can follow
+                raise
+            except Exception as e:  # the request was read whole: tell git this file failed, serve the next
+                self.say(f"theta-store: {command} {pathname}: {_message(e)}")  # pauses the line
                 self.io.write_text("status=error")
                 self.io.flush_pkt()
 
@@ -380,7 +368,7 @@ class FilterServer:
             self.reply(data)  # not a pointer (a file committed before it was tracked), or pointers wanted
             return
         self.progress()
-        plan = load_plan(self.repo.state_dir, ptr)
+        plan: ReadPlan | None = load_plan(self.repo.state_dir, ptr)
         if plan is None:
             self.repo.prefetch()
             if not self.repo.has_version(ptr.manifest_id):
@@ -395,17 +383,15 @@ class FilterServer:
                 with self.hold():
                     ensure_versions(self.store, {ptr.manifest_id}, quiet=True)
             try:
-                plan = smudge_plan(self.store, ptr)
+                plan = plan_for(self.store, ptr)
             except (PointerError, ObjectNotFound):
                 raise
             except Exception as e:  # fail before announcing success when we can
                 raise _damaged(ptr, e) from None
-            save_plan(self.repo.state_dir, ptr, plan)
-        packs, tuples, size, blake3 = plan
         self.io.write_text("status=success")
         self.io.flush_pkt()
         try:
-            _native.send_file(f"/dev/fd/{self.out_fd}", tuples, packs, size, blake3, self.repo.read_object)
+            _native.send_file(f"/dev/fd/{self.out_fd}", plan.native(), plan.packs, plan.size, plan.blake3, self.repo.read_object)
         except Exception as e:  # git drops what it got so far: the working file is never half-written
             drop_plan(self.repo.state_dir, ptr.manifest_id)
             self.failed_count += 1
@@ -415,13 +401,14 @@ class FilterServer:
             self.io.flush_pkt()
             return
         self.done += 1
-        self.done_bytes += size
+        self.done_bytes += plan.size
         self.rest()
         self.io.flush_pkt()
         self.io.flush_pkt()
 
     def list_available(self) -> None:
-        from .remote import VersionsMissing, ensure_versions
+        from .errors import VersionsMissing
+        from .remote import ensure_versions
 
         if self.delayed:
             try:
@@ -433,6 +420,8 @@ class FilterServer:
                         self.failed[path] = VersionsMissing({p.manifest_id}, e.tried)
             except ThetaStoreError as e:
                 self.failed.update(dict.fromkeys(self.delayed, e))
+            except Exception as e:  # each delayed file gets this as its answer; the process goes on
+                self.failed.update(dict.fromkeys(self.delayed, ThetaStoreError(f"fetching checkpoint versions failed: {_message(e)}")))
             self.ready.update(self.delayed)
             self.delayed.clear()
             # git asks for the delayed files once it has asked for every other one: the total is known
@@ -482,56 +471,6 @@ def _grow_pipes(size: int = 1 << 20) -> None:
             fcntl.fcntl(fd, op, size)
 
 
-# ---- smudge plans: where each chunk of a version is, so that a checkout needs no lookups ----
-def plan_path(state_dir: str | os.PathLike[str], manifest_id: bytes) -> str:
-    return os.path.join(state_dir, "plans", manifest_id.hex())
-
-
-def load_plan(state_dir: str, ptr: Pointer) -> Plan | None:
-    """The plan saved for this version, if every pack it names is still there, same size.
-
-    Pack names are hashes of their content, so the offsets hold while the pack does; a plan that
-    is wrong anyway fails the BLAKE3 check of every chunk (and is then dropped)."""
-    import msgpack
-
-    try:
-        with open(plan_path(state_dir, ptr.manifest_id), "rb") as f:
-            version, size, blake3, packs, tuples = msgpack.unpackb(f.read(), use_list=True)
-        if version != 1 or size != ptr.size or blake3 != ptr.blake3:
-            return None
-        for path, length in packs:
-            if os.stat(path).st_size != length:
-                return None
-        return [p for p, _ in packs], [tuple(t) for t in tuples], size, blake3
-    except (OSError, ValueError, TypeError, msgpack.UnpackException):
-        return None
-
-
-def save_plan(state_dir: str | os.PathLike[str], ptr: Pointer, plan: Plan) -> None:
-    """Keep `plan` for the next checkout of this version (best effort: it is only a cache)."""
-    import msgpack
-
-    packs, tuples, size, blake3 = plan
-    if any(loc == (1 << 64) - 1 for _, loc, _, _ in tuples):
-        return  # a loose object: read through dulwich each time
-    path = plan_path(state_dir, ptr.manifest_id)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        packed = [[p, os.stat(p).st_size] for p in packs]
-        with open(tmp, "wb") as f:
-            f.write(msgpack.packb([1, size, blake3, packed, [list(t) for t in tuples]], use_bin_type=True))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def drop_plan(state_dir: str | os.PathLike[str], manifest_id: bytes) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(plan_path(state_dir, manifest_id))
-
-
 def _common_dir() -> str | None:
     """The repository's common git directory, found without dulwich: git runs filters at the top
     of the work tree, where `.git` is the directory or (linked work trees, submodules) a file
@@ -560,7 +499,7 @@ class Repository:
 
     The clean cache, version refs and smudge plans are plain files in the git directory, read
     without dulwich: `touch; git status` and the checkout of a version checked out before need
-    nothing else. The object store (dulwich: 45 ms to import and open) opens on a thread as soon as
+    nothing else. The object store (dulwich, slow to import and open) opens on a thread as soon as
     a request is known to need it; then the pre-push hook is checked (`git rev-parse`), also off
     the request path.
     """
@@ -622,7 +561,7 @@ class Repository:
     def has_version(self, manifest_id: bytes) -> bool:
         """refs/theta/<id> exists: a loose ref or a line of packed-refs, else as dulwich sees it."""
         if self.common_dir is not None:
-            name = f"refs/theta/{manifest_id.hex()}"
+            name = ref_name(manifest_id)
             if os.path.isfile(os.path.join(self.common_dir, name)):
                 return True
             with contextlib.suppress(FileNotFoundError), open(os.path.join(self.common_dir, "packed-refs"), "rb") as f:

@@ -1,4 +1,7 @@
-"""`textconv` (git diff) and `merge-driver` (git merge) for checkpoints stored as pointers."""
+"""`textconv` (git diff) and `merge-driver` (git merge) for checkpoints stored as pointers.
+
+Git-facing: git starts this (see repo.py for the two parts).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ from pathlib import Path
 from typing import TextIO
 
 from . import _native
-from .checkpoint import load_manifest
 from .errors import FormatError, ThetaStoreError
 from .formats import TensorRegion, detect
 from .gitstore import GitStore
+from .plan import load_manifest
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 

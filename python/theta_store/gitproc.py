@@ -1,5 +1,7 @@
 """The git command that runs us (a filter, a merge driver): its verb and options, read from the process tree.
 
+Git-facing: for what git starts (see repo.py for the two parts).
+
 git tells a filter or a merge driver nothing about the command that started it: not `-q`, not
 `-X theirs`. Its command line is in the process tree (the nearest ancestor that is git), which
 is what these helpers read. Imported by the filter process: os and sys only.

@@ -1,5 +1,7 @@
 """The store, mapped onto Git objects. The only module that imports dulwich.
 
+Git-as-storage: the object store and refs (remote.py is the transport; see repo.py for the two parts).
+
 Layout of one checkpoint version (all ordinary Git objects):
 
     refs/theta/<manifest-id hex>  ->  commit (deterministic: fixed author, time 0, no parent)
@@ -34,8 +36,10 @@ from dulwich.repo import Repo as DulwichRepo
 
 from . import _native
 from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
+from .plan import REF_PREFIX as _REF_PREFIX
+from .plan import Location, ref_name
 
-REF_PREFIX = Ref(b"refs/theta/")
+REF_PREFIX = Ref(_REF_PREFIX.encode())
 AUTHOR = b"theta-store <theta-store@localhost>"
 # chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
 _RECORD = struct.Struct("<32s20sQBH")
@@ -83,7 +87,7 @@ def _hex(oid: bytes) -> ObjectID:
 
 
 def _ref(manifest_id: bytes) -> Ref:
-    return Ref(REF_PREFIX + manifest_id.hex().encode())
+    return Ref(ref_name(manifest_id).encode())
 
 
 def _pack_modes(planes: str) -> tuple[int, int]:
@@ -220,14 +224,14 @@ class GitStore:
         except _UNREADABLE as e:
             raise self._corrupt(sha.decode(), f", the {what} of checkpoint version {manifest_id.hex()[:16]},", e) from None
 
-    def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[int]]:
-        """Pack paths and, per object, (pack number << 48 | offset) or 2**64-1 if not in a pack."""
+    def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[Location | None]]:
+        """Pack paths and, per object, where it lies in them (None: not in a pack)."""
         packs = self.repo.object_store.packs
         paths: list[str] = []
         numbers: dict[int, int] = {}
-        out: list[int] = []
+        out: list[Location | None] = []
         for oid in oids:
-            loc = (1 << 64) - 1
+            loc = None
             for i, pack in enumerate(packs):
                 try:
                     offset = pack.index.object_offset(_hex(oid))
@@ -236,7 +240,7 @@ class GitStore:
                 if i not in numbers:
                     numbers[i] = len(paths)
                     paths.append(pack._data_path)
-                loc = (numbers[i] << 48) | offset
+                loc = Location(numbers[i], offset)
                 break
             out.append(loc)
         return paths, out
@@ -343,7 +347,7 @@ class GitStore:
         """Stage `data` (a pointer) for `relpath`, with the work-tree file's stat data.
 
         With the file's stat data in the index, git sees the file as unchanged and does not
-        re-read it (without it, `git commit` re-hashed a 400 MB checkpoint: 1 s). This is the
+        re-read it (without it, `git commit` hashes the whole checkpoint again). This is the
         state a clean filter leaves too. Falls back to `git update-index` if the index is in a
         form dulwich does not write (split index...).
         """

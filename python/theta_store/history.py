@@ -1,5 +1,7 @@
 """Which checkpoint versions git's trees, index and history point to.
 
+Git-as-storage: which versions commits need (see repo.py for the two parts).
+
 A pointer is a small blob; these functions find the pointer blobs in a tree, the index, every
 object of a history, or the changes of each commit, and parse them in two batched `git cat-file`
 runs. Push, fetch, pull, gc, status and stats all ask here.

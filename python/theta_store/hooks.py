@@ -1,5 +1,7 @@
 """Our pre-push hook's mark, and the check the filter process makes of it without starting git.
 
+Git-facing: for what git starts (see repo.py for the two parts).
+
 Kept apart from install.py and free of heavy imports: git starts the filter process on every
 `git status` that re-cleans a checkpoint, and the filter checks the hook each time (another tool
 may have replaced it, and a push without it sends commits without their checkpoint versions).

@@ -1,4 +1,7 @@
-"""`install`, `track`, `untrack`: git configuration, hooks that chain, .gitattributes lines."""
+"""`install`, `track`, `untrack`: git configuration, hooks that chain, .gitattributes lines.
+
+Git-facing: what makes git call us (see repo.py for the two parts).
+"""
 
 from __future__ import annotations
 

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from .checkpoint import chunk_tuples, load_manifest
 from .errors import PointerError, ThetaStoreError
 from .gitstore import GitStore
 from .manifest import Manifest, Pointer, SpanEntry, looks_like_pointer
+from .plan import ReadPlan, load_manifest, native_chunks, plan_for
 
 _NUMPY = {
     "F64": "<f8",
@@ -80,12 +80,14 @@ class TensorView:
 class CheckpointReader:
     """A stored checkpoint revision; tensors are decoded on demand. Use as a context manager."""
 
-    def __init__(self, store: GitStore, manifest_id: bytes, manifest: Manifest, path: str) -> None:
+    def __init__(self, store: GitStore, manifest_id: bytes, manifest: Manifest, path: str, pointer: Pointer | None = None) -> None:
         self._store = store
         self._id = manifest_id
         self.manifest = manifest
         self.path = path
         self._views = _views(manifest)
+        self._pointer = pointer or Pointer(manifest_id, manifest.size, manifest.blake3, len(manifest.tensors), manifest.format)
+        self._plan: ReadPlan | None = None
 
     def close(self) -> None:
         self._store.close()
@@ -109,17 +111,21 @@ class CheckpointReader:
     def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
         """Bytes [start, end) of a span, decoding only the chunks that overlap them."""
         end = span.length if end is None else end
-        picked, pos, first = [], 0, None
-        for cid, n in span.chunks:
-            if pos + n > start and pos < end:
-                picked.append((cid, n))
-                first = pos if first is None else first
-            pos += n
-        if not picked:
+        if end <= start:
             return b""
-        packs, tuples = chunk_tuples(self._store, self._id, picked)
-        data = b"".join(_native.read_chunks(tuples, packs, self._store.read_object))
-        assert first is not None
+        lo, hi = span.offset + start, span.offset + end
+        if self._plan is not None:
+            try:
+                return self._read(self._plan, lo, hi)
+            except (OSError, ValueError):  # a repack since the plan was made moved the frames: find them again
+                self._store.refresh()
+        self._plan = plan_for(self._store, self._pointer, manifest=self.manifest, where=self.path)
+        return self._read(self._plan, lo, hi)
+
+    def _read(self, plan: ReadPlan, start: int, end: int) -> bytes:
+        """File bytes [start, end), decoding the chunks that hold them."""
+        picked, first = plan.covering(start, end)
+        data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object))
         return data[start - first : end - first]
 
     def _view(self, name: str) -> TensorView:
@@ -233,7 +239,7 @@ def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.
 
             ensure_versions(store, {pointer.manifest_id}, what=rel)
         manifest = load_manifest(store, pointer.manifest_id)
-        return CheckpointReader(store, pointer.manifest_id, manifest, rel)
+        return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer)
     except BaseException:
         store.close()
         raise

@@ -1,17 +1,19 @@
 """Moving checkpoint versions between repositories with plain git: push, fetch, gc.
 
+Git-as-storage: the transport (see repo.py for the two parts).
+
 Each version is a parentless, deterministic commit under refs/theta/<manifest id>. Ref names are
 content ids, so two people pushing different versions never conflict, and pushing a version
 twice is a no-op.
 
 Why a transport repository: git excludes the objects a remote already has only along commit
 ancestry ("edges"). Versions share frames but not history, so a plain `git push` of a new
-version ref re-sent every frame of the model (measured: 285 MB for a one-bias change of a
-345 MB model). Git treats the trees of *all* known commits as already sent when the sending or
-the fetching repository is shallow (`--objects-edge-aggressive`). So versions travel through a
-small scratch repository, `.git/theta-store/transport`: it shares our object directory
-(GIT_OBJECT_DIRECTORY), includes our config (remotes, credentials), mirrors our refs/theta/ and is
-marked shallow. Same push, 27 KB. The user's repository itself is never made shallow.
+version ref re-sends every frame of the model, even for a one-bias change. Git treats the trees
+of *all* known commits as already sent when the sending or the fetching repository is shallow
+(`--objects-edge-aggressive`). So versions travel through a small scratch repository,
+`.git/theta-store/transport`: it shares our object directory (GIT_OBJECT_DIRECTORY), includes
+our config (remotes, credentials), mirrors our refs/theta/ and is marked shallow: the same push
+sends only the new frames (README "Figures"). The user's repository itself is never made shallow.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from typing import Any
 if sys.platform != "win32":
     import fcntl
 
-from .errors import ObjectNotFound, ThetaStoreError
+from .errors import GitCommandError, ThetaStoreError
+from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
+from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
-from .gitstore import REF_PREFIX, GitStore
+from .gitstore import GitStore
 from .history import pointer_writes, pointers_in, tree_pointers
+from .plan import REF_PREFIX, drop_plan, ref_name, version_of_ref
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
@@ -42,12 +47,8 @@ def _git(store: GitStore, *args: str, input: bytes | None = None, check: bool = 
     # Never let git inherit our stdin: in the filter process it is git's pkt-line pipe.
     r = subprocess.run(["git", *args], cwd=store.worktree, input=input or b"", capture_output=True, check=False)
     if check and r.returncode != 0:
-        raise ThetaStoreError(f"git {' '.join(args[:3])} failed: {r.stderr.decode(errors='replace').strip()}")
+        raise GitCommandError(f"git {' '.join(args[:3])} failed: {r.stderr.decode(errors='replace').strip()}")
     return r
-
-
-def ref_name(manifest_id: bytes) -> str:
-    return REF_PREFIX.decode() + manifest_id.hex()
 
 
 def remotes(store: GitStore) -> list[str]:
@@ -70,7 +71,7 @@ def remotes(store: GitStore) -> list[str]:
 
 def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> set[bytes]:
     """Versions the remote has (all of them, or only among `ids`: protocol v2 filters by prefix)."""
-    patterns = [ref_name(i) for i in ids] if ids is not None else [REF_PREFIX.decode() + "*"]
+    patterns = [ref_name(i) for i in ids] if ids is not None else [REF_PREFIX + "*"]
     found: set[bytes] = set()
     for i in range(0, max(len(patterns), 1), PUSH_BATCH):
         batch = patterns[i : i + PUSH_BATCH]
@@ -80,12 +81,9 @@ def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = 
         if r.returncode != 0:
             raise ThetaStoreError(f"cannot reach remote {remote!r}: {r.stderr.decode(errors='replace').strip()}")
         for line in r.stdout.decode().splitlines():
-            _, _, ref = line.partition("\t")
-            if ref.startswith(REF_PREFIX.decode()):
-                try:
-                    found.add(bytes.fromhex(ref[len(REF_PREFIX) :]))
-                except ValueError:
-                    continue
+            version = version_of_ref(line.partition("\t")[2])
+            if version is not None:
+                found.add(version)
     return found
 
 
@@ -107,8 +105,7 @@ def _transport(store: GitStore) -> dict[str, str]:
             (t / d).mkdir(parents=True, exist_ok=True)
         (t / "HEAD").write_text("ref: refs/heads/unused\n")
     config = store.common_dir / "config"
-    # Frames are compressed and rarely similar: delta search over hundreds of MB of them cost
-    # 10 s on a 400 MB push (measured) for nothing. No delta search, reuse stored data as is.
+    # Frames are compressed and rarely similar: delta search over them is slow and finds nothing.
     (t / "config").write_text(
         f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n[pack]\n\twindow = 0\n\tdepth = 0\n"
     )
@@ -179,30 +176,11 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
             ).stdout.decode()
         pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
         _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
-        got |= {bytes.fromhex(ref[len(REF_PREFIX) :]) for _, ref in pairs}
+        got |= {v for _, ref in pairs if (v := version_of_ref(ref)) is not None}
     store.refresh()
     for v in sorted(got):
         store.record_chunks(store.version_frames(v))
     return got
-
-
-class VersionsMissing(ObjectNotFound):
-    """Versions that are neither here nor on any remote tried."""
-
-    HINT = (
-        "push it from a clone that has it (a plain git push sends it; `theta-store push` if it was skipped), "
-        "or set THETA_STORE_REMOTE to the remote that has it"
-    )
-
-    def __init__(self, missing: set[bytes], tried: list[str], what: str = "") -> None:
-        self.missing = missing
-        self.tried = tried
-        super().__init__(self.describe(min(missing), what), hint=self.HINT)
-
-    def describe(self, version: bytes, what: str = "") -> str:
-        where = f"{what}: " if what else ""
-        remotes = ", ".join(self.tried) or "any remote (none configured)"
-        return f"{where}checkpoint version {version.hex()[:16]} is not here and not on {remotes}"
 
 
 def ensure_versions(
@@ -301,10 +279,6 @@ def push(store: GitStore, remote: str | None, revs: list[str], all_refs: bool = 
         raise ThetaStoreError("no remote configured", hint="git remote add origin URL")
     needed = pointers_in(store, ["--branches", "--tags"] if all_refs else (revs or ["HEAD"]))
     return send_versions(store, name, name, needed, progress=on_terminal())
-
-
-class IncompletePush(ThetaStoreError):
-    """A push whose history needs checkpoint versions that are neither here nor on another remote."""
 
 
 def send_versions(
@@ -435,7 +409,7 @@ def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bo
                 f"{rev}: not a remote, nor a revision of this repository", hint="`git remote -v` lists the remotes, `git log` the revisions"
             )
     if all_versions:
-        ids = set(pointers_in(store, revs or [f"--exclude={REF_PREFIX.decode()}*", "--all"]))
+        ids = set(pointers_in(store, revs or [f"--exclude={REF_PREFIX}*", "--all"]))
     else:
         ids = set()
         for rev in revs or (["HEAD"] if _git(store, "rev-parse", "-q", "--verify", "HEAD", check=False).returncode == 0 else []):
@@ -447,7 +421,7 @@ def fetch(store: GitStore, remote: str | None, revs: list[str], all_versions: bo
 
 # Everything git itself keeps (refs but our own, every worktree's HEAD and index, reflogs, older
 # stashes): a version is dropped only when git would also prune every pointer to it.
-GC_ROOTS = ["--exclude=" + REF_PREFIX.decode() + "*", "--all", "--reflog", "--indexed-objects"]
+GC_ROOTS = ["--exclude=" + REF_PREFIX + "*", "--all", "--reflog", "--indexed-objects"]
 
 
 def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str, object]:
@@ -459,8 +433,6 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
     drop_frames = _frames(store, drop)
     freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
     if not dry_run:
-        from .filterproc import drop_plan
-
         for v in drop:
             _git(store, "update-ref", "-d", ref_name(v))
             drop_plan(store.state_dir, v)

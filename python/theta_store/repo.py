@@ -1,4 +1,12 @@
-"""`Repo`: what the CLI does, as a Python API."""
+"""`Repo`: the porcelain. Every `theta-store` verb is one call here, as dulwich's `porcelain` is
+for its command line: the API scripts use is the one the CLI proves.
+
+The package has two sides. Git-facing: what git starts and what sets git up to start it
+(filterproc, gitdrivers, the pre-push hook in remote.pre_push; install, hooks, gitproc).
+Git-as-storage: git's object database as the chunk store (gitstore: objects and refs; plan:
+where each chunk is; remote: the transport; history: which versions commits need). Between
+them: the checkpoint core (checkpoint, reader, manifest, formats) and this porcelain.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import _native
-from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, chunk_tuples, load_manifest, restore_to
-from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError
+from . import _native, install
+from . import remote as transport
+from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to
+from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
-from .install import ensure_hooks_and_say
+from .plan import REF_PREFIX, load_manifest, locate, native_chunks
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
-from .remote import VersionsMissing, ensure_versions
+from .remote import ensure_versions
 
 FSCK_BATCH = 16
 
@@ -52,7 +61,7 @@ class Repo:
         self.store = GitStore(path)
         self.root = str(self.store.worktree)
         if hooks:  # every command that touches a repository: a push must never go without its versions
-            ensure_hooks_and_say(self.root)
+            install.ensure_hooks_and_say(self.root)
 
     def close(self) -> None:
         self.store.close()
@@ -154,7 +163,7 @@ class Repo:
             # entry "modified" by its size alone, without running the clean filter. The file
             # is dated one second back: an index written in the second the file was written
             # in makes its entry "racily clean" for git, and the next git command would hash
-            # the file again (stage_blob would rather wait out that second: 0.5 s on average).
+            # the file again (stage_blob would rather wait out that second).
             st = os.stat(path)
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
             self.store.stage_blob(rel, p.to_bytes())
@@ -235,6 +244,56 @@ class Repo:
         if missing is not None:
             raise VersionsMissing(missing.missing, missing.tried, ", ".join(s["path"] for s in skipped if "remote" in s["reason"]))
         return {"fetched": fetched, "restored": restored, "skipped": skipped}
+
+    # ---- remotes ----
+    def is_remote(self, name: str) -> bool:
+        """Whether `name` is a configured remote or names a repository (URL, scp-like, a path)."""
+        return transport.is_remote(self.store, name)
+
+    def fetch(self, remote: str | None = None, revs: Sequence[str] = (), *, all_versions: bool = False) -> dict[str, Any]:
+        """Fetch the checkpoint versions the trees of `revs` (default HEAD) point to; with
+        `all_versions`, every version their history needs (default: of every branch, tag and
+        remote-tracking ref). A `remote` that names no remote is taken as the first revision.
+        Returns {"needed": n, "fetched": n, "versions": [hex...]} (those that were not here)."""
+        return transport.fetch(self.store, remote, list(revs), all_versions=all_versions)
+
+    def push(self, remote: str | None = None, revs: Sequence[str] = (), *, all_refs: bool = False) -> dict[str, int]:
+        """Send the versions `revs` (default HEAD; `all_refs`: every branch and tag) need and
+        `remote` (default: the first remote) lacks. What a plain `git push` does through the
+        pre-push hook, for what it could not send. Returns counts: versions, new_bytes, reused_bytes."""
+        return transport.push(self.store, remote, list(revs), all_refs=all_refs)
+
+    def check_remote(self, remote: str | None = None, revs: Sequence[str] | None = None) -> dict[str, Any]:
+        """The commits among `revs` and their history whose versions `remote` lacks (`push --check`).
+        `revs` None: the remote's branches as last fetched (`fsck --remote`)."""
+        if revs is None:
+            name = remote or "origin"
+            tracking = self.store.git("for-each-ref", "--format=%(refname)", f"refs/remotes/{name}/").split()
+            if not tracking:
+                raise ThetaStoreError(f"no remote-tracking branches of {name!r} here", hint=f"git fetch {name}")
+            remote, revs = name, [f"--remotes={name}"]
+        return transport.check_remote(self.store, remote, list(revs))
+
+    def gc(self, *, dry_run: bool = False, prune: bool = False) -> dict[str, object]:
+        """Drop the stored versions that no ref, reflog or index needs; `prune`: then free their
+        frames' space (git gc --prune=now)."""
+        return transport.gc(self.store, dry_run=dry_run, prune=prune)
+
+    # ---- tracking ----
+    def track(self, patterns: Sequence[str]) -> dict[str, Any]:
+        """Track `patterns` (.gitattributes lines giving them our filter), configure the filter
+        here if it is not set, and stage .gitattributes. Returns {"tracked", "configured", "staged"}."""
+        added = install.track(list(patterns), self.root)
+        configured = install.ensure_filter(self.root)
+        return {"tracked": added, "configured": configured, "staged": install.stage_attributes(self.root)}
+
+    def untrack(self, patterns: Sequence[str]) -> list[str]:
+        """Remove our .gitattributes lines for `patterns` (other tools' lines stay); returns those removed."""
+        return install.untrack(list(patterns), self.root)
+
+    def tracked(self) -> list[tuple[str, str]]:
+        """(pattern, .gitattributes file) of every tracked pattern."""
+        return install.tracked(self.root)
 
     def _has_head(self) -> bool:
         r = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD^{tree}"], cwd=self.root, capture_output=True, check=False)
@@ -330,7 +389,7 @@ class Repo:
         frame_len: dict[bytes, int] = {}
         versions: list[dict[str, Any]] = []
         commits: dict[bytes, list[dict[str, str]]] = {}
-        for w in pointer_writes(self.store, ["--exclude=refs/theta/*", "--all"], oldest_first=True):
+        for w in pointer_writes(self.store, [f"--exclude={REF_PREFIX}*", "--all"], oldest_first=True):
             commits.setdefault(w.version, []).append({"commit": w.commit, "date": w.date, "path": w.path})
         stored = self.store.versions()
         have = set(stored)
@@ -381,21 +440,21 @@ class Repo:
                 m = load_manifest(self.store, mid)
                 todo = [(c, n) for s in m.spans for c, n in s.chunks if c not in checked]
                 todo = list(dict(todo).items())
-                packs, tuples = chunk_tuples(self.store, mid, todo)
+                packs, chunks = locate(self.store, mid, todo)
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
-            for i in range(0, len(tuples), FSCK_BATCH):
-                batch = tuples[i : i + FSCK_BATCH]
+            for i in range(0, len(chunks), FSCK_BATCH):
+                batch = chunks[i : i + FSCK_BATCH]
                 try:
-                    _native.read_chunks(batch, packs, self.store.read_object)
+                    _native.read_chunks(native_chunks(batch), packs, self.store.read_object)
                 except (ObjectNotFound, CorruptObject, OSError):
-                    for t in batch:  # find which ones
+                    for c in batch:  # find which ones
                         try:
-                            _native.read_chunks([t], packs, self.store.read_object)
+                            _native.read_chunks(native_chunks([c]), packs, self.store.read_object)
                         except (ObjectNotFound, CorruptObject, OSError) as e:
-                            problems.append({"version": mid.hex(), "object": t[3].hex(), "problem": str(e)})
-                checked.update(t[2] for t in batch)
+                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": str(e)})
+                checked.update(c.chunk_id for c in batch)
         for rel, oid in self.store.iter_paths(None):
             try:
                 data = self.store.read_object(oid)

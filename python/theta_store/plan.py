@@ -1,0 +1,305 @@
+"""The read plan: where each chunk of a stored version lives, and the names of stored versions.
+
+Part of the git-as-storage side. An add saves the plan of the version it wrote; restore, smudge
+and lazy reads get one from `plan_for`; gc drops it. A saved plan is a cache, a plain file at
+`<git dir>/theta-store/plans/<manifest id>`, read without dulwich: the filter's checkout of a
+known version starts streaming without opening the object store.
+
+Not typing, dataclasses, re or pathlib: the filter process imports this on every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .errors import CorruptObject, PointerError
+
+TYPE_CHECKING = False  # not typing's: see __init__.py
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+    from typing import Protocol
+
+    from .manifest import Manifest
+    from .pointer import Pointer
+
+    class StoredObject(Protocol):
+        """What a plan needs of a stored frame (gitstore.StoredFrame)."""
+
+        @property
+        def object_id(self) -> bytes: ...
+
+    class VersionStore(Protocol):
+        """What a plan needs of the store (gitstore.GitStore), without importing it."""
+
+        @property
+        def state_dir(self) -> str | os.PathLike[str]: ...
+
+        def read_manifest_bytes(self, manifest_id: bytes) -> bytes: ...
+
+        def version_frames(self, manifest_id: bytes) -> Mapping[bytes, StoredObject]: ...
+
+        def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[Location | None]]: ...
+
+
+# Every stored version is kept reachable by refs/theta/<manifest id hex> (README "In Git").
+REF_PREFIX = "refs/theta/"
+PLAN_VERSION = 2
+_NOT_IN_PACK = (1 << 64) - 1  # what the core reads as "ask read_object for it"
+
+
+def ref_name(manifest_id: bytes) -> str:
+    """The ref that keeps version `manifest_id`: refs/theta/<hex>."""
+    return REF_PREFIX + manifest_id.hex()
+
+
+def version_of_ref(name: str) -> bytes | None:
+    """The manifest id a refs/theta/ ref names, or None for any other name."""
+    if not name.startswith(REF_PREFIX):
+        return None
+    tail = name[len(REF_PREFIX) :]
+    if len(tail) != 64:
+        return None
+    try:
+        return bytes.fromhex(tail)
+    except ValueError:
+        return None
+
+
+class Location:
+    """Where a frame's object lies: the pack (an index into the plan's `packs`) and the byte
+    offset of its entry there."""
+
+    __slots__ = ("offset", "pack")
+
+    pack: int
+    offset: int
+
+    def __init__(self, pack: int, offset: int) -> None:
+        self.pack = pack
+        self.offset = offset
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.pack, self.offset) == (other.pack, other.offset)
+
+    def __hash__(self) -> int:
+        return hash((self.pack, self.offset))
+
+    def __repr__(self) -> str:
+        return f"Location(pack={self.pack}, offset={self.offset})"
+
+
+class PlannedChunk:
+    """One chunk of a stored file: its raw length, its id, the Git object holding its frame, and
+    where that object lies (None: not in a pack; read through the object store)."""
+
+    __slots__ = ("chunk_id", "length", "location", "object_id")
+
+    length: int
+    chunk_id: bytes
+    object_id: bytes
+    location: Location | None
+
+    def __init__(self, length: int, chunk_id: bytes, object_id: bytes, location: Location | None) -> None:
+        self.length = length
+        self.chunk_id = chunk_id
+        self.object_id = object_id
+        self.location = location
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PlannedChunk) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple[int, bytes, bytes, Location | None]:
+        return (self.length, self.chunk_id, self.object_id, self.location)
+
+    def __repr__(self) -> str:
+        return f"PlannedChunk({self.length}, {self.chunk_id.hex()[:16]}, {self.object_id.hex()[:16]}, {self.location!r})"
+
+
+class ReadPlan:
+    """What the core needs to rebuild a file: the packs, its chunks in file order, its size and BLAKE3."""
+
+    __slots__ = ("_starts", "blake3", "chunks", "packs", "size")
+
+    packs: list[str]
+    chunks: list[PlannedChunk]
+    size: int
+    blake3: bytes
+
+    def __init__(self, packs: list[str], chunks: list[PlannedChunk], size: int, blake3: bytes) -> None:
+        self.packs = packs
+        self.chunks = chunks
+        self.size = size
+        self.blake3 = blake3
+        self._starts: list[int] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ReadPlan) and (self.packs, self.chunks, self.size, self.blake3) == (
+            other.packs,
+            other.chunks,
+            other.size,
+            other.blake3,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable lists inside
+
+    def __repr__(self) -> str:
+        return f"ReadPlan({len(self.packs)} packs, {len(self.chunks)} chunks, size={self.size})"
+
+    def covering(self, start: int, end: int) -> tuple[list[PlannedChunk], int]:
+        """The chunks holding file bytes [start, end), and the file offset of the first of them."""
+        from bisect import bisect_left, bisect_right
+
+        if self._starts is None:
+            starts, pos = [], 0
+            for c in self.chunks:
+                starts.append(pos)
+                pos += c.length
+            self._starts = starts
+        if end <= start or not self.chunks:
+            return [], start
+        i = max(bisect_right(self._starts, start) - 1, 0)
+        j = bisect_left(self._starts, end)
+        return self.chunks[i:j], self._starts[i]
+
+    def native(self) -> list[tuple[int, int, bytes, bytes]]:
+        """Every chunk, as the core's calls take them (see `native_chunks`)."""
+        return native_chunks(self.chunks)
+
+
+def native_chunks(chunks: Sequence[PlannedChunk]) -> list[tuple[int, int, bytes, bytes]]:
+    """Planned chunks as the core's calls (restore_file, send_file, read_chunks) take them:
+    (length, location, chunk id, object id), the location packed as pack << 48 | offset, all
+    ones when not in a pack. The only place that spells this encoding."""
+    return [
+        (c.length, _NOT_IN_PACK if c.location is None else c.location.pack << 48 | c.location.offset, c.chunk_id, c.object_id)
+        for c in chunks
+    ]
+
+
+# ---- versions and where their chunks are, from the store ----
+def load_manifest(store: VersionStore, manifest_id: bytes) -> Manifest:
+    """The manifest of version `manifest_id`, checked against its id."""
+    from . import _native
+    from .manifest import Manifest
+
+    data = store.read_manifest_bytes(manifest_id)
+    if _native.chunk_id(data) != manifest_id:
+        raise CorruptObject(f"manifest {manifest_id.hex()[:16]} does not hash to its id", hint="run `theta-store fsck`")
+    return Manifest.from_bytes(data, f"manifest {manifest_id.hex()[:16]}")
+
+
+def locate(
+    store: VersionStore, manifest_id: bytes, chunks: Sequence[tuple[bytes, int]], frames: Mapping[bytes, StoredObject] | None = None
+) -> tuple[list[str], list[PlannedChunk]]:
+    """The packs and the planned chunks of `chunks` ((chunk id, length), in file order) of version
+    `manifest_id`, found in the pack indexes. `frames`: the version's frames when known (else
+    read from its tree). A chunk with no frame in the version raises CorruptObject."""
+    if frames is None:
+        frames = store.version_frames(manifest_id)
+    missing = [cid for cid, _ in chunks if cid not in frames]
+    if missing:
+        raise CorruptObject(
+            f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`"
+        )
+    oids = [frames[cid].object_id for cid, _ in chunks]
+    packs, where = store.locate(oids)
+    return packs, [PlannedChunk(n, cid, oid, loc) for (cid, n), oid, loc in zip(chunks, oids, where, strict=True)]
+
+
+def plan_from_store(
+    store: VersionStore, manifest_id: bytes, manifest: Manifest, frames: Mapping[bytes, StoredObject] | None = None
+) -> ReadPlan:
+    """The read plan of a version whose manifest is known, its locations read from the pack indexes."""
+    packs, chunks = locate(store, manifest_id, [c for s in manifest.spans for c in s.chunks], frames)
+    return ReadPlan(packs, chunks, manifest.size, manifest.blake3)
+
+
+def plan_for(store: VersionStore, pointer: Pointer, *, manifest: Manifest | None = None, where: str = "") -> ReadPlan:
+    """The read plan of the checkpoint `pointer` names, from the store (and saved for the next
+    checkout). What restore, smudge and lazy reads use.
+
+    `manifest`: the version's manifest, if loaded already. `where`: the file, for the error.
+    Raises PointerError when pointer and manifest disagree on the file, ObjectNotFound when the
+    version is not here, CorruptObject when it is damaged.
+    """
+    if manifest is None:
+        manifest = load_manifest(store, pointer.manifest_id)
+    if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
+        raise PointerError(
+            f"{where + ': ' if where else ''}pointer and stored version {pointer.manifest_id.hex()[:16]} disagree on the file"
+            f" (size {pointer.size} vs {manifest.size}, BLAKE3 {pointer.blake3.hex()[:16]} vs {manifest.blake3.hex()[:16]})",
+            hint="the pointer was edited: check out another commit, or commit the checkpoint again",
+        )
+    plan = plan_from_store(store, pointer.manifest_id, manifest)
+    save_plan(store.state_dir, pointer, plan)
+    return plan
+
+
+# ---- saved plans ----
+def plan_path(state_dir: str | os.PathLike[str], manifest_id: bytes) -> str:
+    return os.path.join(state_dir, "plans", manifest_id.hex())
+
+
+def load_plan(state_dir: str | os.PathLike[str], pointer: Pointer) -> ReadPlan | None:
+    """The plan saved for this version, if it is well formed and every pack it names is still
+    there with the same size; else None.
+
+    Pack names are hashes of their content, so the offsets hold while the pack does; a plan that
+    is wrong anyway fails the BLAKE3 check of every chunk (and is then dropped)."""
+    import msgpack
+
+    try:
+        with open(plan_path(state_dir, pointer.manifest_id), "rb") as f:
+            version, size, blake3, packs, records = msgpack.unpackb(f.read(), use_list=True)
+        if version != PLAN_VERSION or size != pointer.size or blake3 != pointer.blake3:
+            return None
+        paths = []
+        for path, length in packs:
+            if os.stat(path).st_size != length:
+                return None
+            paths.append(path)
+        chunks = []
+        total = 0
+        for n, pack, offset, cid, oid in records:
+            if not (0 <= pack < len(paths) and offset >= 0 and n >= 0 and _is_id(cid, 32) and _is_id(oid, 20)):
+                return None
+            total += n
+            chunks.append(PlannedChunk(n, cid, oid, Location(pack, offset)))
+        if total != size:
+            return None
+        return ReadPlan(paths, chunks, size, blake3)
+    except (OSError, ValueError, TypeError, msgpack.UnpackException):
+        return None
+
+
+def _is_id(value: object, n: int) -> bool:
+    return isinstance(value, bytes) and len(value) == n
+
+
+def save_plan(state_dir: str | os.PathLike[str], pointer: Pointer, plan: ReadPlan) -> None:
+    """Keep `plan` for the next checkout of this version (best effort: it is only a cache)."""
+    if any(c.location is None for c in plan.chunks):
+        return  # a loose object: read through the object store each time
+    import msgpack
+
+    path = plan_path(state_dir, pointer.manifest_id)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        packs = [[p, os.stat(p).st_size] for p in plan.packs]
+        records = [[c.length, c.location.pack, c.location.offset, c.chunk_id, c.object_id] for c in plan.chunks if c.location is not None]
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb([PLAN_VERSION, plan.size, plan.blake3, packs, records], use_bin_type=True))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def drop_plan(state_dir: str | os.PathLike[str], manifest_id: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(plan_path(state_dir, manifest_id))
