@@ -27,6 +27,7 @@ from typing import Any
 if sys.platform != "win32":
     import fcntl
 
+from . import packs
 from .errors import ObjectNotFound, ThetaStoreError
 from .gitproc import git_command, push_flags
 from .gitstore import REF_PREFIX, GitStore
@@ -459,7 +460,9 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
             drop_plan(store.state_dir, v)
         store.rebuild_chunk_index()
         if prune:
+            packs.prune(store)  # git never prunes from our kept packs
             _git(store, "gc", "--quiet", "--prune=now")
+        packs.consolidate(store, limit=None)
     return {
         "versions": len(versions),
         "dropped": [v.hex() for v in drop],
