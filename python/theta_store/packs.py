@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -151,17 +152,33 @@ def _remove(store: GitStore, name: str) -> None:
             os.unlink(base + ext)
 
 
-def _midx(store: GitStore) -> None:
-    """A multi-pack index (written by git maintenance) must not name the packs we removed."""
-    if (store.pack_dir / "multi-pack-index").exists():
-        _git(store, "multi-pack-index", "write")
+def _drop_midx(store: GitStore) -> bool:
+    """Remove the multi-pack index (git maintenance writes one) before packs it names go: git
+    keeps the packs of an existing index when it rewrites one, even those that are gone."""
+    found = False
+    for name in os.listdir(store.pack_dir):
+        if name.startswith("multi-pack-index"):
+            found = True
+            path = store.pack_dir / name
+            if path.is_dir():  # an incremental chain (multi-pack-index.d)
+                shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(path)
+    return found
+
+
+def _write_midx(store: GitStore) -> None:
+    _git(store, "multi-pack-index", "write")
 
 
 def settle(store: GitStore, object_ids: Iterable[bytes], limit: int | None = INLINE_MAX) -> dict[str, int]:
     """After an add: keep the packs that hold `object_ids` (what it wrote), then consolidate."""
     paths, _ = store.locate(object_ids)
-    keep(paths)
-    return consolidate(store, limit=limit, wait=False)
+    try:
+        keep(paths)
+        return consolidate(store, limit=limit, wait=False)
+    except (GitCommandError, OSError):  # the version is stored: an old git or a full disk only leaves more packs
+        return {"packs": 0, "bytes": 0}
 
 
 def consolidate(store: GitStore, limit: int | None = INLINE_MAX, wait: bool = True) -> dict[str, int]:
@@ -171,15 +188,21 @@ def consolidate(store: GitStore, limit: int | None = INLINE_MAX, wait: bool = Tr
     with _locked(store, wait) as got:
         if not got:
             return done
-        while names := rollup(ours(store.pack_dir), limit):
+        midx = False
+        for _ in range(64):  # each rollup removes FANOUT - 1 packs or more: this bound is never reached
+            names = rollup(ours(store.pack_dir), limit)
+            if not names:
+                break
             new = _write_pack(store, ["--stdin-packs"], "".join(n + "\n" for n in names).encode())
+            midx = _drop_midx(store) or midx
             for n in names:
                 if n != new:
                     _remove(store, n)
             done["packs"] += len(names)
             done["bytes"] += os.stat(store.pack_dir / new).st_size
+        if midx:
+            _write_midx(store)
         if done["packs"]:
-            _midx(store)
             store.refresh()
     return done
 
@@ -228,10 +251,12 @@ def prune(store: GitStore) -> dict[str, int]:
         if live:
             new = _write_pack(store, [], b"".join(o.hex().encode() + b"\n" for o in sorted(live)))
             done["bytes"] = os.stat(store.pack_dir / new).st_size
+        midx = _drop_midx(store)
         for n in dirty:
             if n != new:
                 _remove(store, n)
         done["packs"] = len(dirty)
-        _midx(store)
+        if midx:
+            _write_midx(store)
         store.refresh()
     return done
