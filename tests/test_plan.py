@@ -6,6 +6,7 @@ import ast
 import builtins
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,10 @@ def test_the_filter_imports_no_dulwich_and_no_heavy_modules() -> None:
         "bad = [m for m in ('dulwich', 'typing', 'dataclasses', 're', 'pathlib', 'msgpack', 'numpy') if m in sys.modules]\n"
         "print(','.join(bad))"
     )
-    r = subprocess.run([os.sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
+    # -S as git starts the filter (_launch.py); the package's folder as _launch.py finds it
+    env = {**os.environ, "PYTHONPATH": str(Path(theta_store.__file__).parent.parent)}
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False, env=env)
+    assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
 
 

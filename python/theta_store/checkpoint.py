@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import _native
+from . import _native, packs
 from .manifest import Manifest, Pointer, SpanEntry
 from .plan import load_manifest, plan_for, plan_from_store, save_plan
 from .progress import Progress
@@ -151,8 +151,10 @@ def add_file(
     store.refresh()
     new = {cid: StoredFrame(oid, flen, planes) for cid, oid, flen, planes in written}
     frames.update(new)
-    store.write_version(manifest_id, mbytes, frames)
+    commit = store.write_version(manifest_id, mbytes, frames)
     store.record_chunks(new)
+    # Before the plan is saved: a rollup moves the frames the plan names.
+    packs.settle(store, [commit, *(f.object_id for f in new.values())])
     pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
     # Where each chunk is, for the next checkout of this version (an old version, the usual case):
     # it then starts streaming at once (plan.load_plan).

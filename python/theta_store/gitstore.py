@@ -7,8 +7,13 @@ Layout of one checkpoint version (all ordinary Git objects):
     refs/theta/<manifest-id hex>  ->  commit (deterministic: fixed author, time 0, no parent)
         tree
           manifest            blob: the msgpack manifest
-          frames              blob: msgpack {chunk_id: [frame_len, plane modes]} (for show/stats)
-          <ab>/<cdef...>      blob: the frame of chunk abcdef... (256-way fan-out by id prefix)
+          <ab>/               tree (256-way fan-out by chunk id prefix)
+              frames          blob: msgpack {chunk_id: [frame_len, plane modes]} of this subtree's chunks
+              <cdef...>       blob: the frame of chunk abcdef...
+
+A version that changes a few chunks shares every other subtree, table included, with the
+version before it. Versions written before the tables were split have one `frames` blob at the
+top for all chunks instead; both layouts are read.
 
 Frames are written by the Rust core straight into packs (zlib level 0, index written directly);
 the few small objects (manifest, trees, commit) go through dulwich's pack writer.
@@ -44,6 +49,7 @@ AUTHOR = b"theta-store <theta-store@localhost>"
 # chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
 _RECORD = struct.Struct("<32s20sQBH")
 _MODES = ("raw", "zstd", "rans")
+_TABLE = b"frames"  # the frames table's name: never a frame's (those are hex)
 # What dulwich raises for an object it finds but cannot read (a damaged loose file or pack entry).
 _UNREADABLE = (ObjectFormatException, ChecksumMismatch, zlib.error, ValueError, EOFError)
 
@@ -248,20 +254,34 @@ class GitStore:
     # ---- versions ----
     def write_version(self, manifest_id: bytes, manifest: bytes, frames: dict[bytes, StoredFrame]) -> bytes:
         """Write manifest + trees + commit and point refs/theta/<id> at it. Returns the commit id."""
-        objects: list[Any] = []
+        commit, objects = self.version_objects(manifest_id, manifest, frames)
+        if objects:
+            # One small pack written by the core (dulwich's add_objects: 40 ms for a 400 MB model's
+            # ~170 objects), then made visible to dulwich. The commit is written last of all, with
+            # its trees, so a commit that is here has all of them.
+            _native.write_objects([(o.type_name.decode(), o.as_raw_string()) for o in objects], str(self.pack_dir))
+            self.refresh()
+        self.repo.refs[_ref(manifest_id)] = commit.id
+        return bytes.fromhex(commit.id.decode())
+
+    def version_objects(self, manifest_id: bytes, manifest: bytes, frames: dict[bytes, StoredFrame]) -> tuple[Commit, list[Any]]:
+        """The commit of a version and those of its objects (manifest, tables, trees, commit) that
+        are not stored yet: a version that changed a few chunks costs a few subtrees and the root."""
         mblob = Blob.from_string(manifest)
-        table = {cid: [f.frame_len, f.planes] for cid, f in sorted(frames.items())}
-        fblob = Blob.from_string(bytes(msgpack.packb(table, use_bin_type=True)))
-        objects += [mblob, fblob]
-        fan: dict[str, Tree] = {}
+        fan: dict[str, dict[bytes, StoredFrame]] = {}
         for cid, f in sorted(frames.items()):
-            h = cid.hex()
-            fan.setdefault(h[:2], Tree()).add(h[2:].encode(), 0o100644, _hex(f.object_id))
+            fan.setdefault(cid[:1].hex(), {})[cid] = f
+        objects: list[Any] = [mblob]
         root = Tree()
         root.add(b"manifest", 0o100644, mblob.id)
-        root.add(b"frames", 0o100644, fblob.id)
-        for prefix, sub in fan.items():
-            objects.append(sub)
+        for prefix, part in fan.items():
+            table = {cid: [f.frame_len, f.planes] for cid, f in part.items()}
+            tblob = Blob.from_string(bytes(msgpack.packb(table, use_bin_type=True)))
+            sub = Tree()
+            sub.add(_TABLE, 0o100644, tblob.id)
+            for cid, f in part.items():
+                sub.add(cid.hex()[2:].encode(), 0o100644, _hex(f.object_id))
+            objects += [tblob, sub]
             root.add(prefix.encode(), 0o040000, sub.id)
         objects.append(root)
         commit = Commit()
@@ -271,16 +291,29 @@ class GitStore:
         commit.author_timezone = commit.commit_timezone = 0
         commit.encoding = None
         commit.message = f"theta-store version {manifest_id.hex()}\n".encode()
-        objects.append(commit)
-        if commit.id not in self.repo.object_store:
-            # One small pack written by the core (dulwich's add_objects: 40 ms for a 400 MB model's
-            # ~170 objects), then made visible to dulwich. The commit is written last of all, with
-            # its trees: without it, write them all (asking dulwich for each of ~170 objects costs
-            # a rescan of the pack folder per miss, 30 ms; a tree stored twice does no harm).
-            _native.write_objects([(o.type_name.decode(), o.as_raw_string()) for o in objects], str(self.pack_dir))
-            self.refresh()
-        self.repo.refs[_ref(manifest_id)] = commit.id
-        return bytes.fromhex(commit.id.decode())
+        stored = self._stored([commit.id, *(o.id for o in objects)])
+        if commit.id in stored:
+            return commit, []
+        return commit, [*(o for o in objects if o.id not in stored), commit]
+
+    def _stored(self, ids: Sequence[ObjectID]) -> set[ObjectID]:
+        """Those of `ids` that are here, packed or loose, looked up with one scan of the pack folder
+        (asking dulwich object by object rescans the folder on every miss)."""
+        found: set[ObjectID] = set()
+        packs = self.repo.object_store.packs
+        for sha in ids:
+            for pack in packs:
+                try:
+                    pack.index.object_offset(sha)
+                except KeyError:
+                    continue
+                found.add(sha)
+                break
+            else:
+                h = sha.decode()
+                if (self.objects_dir / h[:2] / h[2:]).exists():
+                    found.add(sha)
+        return found
 
     def versions(self) -> list[bytes]:
         out = []
@@ -312,23 +345,44 @@ class GitStore:
 
     def version_frames(self, manifest_id: bytes) -> dict[bytes, StoredFrame]:
         tree = self._version_tree(manifest_id)
-        _, fsha = tree[b"frames"]
-        raw = self._load(fsha, manifest_id, "frames table").as_raw_string()
-        try:
-            table = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        except Exception as e:
-            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {e}") from None
+        table = None
+        if _TABLE in tree:  # the layout before per-subtree tables: one table for all chunks
+            _, fsha = tree[_TABLE]
+            table = self._table(fsha, manifest_id)
         out: dict[bytes, StoredFrame] = {}
         for entry in tree.items():
             if entry.mode != 0o040000:
                 continue
             sub = self._load(entry.sha, manifest_id, "tree")
             assert isinstance(sub, Tree)
+            part = table
+            if part is None:
+                if _TABLE not in sub:
+                    raise CorruptObject(f"frames table {entry.path.decode()}/frames of version {manifest_id.hex()[:16]} is missing")
+                part = self._table(sub[_TABLE][1], manifest_id)
             for leaf in sub.items():
-                cid = bytes.fromhex((entry.path + leaf.path).decode())
-                flen, planes = table.get(cid, [0, ""])
-                out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), int(flen), str(planes))
+                if leaf.path == _TABLE:
+                    continue
+                try:
+                    cid = bytes.fromhex((entry.path + leaf.path).decode())
+                except ValueError:
+                    raise CorruptObject(f"version {manifest_id.hex()[:16]} names a frame {leaf.path!r}") from None
+                try:
+                    flen, planes = part.get(cid, [0, ""])
+                    out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), int(flen), str(planes))
+                except (TypeError, ValueError):
+                    raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: bad entry for {cid.hex()[:16]}") from None
         return out
+
+    def _table(self, sha: ObjectID, manifest_id: bytes) -> dict[bytes, Any]:
+        raw = self._load(sha, manifest_id, "frames table").as_raw_string()
+        try:
+            table = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as e:
+            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {e}") from None
+        if not isinstance(table, dict):
+            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]} is not a map")
+        return table
 
     def version_commit(self, manifest_id: bytes) -> bytes | None:
         try:

@@ -29,6 +29,7 @@ from typing import Any
 if sys.platform != "win32":
     import fcntl
 
+from . import packs
 from .errors import GitCommandError, ThetaStoreError
 from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
 from .errors import VersionsMissing as VersionsMissing
@@ -178,8 +179,13 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
         _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
         got |= {v for _, ref in pairs if (v := version_of_ref(ref)) is not None}
     store.refresh()
+    fetched: list[bytes] = []
     for v in sorted(got):
-        store.record_chunks(store.version_frames(v))
+        frames = store.version_frames(v)
+        store.record_chunks(frames)
+        fetched += [f.object_id for f in frames.values()]
+    # What git fetched is frames like an add's: kept out of git's repacking, consolidated in tiers
+    packs.settle(store, fetched)
     return got
 
 
@@ -438,7 +444,9 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
             drop_plan(store.state_dir, v)
         store.rebuild_chunk_index()
         if prune:
+            packs.prune(store)  # git never prunes from our kept packs
             _git(store, "gc", "--quiet", "--prune=now")
+        packs.consolidate(store, limit=None)
     return {
         "versions": len(versions),
         "dropped": [v.hex() for v in drop],
