@@ -14,7 +14,9 @@ from .manifest import Manifest, Pointer, SpanEntry
 from .progress import Progress
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+
+    from typing_extensions import Buffer
 
     from .formats.base import Layout
     from .gitstore import GitStore, StoredFrame
@@ -75,6 +77,8 @@ class Scanned:
     chunked: list[list[tuple[int, int, str, bytes]]]
     stamp: tuple[int, int, int, int, int] | None
     chunk_bytes: int
+    # The bytes themselves, when they are in memory rather than in the file at `path`.
+    buffers: Sequence[Buffer] | None = None
 
 
 def scan(
@@ -135,19 +139,62 @@ def add_file(
         else:
             todo.append(c)
     todo.sort()
-    with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
-        _, written = _native.write_pack(path, todo, str(store.pack_dir), stamp, p)
-    store.refresh()
-    new = {cid: StoredFrame(oid, flen, planes) for cid, oid, flen, planes in written}
-    frames.update(new)
-    store.write_version(manifest_id, mbytes, frames)
+    # One pack per add: the new frames, then the version's objects (which name the frames).
+    builder = _native.PackBuilder(str(store.pack_dir), store.version_object_count(all_chunks))
+    with builder:
+        with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
+            if scanned.buffers is not None:
+                written = builder.write_buffers(scanned.buffers, todo, p)
+            else:
+                written = builder.write_file(path, todo, stamp, p)
+        new = {w.chunk_id: StoredFrame(w.object_id, w.frame_len, w.planes) for w in written}
+        frames.update(new)
+        packs: list[str | None] = []
+
+        def finish(objects: list[tuple[str, bytes]]) -> None:
+            builder.add_objects(objects)
+            packs.append(builder.finish())
+
+        store.write_version(manifest_id, mbytes, frames, write=finish)
+        if not packs:  # the version was there already: the frames alone
+            packs.append(builder.finish())
+            store.refresh()
+    located = {w.object_id: (str(packs[0]), w.offset) for w in written}
     store.record_chunks(new)
     pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
     # Where each chunk is, for the next checkout of this version (an old version, the usual case):
     # it then starts streaming at once (filterproc.load_plan).
-    save_plan(store.state_dir, pointer, (*chunk_tuples(store, manifest_id, [c for s in entries for c in s.chunks], frames), size, file_id))
+    in_order = [c for s in entries for c in s.chunks]
+    save_plan(store.state_dir, pointer, (*chunk_tuples(store, manifest_id, in_order, frames, located), size, file_id))
     reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
     return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
+
+
+def scan_buffers(
+    name: str, layout: Layout, buffers: Sequence[Buffer], chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None
+) -> Scanned:
+    """`scan` of a checkpoint whose bytes are in memory: `buffers` laid end to end are the file
+    that `layout` describes (e.g. the header's bytes, then each tensor's)."""
+    spans = spans_of(layout)
+    with Progress(f"hashing {name}", layout.size, progress) as p:
+        size, file_id, chunked, _ = _native.scan_buffers(
+            list(buffers), [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
+        )
+    return Scanned(name, layout, spans, size, file_id, chunked, None, chunk_bytes, list(buffers))
+
+
+def add_buffers(
+    store: GitStore,
+    name: str,
+    layout: Layout,
+    buffers: Sequence[Buffer],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+) -> AddResult:
+    """Store a checkpoint from memory without writing it to a file: the same version, manifest
+    id included, as `add_file` of a file holding those bytes. `name` names it in messages."""
+    scanned = scan_buffers(name, layout, buffers, chunk_bytes, progress)
+    return add_file(store, name, chunk_bytes, progress, scanned)
 
 
 def load_manifest(store: GitStore, manifest_id: bytes) -> Manifest:
@@ -158,10 +205,15 @@ def load_manifest(store: GitStore, manifest_id: bytes) -> Manifest:
 
 
 def chunk_tuples(
-    store: GitStore, manifest_id: bytes, chunks: list[tuple[bytes, int]], frames: dict[bytes, StoredFrame] | None = None
+    store: GitStore,
+    manifest_id: bytes,
+    chunks: list[tuple[bytes, int]],
+    frames: dict[bytes, StoredFrame] | None = None,
+    located: dict[bytes, tuple[str, int]] | None = None,
 ) -> tuple[list[str], list[tuple[int, int, bytes, bytes]]]:
     """Pack paths, and per chunk (length, location, chunk id, object id), as the core reads them.
-    `frames`: the version's frames when known (else read from its tree)."""
+    `frames`: the version's frames when known (else read from its tree); `located`: (pack path,
+    offset) of objects whose place is known (frames just written), the others are looked up."""
     if frames is None:
         frames = store.version_frames(manifest_id)
     missing = [cid for cid, _ in chunks if cid not in frames]
@@ -170,8 +222,20 @@ def chunk_tuples(
             f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`"
         )
     oids = [frames[cid].object_id for cid, _ in chunks]
-    packs, locs = store.locate(oids)
-    return packs, [(n, loc, cid, oid) for (cid, n), loc, oid in zip(chunks, locs, oids, strict=True)]
+    located = located or {}
+    packs, locs = store.locate([o for o in oids if o not in located])
+    numbers = {p: i for i, p in enumerate(packs)}
+    found = iter(locs)
+    out: list[tuple[int, int, bytes, bytes]] = []
+    for (cid, n), oid in zip(chunks, oids, strict=True):
+        if oid in located:
+            pack, offset = located[oid]
+            loc = (numbers.setdefault(pack, len(numbers)) << 48) | offset
+        else:
+            loc = next(found)
+        out.append((n, loc, cid, oid))
+    packs += list(numbers)[len(packs) :]
+    return packs, out
 
 
 def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:

@@ -289,7 +289,7 @@ class FilterServer:
             if command == "clean":
                 try:
                     out = clean(self.repo, pathname, self.io.rfd)
-                except ValueError as e:  # the content stream itself is broken: nothing to resync on
+                except (ValueError, ProtocolError) as e:  # the content stream itself is broken: nothing to resync on
                     raise ProtocolError(f"clean {pathname}: {e}") from None
                 except Exception as e:  # the content was read: tell git, keep serving the others
                     self.say(f"theta-store: clean {pathname}: {_message(e)}")  # pauses the line

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,21 @@ class GitStore:
         return paths, out
 
     # ---- versions ----
-    def write_version(self, manifest_id: bytes, manifest: bytes, frames: dict[bytes, StoredFrame]) -> bytes:
-        """Write manifest + trees + commit and point refs/theta/<id> at it. Returns the commit id."""
+    def version_object_count(self, chunk_ids: Iterable[bytes]) -> int:
+        """How many objects `write_version` writes for a new version of these chunks (an add
+        announces its pack's size before it knows the objects)."""
+        return 4 + len({cid[:1] for cid in chunk_ids})
+
+    def write_version(
+        self,
+        manifest_id: bytes,
+        manifest: bytes,
+        frames: dict[bytes, StoredFrame],
+        write: Callable[[list[tuple[str, bytes]]], object] | None = None,
+    ) -> bytes:
+        """Write manifest + trees + commit and point refs/theta/<id> at it. Returns the commit id.
+        `write`: where the objects go (a pack being written), if not to a pack of their own;
+        it returns once they are durable."""
         objects: list[Any] = []
         mblob = Blob.from_string(manifest)
         table = {cid: [f.frame_len, f.planes] for cid, f in sorted(frames.items())}
@@ -273,7 +286,11 @@ class GitStore:
             # ~170 objects), then made visible to dulwich. The commit is written last of all, with
             # its trees: without it, write them all (asking dulwich for each of ~170 objects costs
             # a rescan of the pack folder per miss, 30 ms; a tree stored twice does no harm).
-            _native.write_objects([(o.type_name.decode(), o.as_raw_string()) for o in objects], str(self.pack_dir))
+            raw = [(o.type_name.decode(), o.as_raw_string()) for o in objects]
+            if write is None:
+                _native.write_objects(raw, str(self.pack_dir))
+            else:
+                write(raw)
             self.refresh()
         self.repo.refs[_ref(manifest_id)] = commit.id
         return bytes.fromhex(commit.id.decode())
