@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use super::input::{self, FileInput, FileStamp, Input};
 use super::{Chunk, Progress, Written};
@@ -14,24 +14,25 @@ use crate::store::{FrameRef, FrameSink, PackSink};
 /// Frames whose Git object ids are hashed together (one per AVX-512 lane).
 const ID_BATCH: usize = 16;
 
-/// The sink, passed from batch to batch in order.
-struct Turn<'s> {
-    next: usize,
+/// The sink and what was written, shared by the workers.
+struct Shared<'s> {
     sink: &'s mut dyn FrameSink,
-    out: Vec<Written>,
+    /// Per chunk, in input order.
+    out: Vec<Option<Written>>,
     error: Option<Error>,
 }
 
-/// Encode `chunks` of `input` into frames and append them to `sink`, in the order given.
+/// Encode `chunks` of `input` into frames and append them to `sink`.
 ///
 /// Workers take batches of sixteen chunks in turn, encode them, hash the sixteen frames' Git
-/// object ids at once, then append the batch when the batch before it is in: the sink sees
-/// frames in chunk order (the same input gives the same pack) while encoding runs on every
-/// core. Memory: one batch of frames per worker.
+/// object ids at once, then append the batch to the one sink. Batches go in as they are done,
+/// not in chunk order: a worker never waits for a slower one (on a busy machine that wait cost
+/// more than the sink's lock). Memory: one batch of frames per worker.
 ///
 /// An input that changed since the scan is an error, never a wrong frame: a file's stamp is
 /// compared before and after (a write changes ctime); bytes not known to be those scanned are
 /// hashed again as they are read. On error the sink may hold some frames: the caller aborts it.
+/// Returns what was written, in input order.
 pub fn write_frames(
     input: &dyn Input,
     chunks: &[Chunk],
@@ -54,19 +55,15 @@ pub fn write_frames(
     let workers = rayon::current_num_threads().clamp(1, batches.len());
     let taken = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let turn = Mutex::new(Turn {
-        next: 0,
+    let shared = Mutex::new(Shared {
         sink,
-        out: Vec::with_capacity(chunks.len()),
+        out: vec![None; chunks.len()],
         error: None,
     });
-    let cv = Condvar::new();
-    let lock = || turn.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
     let fail = |e: Error| {
         failed.store(true, Ordering::SeqCst);
-        let mut t = lock();
-        t.error.get_or_insert(e);
-        cv.notify_all();
+        lock().error.get_or_insert(e);
     };
     let check_ids = !input.unchanged_since_scan();
     let work = || {
@@ -97,45 +94,33 @@ pub fn write_frames(
             let contents: Vec<&[u8]> = frames.iter().zip(&lens).map(|(f, &n)| &f[..n]).collect();
             let objects = crate::sha1x16::blob_ids(&contents);
             let mut t = lock();
-            while t.next != k && t.error.is_none() {
-                t = cv.wait(t).unwrap_or_else(|p| p.into_inner());
-            }
             if t.error.is_some() {
                 return;
             }
-            let appended =
-                batch
-                    .iter()
-                    .zip(&contents)
-                    .zip(&objects)
-                    .try_for_each(|((c, f), object)| {
-                        let planes = frame::frame_info(f)?
-                            .planes
-                            .into_iter()
-                            .map(|p| p.0)
-                            .collect();
-                        let at = t.sink.append(&FrameRef {
-                            chunk: &c.id,
-                            object,
-                            bytes: f,
-                        })?;
-                        t.out.push(Written {
-                            id: c.id,
-                            object: *object,
-                            frame_len: f.len() as u64,
-                            planes,
-                            at,
-                        });
-                        Ok(())
-                    });
-            match appended {
-                Ok(()) => t.next += 1,
-                Err(e) => {
-                    failed.store(true, Ordering::SeqCst);
-                    t.error.get_or_insert(e);
+            for (j, ((c, f), object)) in batch.iter().zip(&contents).zip(&objects).enumerate() {
+                let appended = frame::frame_info(f).and_then(|info| {
+                    let at = t.sink.append(&FrameRef {
+                        chunk: &c.id,
+                        object,
+                        bytes: f,
+                    })?;
+                    Ok(Written {
+                        id: c.id,
+                        object: *object,
+                        frame_len: f.len() as u64,
+                        planes: info.planes.into_iter().map(|p| p.0).collect(),
+                        at,
+                    })
+                });
+                match appended {
+                    Ok(w) => t.out[k * ID_BATCH + j] = Some(w),
+                    Err(e) => {
+                        failed.store(true, Ordering::SeqCst);
+                        t.error.get_or_insert(e);
+                        return;
+                    }
                 }
             }
-            cv.notify_all();
         }
     };
     rayon::scope(|s| {
@@ -143,12 +128,12 @@ pub fn write_frames(
             s.spawn(|_| work());
         }
     });
-    let t = turn.into_inner().unwrap_or_else(|p| p.into_inner());
+    let t = shared.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = t.error {
         return Err(e);
     }
     input.check()?;
-    Ok(t.out)
+    Ok(t.out.into_iter().flatten().collect())
 }
 
 /// Encode the given chunks of the file at `path` into one new pack in `pack_dir` (fsynced, then
