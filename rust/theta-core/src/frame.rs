@@ -413,8 +413,7 @@ const MIN_RANS_GAIN_PERCENT: usize = 98;
 ///   shorter than raw;
 /// - zstd finds repeats an order-0 coder cannot (structured or duplicated weights). It is tried on
 ///   the sample's first 16 KiB first (scaled up, it must beat the best estimate for the sample)
-///   and run on the whole plane only then. On 64 KiB this probe cost 0.12-0.15 core-seconds per
-///   400 MB of randn weights, a tenth of the add, for 0.0002 of MiniLM's stored/raw.
+///   and run on the whole plane only then: a larger probe costs much more than it finds.
 ///
 /// A plane that stays raw is not copied: `out` is left as it was and the caller places the plane.
 fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
@@ -432,9 +431,8 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     let mut mode = PlaneMode::Raw;
     let mut sample_best = sample.len();
     let mut best_len = n;
-    // rANS costs a pass at ~0.8 G symbols/s (AVX2): only worth it where it saves at least 2% (exponent planes
-    // save ~65%, random mantissa planes ~0-1%). Measured: this keeps MiniLM fp32 at 0.818 and
-    // bf16 at 0.662 while cutting encode time of randn weights by half.
+    // rANS costs a pass over the plane: only worth it where it saves at least 2% (exponent
+    // planes save most of their size, random mantissa planes next to nothing).
     if predicted * 100 < n * MIN_RANS_GAIN_PERCENT {
         let hist = if sample.len() == n {
             sample_hist
@@ -481,12 +479,9 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
 /// value in the plane's range (minimum to maximum: one pass at memory speed) that these did not
 /// see gets a count of one, so every byte of the plane has a code.
 ///
-/// This replaces a full histogram of the plane (a pass at 1.2-1.5 GB/s on the randn model's
-/// planes: `cargo run --release -p theta-core --example ans_bench -- FILE`; an add of that 400 MB
-/// model went from 1.345 to 1.295 core-seconds, 10 interleaved runs each). Measured on the bench's inputs: MiniLM stored/raw fp32 0.8190 ->
-/// 0.8191, bf16 0.6627 -> 0.6628, fp16 0.8454 unchanged; the 400 MB randn model unchanged to 4
-/// digits. From the leading 64 KiB alone, MiniLM fp32 went to 0.8208: its planes are not
-/// stationary.
+/// It stands in for a full histogram of the plane, a pass that costs more than the model gains;
+/// the spread blocks are there because real planes are not stationary (the leading sample
+/// alone models them worse).
 fn sample_model(plane: &[u8], sample_hist: &[u64; 256]) -> [u64; 256] {
     // Both ends in one pass (min() then max() read the plane twice).
     let (lo, hi) = plane
@@ -527,12 +522,11 @@ pub fn encode_frame_with_id(data: &[u8], dtype: DType, id: &ChunkId) -> Vec<u8> 
 /// Encode one chunk whose BLAKE3 is already known into `out` and return the frame's length:
 /// the frame is `out[..len]`, and the rest of `out` is scratch. Reusing `out` from chunk to chunk
 /// saves allocating and faulting in a frame each time; its length is kept (not cut to the frame)
-/// so that the next chunk need not zero-fill it again (memset was 1.85% of an add's CPU in
-/// `perf` while it was cut).
+/// so that the next chunk need not zero-fill it again.
 ///
 /// The planes are split straight into the frame, where they are coded in order: a plane that
 /// stays raw (the mantissa bytes, most of a float tensor) is then already in place, not copied
-/// a second time (measured: 300 MB of memcpy per 400 MB of randn fp32).
+/// a second time.
 pub fn encode_frame_into(data: &[u8], dtype: DType, id: &ChunkId, out: &mut Vec<u8>) -> usize {
     encode_based_into(data, dtype, id, CODEC_PLANES, &[], out)
 }
