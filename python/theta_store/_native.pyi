@@ -1,9 +1,34 @@
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, final
 
 from typing_extensions import Buffer
 
+__all__ = [
+    "FRAME_VERSION",
+    "FRAME_VERSION_BASES",
+    "Hasher",
+    "PackBuilder",
+    "WrittenFrame",
+    "_raise_core_error",
+    "blob_id",
+    "chunk_id",
+    "decode_frame",
+    "encode_frame",
+    "frame_info",
+    "read_chunks",
+    "receive_content",
+    "restore_file",
+    "scan_buffers",
+    "scan_file",
+    "send_file",
+    "tensor_chunk_len",
+    "write_objects",
+    "write_pack",
+]
+
 FRAME_VERSION: int
+FRAME_VERSION_BASES: int
 
 def chunk_id(data: Buffer) -> bytes: ...
 def blob_id(data: Buffer) -> bytes: ...
@@ -15,14 +40,63 @@ def scan_file(
     spans: list[tuple[int, int, str, int, bool]],
     chunk_bytes: int,
     progress: Callable[[int], object] | None = None,
-) -> tuple[int, bytes, list[list[tuple[int, int, str, bytes]]], tuple[int, int, int, int, int]]: ...
+) -> tuple[int, bytes, list[list[tuple[int, int, str, bytes]]], tuple[int, int, int, int, int] | None]: ...
+def scan_buffers(
+    buffers: list[Buffer],
+    spans: list[tuple[int, int, str, int, bool]],
+    chunk_bytes: int,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[int, bytes, list[list[tuple[int, int, str, bytes]]], tuple[int, int, int, int, int] | None]: ...
+
+@final
+class WrittenFrame:
+    """One frame written: its chunk, Git object, length, plane modes and byte offset in its pack."""
+
+    @property
+    def chunk_id(self) -> bytes: ...
+    @property
+    def object_id(self) -> bytes: ...
+    @property
+    def frame_len(self) -> int: ...
+    @property
+    def planes(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+
+@final
+class PackBuilder:
+    """One Git pack written by an add: frames, then objects, then finish (nothing left on error)."""
+
+    def __new__(cls, pack_dir: str, objects: int = 0) -> PackBuilder: ...
+    def write_file(
+        self,
+        path: str,
+        chunks: list[tuple[int, int, str, bytes]],
+        stamp: tuple[int, int, int, int, int] | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> list[WrittenFrame]: ...
+    def write_buffers(
+        self,
+        buffers: Sequence[Buffer],
+        chunks: list[tuple[int, int, str, bytes]],
+        progress: Callable[[int], object] | None = None,
+    ) -> list[WrittenFrame]: ...
+    def add_objects(self, objects: list[tuple[str, bytes]]) -> None: ...
+    def count(self) -> int: ...
+    def finish(self) -> Path | None: ...
+    def abort(self) -> None: ...
+    @property
+    def recounted(self) -> bool: ...
+    def __enter__(self) -> PackBuilder: ...
+    def __exit__(self, t: object, v: object, tb: object) -> None: ...
+
 def write_pack(
     path: str,
     chunks: list[tuple[int, int, str, bytes]],
     pack_dir: str,
     stamp: tuple[int, int, int, int, int] | None = None,
     progress: Callable[[int], object] | None = None,
-) -> tuple[list[str], list[tuple[bytes, bytes, int, str]]]: ...
+) -> tuple[Path | None, list[WrittenFrame]]: ...
 def restore_file(
     out_path: str,
     chunks: list[tuple[int, int, bytes, bytes]],
@@ -39,8 +113,11 @@ def read_chunks(
 ) -> list[bytes]: ...
 def tensor_chunk_len(chunk_bytes: int, align: int) -> int: ...
 
+@final
 class Hasher:
-    def __init__(self) -> None: ...
+    """Incremental BLAKE3; safe to share between threads."""
+
+    def __new__(cls) -> Hasher: ...
     def update(self, data: Buffer) -> None: ...
     def digest(self) -> bytes: ...
 
@@ -56,3 +133,4 @@ def write_objects(objects: list[tuple[str, bytes]], pack_dir: str) -> str: ...
 def receive_content(
     in_path: str, worktree: str | None, spill_dir: str | None, head_max: int = 1025, compare: bool = True
 ) -> tuple[int, bytes, bytes, str | None]: ...
+def _raise_core_error(kind: str) -> None: ...

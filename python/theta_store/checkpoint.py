@@ -13,7 +13,10 @@ from .plan import load_manifest, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from typing_extensions import Buffer
 
     from .formats.base import Layout
     from .gitstore import GitStore, StoredFrame
@@ -88,6 +91,8 @@ class Scanned:
     chunked: list[list[ScannedChunk]]
     stamp: tuple[int, int, int, int, int] | None
     chunk_bytes: int
+    # The bytes themselves, when they are in memory rather than in the file at `path`.
+    buffers: Sequence[Buffer] | None = None
 
 
 def scan(
@@ -146,21 +151,65 @@ def add_file(
         else:
             todo.append(c)
     todo.sort()
-    with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
-        _, written = _native.write_pack(path, todo, str(store.pack_dir), stamp, p)
-    store.refresh()
-    new = {cid: StoredFrame(oid, flen, planes) for cid, oid, flen, planes in written}
-    frames.update(new)
-    commit = store.write_version(manifest_id, mbytes, frames)
+    # One pack per add: the new frames, then the version's objects (which name the frames).
+    builder = _native.PackBuilder(str(store.pack_dir), store.version_object_count(c[3] for c in todo))
+    with builder:
+        with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
+            if scanned.buffers is not None:
+                written = builder.write_buffers(scanned.buffers, todo, p)
+            else:
+                written = builder.write_file(path, todo, stamp, p)
+        new = {w.chunk_id: StoredFrame(w.object_id, w.frame_len, w.planes) for w in written}
+        frames.update(new)
+        finished: list[Path | None] = []
+
+        def finish(objects: list[tuple[str, bytes]]) -> None:
+            builder.add_objects(objects)
+            finished.append(builder.finish())
+
+        store.write_version(manifest_id, mbytes, frames, write=finish)
+        if not finished:  # the version was there already: the frames alone
+            finished.append(builder.finish())
+            store.refresh()
     store.record_chunks(new)
+    pack = os.fspath(finished[0]) if finished[0] is not None else None
     # Before the plan is saved: a rollup moves the frames the plan names.
-    packs.settle(store, [commit, *(f.object_id for f in new.values())])
+    rolled = packs.settle(store, [pack] if pack is not None else [])
     pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
     # Where each chunk is, for the next checkout of this version (an old version, the usual case):
-    # it then starts streaming at once (plan.load_plan).
-    save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames))
+    # it then starts streaming at once (plan.load_plan). The new frames' places are known; a rollup
+    # of the tier the pack joined moved them, and the pack indexes say where to.
+    placed = {w.object_id: (pack, w.offset) for w in written} if pack is not None and not rolled["packs"] else {}
+    save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames, placed))
     reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
     return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
+
+
+def scan_buffers(
+    name: str, layout: Layout, buffers: Sequence[Buffer], chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None
+) -> Scanned:
+    """`scan` of a checkpoint whose bytes are in memory: `buffers` laid end to end are the file
+    that `layout` describes (e.g. the header's bytes, then each tensor's)."""
+    spans = spans_of(layout)
+    with Progress(f"hashing {name}", layout.size, progress) as p:
+        size, file_id, chunked, _ = _native.scan_buffers(
+            list(buffers), [(s.offset, s.length, s.codec_dtype, s.align, s.opaque) for s in spans], chunk_bytes, p
+        )
+    return Scanned(name, layout, spans, size, file_id, chunked, None, chunk_bytes, list(buffers))
+
+
+def add_buffers(
+    store: GitStore,
+    name: str,
+    layout: Layout,
+    buffers: Sequence[Buffer],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+) -> AddResult:
+    """Store a checkpoint from memory without writing it to a file: the same version, manifest
+    id included, as `add_file` of a file holding those bytes. `name` names it in messages."""
+    scanned = scan_buffers(name, layout, buffers, chunk_bytes, progress)
+    return add_file(store, name, chunk_bytes, progress, scanned)
 
 
 def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:

@@ -171,11 +171,10 @@ def _write_midx(store: GitStore) -> None:
     _git(store, "multi-pack-index", "write")
 
 
-def settle(store: GitStore, object_ids: Iterable[bytes], limit: int | None = INLINE_MAX) -> dict[str, int]:
-    """After an add: keep the packs that hold `object_ids` (what it wrote), then consolidate."""
-    paths, _ = store.locate(object_ids)
+def settle(store: GitStore, pack_paths: Iterable[str], limit: int | None = INLINE_MAX) -> dict[str, int]:
+    """After an add or a fetch: keep the packs it wrote, then consolidate."""
     try:
-        keep(paths)
+        keep(pack_paths)
         return consolidate(store, limit=limit, wait=False)
     except (GitCommandError, OSError):  # the version is stored: an old git or a full disk only leaves more packs
         return {"packs": 0, "bytes": 0}

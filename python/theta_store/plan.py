@@ -193,11 +193,16 @@ def load_manifest(store: VersionStore, manifest_id: bytes) -> Manifest:
 
 
 def locate(
-    store: VersionStore, manifest_id: bytes, chunks: Sequence[tuple[bytes, int]], frames: Mapping[bytes, StoredObject] | None = None
+    store: VersionStore,
+    manifest_id: bytes,
+    chunks: Sequence[tuple[bytes, int]],
+    frames: Mapping[bytes, StoredObject] | None = None,
+    known: Mapping[bytes, tuple[str, int]] | None = None,
 ) -> tuple[list[str], list[PlannedChunk]]:
     """The packs and the planned chunks of `chunks` ((chunk id, length), in file order) of version
-    `manifest_id`, found in the pack indexes. `frames`: the version's frames when known (else
-    read from its tree). A chunk with no frame in the version raises CorruptObject."""
+    `manifest_id`. `frames`: the version's frames when known (else read from its tree); `known`:
+    object id -> (pack path, offset) of frames whose place is known (just written), the others
+    are found in the pack indexes. A chunk with no frame in the version raises CorruptObject."""
     if frames is None:
         frames = store.version_frames(manifest_id)
     missing = [cid for cid, _ in chunks if cid not in frames]
@@ -206,15 +211,31 @@ def locate(
             f"version {manifest_id.hex()[:16]} has no frame for chunk {missing[0].hex()[:16]}", hint="run `theta-store fsck`"
         )
     oids = [frames[cid].object_id for cid, _ in chunks]
-    packs, where = store.locate(oids)
+    known = known or {}
+    packs, found = store.locate([o for o in oids if o not in known])
+    numbers = {p: i for i, p in enumerate(packs)}
+    looked_up = iter(found)
+    where: list[Location | None] = []
+    for oid in oids:
+        if oid in known:
+            pack, offset = known[oid]
+            where.append(Location(numbers.setdefault(pack, len(numbers)), offset))
+        else:
+            where.append(next(looked_up))
+    packs += list(numbers)[len(packs) :]
     return packs, [PlannedChunk(n, cid, oid, loc) for (cid, n), oid, loc in zip(chunks, oids, where, strict=True)]
 
 
 def plan_from_store(
-    store: VersionStore, manifest_id: bytes, manifest: Manifest, frames: Mapping[bytes, StoredObject] | None = None
+    store: VersionStore,
+    manifest_id: bytes,
+    manifest: Manifest,
+    frames: Mapping[bytes, StoredObject] | None = None,
+    known: Mapping[bytes, tuple[str, int]] | None = None,
 ) -> ReadPlan:
-    """The read plan of a version whose manifest is known, its locations read from the pack indexes."""
-    packs, chunks = locate(store, manifest_id, [c for s in manifest.spans for c in s.chunks], frames)
+    """The read plan of a version whose manifest is known; the places of frames not `known` (see
+    `locate`) read from the pack indexes."""
+    packs, chunks = locate(store, manifest_id, [c for s in manifest.spans for c in s.chunks], frames, known)
     return ReadPlan(packs, chunks, manifest.size, manifest.blake3)
 
 

@@ -185,7 +185,7 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
         store.record_chunks(frames)
         fetched += [f.object_id for f in frames.values()]
     # What git fetched is frames like an add's: kept out of git's repacking, consolidated in tiers
-    packs.settle(store, fetched)
+    packs.settle(store, store.locate(fetched)[0])
     return got
 
 

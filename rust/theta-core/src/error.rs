@@ -2,7 +2,7 @@
 
 use std::io;
 
-/// Errors of theta-core. Mapped one-to-one onto Python exceptions by `theta-py`.
+/// Errors of theta-core. Each variant is its own Python exception in `theta-py` (errors.py).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system I/O error, with the path it happened on.
@@ -22,7 +22,16 @@ pub enum Error {
         offset: u64,
         what: String,
     },
-    /// A caller passed arguments that cannot be honoured (bad span, unknown dtype code...).
+    /// A frame, base chunk or object that should be there is not.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The file being added changed (cut short, rewritten) while it was read: nothing was stored.
+    #[error("{0}: changed while being added; nothing was stored, add it again")]
+    Changed(String),
+    /// git's pkt-line stream is broken: there is nothing to resynchronise on.
+    #[error("filter protocol: {0}")]
+    Protocol(String),
+    /// A caller passed arguments that cannot be honoured (a bug in the caller, not bad data).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// The operation was interrupted (Ctrl-C).

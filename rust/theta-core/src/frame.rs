@@ -1,9 +1,10 @@
 //! Frames: what is stored for one chunk. A self-describing header, then one payload per byte plane.
 //!
+//! Format 2 (every frame written without a base):
 //! ```text
 //! offset  size  field
 //! 0       4     magic 0x89 'T' 'S' 'F'
-//! 4       1     frame format version (1)
+//! 4       1     frame format version (2)
 //! 5       1     codec (1 = byte planes)
 //! 6       1     dtype code (see DType)
 //! 7       1     plane count P (1..=8)
@@ -12,6 +13,15 @@
 //! 48      9*P   per plane: mode (0 raw, 1 zstd level 1, 2 rANS order 0), stored length u64 LE
 //! 48+9P   ...   the plane payloads, in plane order
 //! ```
+//! Format 3 (a frame that refers to base chunks) inserts the base ids after the chunk id:
+//! ```text
+//! 48      1     base count B (1..=16)
+//! 49      32*B  BLAKE3 ids of the base chunks
+//! 49+32B  9*P   plane table, then the payloads, as in format 2
+//! ```
+//! Its codec byte names how the decoded planes (a residual of the raw length) and the bases'
+//! bytes make the chunk; the core defines no such codec yet ([`BaseCodec`] is the seam).
+//!
 //! Plane `j` holds byte `j` (little-endian) of every element; multi-byte floats are rotated left by
 //! one bit first, so the top plane is the exponent. Decoding always re-hashes and compares.
 
@@ -21,11 +31,14 @@ use crate::error::{Error, Result};
 use std::cell::RefCell;
 
 pub const MAGIC: [u8; 4] = [0x89, b'T', b'S', b'F'];
-/// 2: rANS planes with 32 interleaved 32-bit states (version 1, never released, had 4 64-bit
-/// states; its frames are refused with this version in the message).
+/// The format of frames without a base (rANS planes with 32 interleaved 32-bit states).
 pub const VERSION: u8 = 2;
+/// The format of frames with base chunk ids in their header.
+pub const VERSION_BASES: u8 = 3;
 pub const CODEC_PLANES: u8 = 1;
 pub const HEADER_LEN: usize = 48;
+/// Most base chunks one frame may name (a bound on what a hostile header can make us fetch).
+pub const MAX_BASES: usize = 16;
 
 pub type ChunkId = [u8; 32];
 
@@ -44,15 +57,55 @@ pub struct FrameInfo {
     pub dtype: DType,
     pub raw_len: u64,
     pub id: ChunkId,
+    /// Base chunks the frame is decoded against (format 3; empty in format 2).
+    pub bases: Vec<ChunkId>,
     pub planes: Vec<(PlaneMode, u64)>,
 }
 
 impl FrameInfo {
+    pub fn version(&self) -> u8 {
+        if self.bases.is_empty() {
+            VERSION
+        } else {
+            VERSION_BASES
+        }
+    }
+
+    /// Where the plane table starts.
+    fn table_at(&self) -> usize {
+        header_len(self.bases.len())
+    }
+
     pub fn stored_len(&self) -> u64 {
-        HEADER_LEN as u64
+        self.table_at() as u64
             + 9 * self.planes.len() as u64
             + self.planes.iter().map(|p| p.1).sum::<u64>()
     }
+}
+
+/// Header length (up to the plane table) of a frame with `bases` base ids.
+fn header_len(bases: usize) -> usize {
+    if bases == 0 {
+        HEADER_LEN
+    } else {
+        HEADER_LEN + 1 + 32 * bases
+    }
+}
+
+/// A codec that rebuilds a chunk from a decoded residual and the chunk's bases (format 3).
+pub trait BaseCodec: Sync {
+    /// The codec byte of the frames it decodes (not [`CODEC_PLANES`]).
+    fn code(&self) -> u8;
+    /// Turn `out`, which holds the decoded residual, into the chunk, given the bases' bytes.
+    fn decode(&self, bases: &[&[u8]], out: &mut [u8]) -> Result<()>;
+}
+
+/// Resolves a base chunk id to the chunk's raw bytes.
+pub type BaseResolver<'a> = &'a (dyn Fn(&ChunkId) -> Result<Vec<u8>> + Sync);
+
+/// The resolver for frames that have no bases: any base is not found.
+pub fn no_bases(id: &ChunkId) -> Result<Vec<u8>> {
+    Err(Error::NotFound(format!("base chunk {}", hex(id))))
 }
 
 pub fn chunk_id(data: &[u8]) -> ChunkId {
@@ -360,8 +413,7 @@ const MIN_RANS_GAIN_PERCENT: usize = 98;
 ///   shorter than raw;
 /// - zstd finds repeats an order-0 coder cannot (structured or duplicated weights). It is tried on
 ///   the sample's first 16 KiB first (scaled up, it must beat the best estimate for the sample)
-///   and run on the whole plane only then. On 64 KiB this probe cost 0.12-0.15 core-seconds per
-///   400 MB of randn weights, a tenth of the add, for 0.0002 of MiniLM's stored/raw.
+///   and run on the whole plane only then: a larger probe costs much more than it finds.
 ///
 /// A plane that stays raw is not copied: `out` is left as it was and the caller places the plane.
 fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
@@ -379,9 +431,8 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     let mut mode = PlaneMode::Raw;
     let mut sample_best = sample.len();
     let mut best_len = n;
-    // rANS costs a pass at ~0.8 G symbols/s (AVX2): only worth it where it saves at least 2% (exponent planes
-    // save ~65%, random mantissa planes ~0-1%). Measured: this keeps MiniLM fp32 at 0.818 and
-    // bf16 at 0.662 while cutting encode time of randn weights by half.
+    // rANS costs a pass over the plane: only worth it where it saves at least 2% (exponent
+    // planes save most of their size, random mantissa planes next to nothing).
     if predicted * 100 < n * MIN_RANS_GAIN_PERCENT {
         let hist = if sample.len() == n {
             sample_hist
@@ -428,12 +479,9 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
 /// value in the plane's range (minimum to maximum: one pass at memory speed) that these did not
 /// see gets a count of one, so every byte of the plane has a code.
 ///
-/// This replaces a full histogram of the plane (a pass at 1.2-1.5 GB/s on the randn model's
-/// planes: `cargo run --release -p theta-core --example ans_bench -- FILE`; an add of that 400 MB
-/// model went from 1.345 to 1.295 core-seconds, 10 interleaved runs each). Measured on the bench's inputs: MiniLM stored/raw fp32 0.8190 ->
-/// 0.8191, bf16 0.6627 -> 0.6628, fp16 0.8454 unchanged; the 400 MB randn model unchanged to 4
-/// digits. From the leading 64 KiB alone, MiniLM fp32 went to 0.8208: its planes are not
-/// stationary.
+/// It stands in for a full histogram of the plane, a pass that costs more than the model gains;
+/// the spread blocks are there because real planes are not stationary (the leading sample
+/// alone models them worse).
 fn sample_model(plane: &[u8], sample_hist: &[u64; 256]) -> [u64; 256] {
     // Both ends in one pass (min() then max() read the plane twice).
     let (lo, hi) = plane
@@ -474,20 +522,51 @@ pub fn encode_frame_with_id(data: &[u8], dtype: DType, id: &ChunkId) -> Vec<u8> 
 /// Encode one chunk whose BLAKE3 is already known into `out` and return the frame's length:
 /// the frame is `out[..len]`, and the rest of `out` is scratch. Reusing `out` from chunk to chunk
 /// saves allocating and faulting in a frame each time; its length is kept (not cut to the frame)
-/// so that the next chunk need not zero-fill it again (memset was 1.85% of an add's CPU in
-/// `perf` while it was cut).
+/// so that the next chunk need not zero-fill it again.
 ///
 /// The planes are split straight into the frame, where they are coded in order: a plane that
 /// stays raw (the mantissa bytes, most of a float tensor) is then already in place, not copied
-/// a second time (measured: 300 MB of memcpy per 400 MB of randn fp32).
+/// a second time.
 pub fn encode_frame_into(data: &[u8], dtype: DType, id: &ChunkId, out: &mut Vec<u8>) -> usize {
+    encode_based_into(data, dtype, id, CODEC_PLANES, &[], out)
+}
+
+/// Encode a format-3 frame of chunk `id` whose planes hold `residual` (the chunk's raw length),
+/// which codec `codec` turns back into the chunk with the `bases`' bytes (see [`BaseCodec`]).
+pub fn encode_frame_with_bases(
+    residual: &[u8],
+    dtype: DType,
+    id: &ChunkId,
+    codec: u8,
+    bases: &[ChunkId],
+) -> Result<Vec<u8>> {
+    if bases.is_empty() || bases.len() > MAX_BASES || codec == CODEC_PLANES {
+        return Err(Error::InvalidArgument(format!(
+            "a frame with bases needs 1 to {MAX_BASES} bases and a codec other than {CODEC_PLANES}"
+        )));
+    }
+    let mut out = Vec::new();
+    let len = encode_based_into(residual, dtype, id, codec, bases, &mut out);
+    out.truncate(len);
+    Ok(out)
+}
+
+fn encode_based_into(
+    data: &[u8],
+    dtype: DType,
+    id: &ChunkId,
+    codec: u8,
+    bases: &[ChunkId],
+    out: &mut Vec<u8>,
+) -> usize {
     let elem = dtype.size();
     let p = if elem > 1 && data.len().is_multiple_of(elem) {
         elem
     } else {
         1
     };
-    let table = HEADER_LEN + 9 * p;
+    let head = header_len(bases.len());
+    let table = head + 9 * p;
     // Every plane is at most its raw size. What the buffer held is overwritten byte for byte
     // (header, table, planes) before it is read, so it is not cleared.
     let need = table + data.len();
@@ -497,14 +576,24 @@ pub fn encode_frame_into(data: &[u8], dtype: DType, id: &ChunkId, out: &mut Vec<
     }
     let out = &mut out[..need];
     out[..4].copy_from_slice(&MAGIC);
-    out[4] = VERSION;
-    out[5] = CODEC_PLANES;
+    out[4] = if bases.is_empty() {
+        VERSION
+    } else {
+        VERSION_BASES
+    };
+    out[5] = codec;
     out[6] = dtype as u8;
     out[7] = p as u8;
     out[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
     out[16..HEADER_LEN].copy_from_slice(id);
+    if !bases.is_empty() {
+        out[HEADER_LEN] = bases.len() as u8;
+        for (k, b) in bases.iter().enumerate() {
+            out[HEADER_LEN + 1 + 32 * k..HEADER_LEN + 33 + 32 * k].copy_from_slice(b);
+        }
+    }
     let record = |out: &mut [u8], j: usize, mode: PlaneMode, len: usize| {
-        let at = HEADER_LEN + 9 * j;
+        let at = head + 9 * j;
         out[at] = mode as u8;
         out[at + 1..at + 9].copy_from_slice(&(len as u64).to_le_bytes());
     };
@@ -563,16 +652,32 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
     if frame[..4] != MAGIC {
         return Err(bad("bad magic: not a theta-store frame".into()));
     }
-    if frame[4] != VERSION {
+    let version = frame[4];
+    if version != VERSION && version != VERSION_BASES {
         return Err(bad(format!(
-            "frame format version {} is not supported (this build reads {VERSION})",
-            frame[4]
+            "frame format version {version} is not supported (this build reads {VERSION} and {VERSION_BASES})"
         )));
     }
     let codec = frame[5];
-    if codec != CODEC_PLANES {
+    let mut bases = Vec::new();
+    if version == VERSION_BASES {
+        let b = *frame.get(HEADER_LEN).unwrap_or(&0) as usize;
+        if b == 0 || b > MAX_BASES || codec == CODEC_PLANES {
+            return Err(bad(format!(
+                "format-{version} frame with {b} bases and codec {codec}"
+            )));
+        }
+        if frame.len() < header_len(b) {
+            return Err(bad("base ids truncated".into()));
+        }
+        for k in 0..b {
+            let at = HEADER_LEN + 1 + 32 * k;
+            bases.push(frame[at..at + 32].try_into().expect("32 bytes"));
+        }
+    } else if codec != CODEC_PLANES {
         return Err(bad(format!("unknown codec {codec}")));
     }
+    let head = header_len(bases.len());
     let dtype = DType::from_code(frame[6]).map_err(|e| bad(e.to_string()))?;
     let p = frame[7] as usize;
     if !(p == 1 || (p == dtype.size() && p > 1)) {
@@ -588,14 +693,14 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
         )));
     }
     let id: ChunkId = frame[16..48].try_into().unwrap();
-    let table_end = HEADER_LEN + 9 * p;
+    let table_end = head + 9 * p;
     if frame.len() < table_end {
         return Err(bad("plane table truncated".into()));
     }
     let mut planes = Vec::with_capacity(p);
     let mut total: u64 = table_end as u64;
     for j in 0..p {
-        let at = HEADER_LEN + 9 * j;
+        let at = head + 9 * j;
         let mode = match frame[at] {
             0 => PlaneMode::Raw,
             1 => PlaneMode::Zstd,
@@ -625,13 +730,25 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
         dtype,
         raw_len,
         id,
+        bases,
         planes,
     })
 }
 
 /// Decode a frame into `out` (which must be exactly the raw length) and verify its BLAKE3.
 pub fn decode_frame_into(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
-    let info = decode_frame_unverified(frame, out)?;
+    decode_frame_with(frame, out, &no_bases, &[])
+}
+
+/// [`decode_frame_into`] for frames of any format: the bases of a format-3 frame are fetched
+/// with `resolve` and combined by the one of `codecs` its codec byte names.
+pub fn decode_frame_with(
+    frame: &[u8],
+    out: &mut [u8],
+    resolve: BaseResolver,
+    codecs: &[&dyn BaseCodec],
+) -> Result<FrameInfo> {
+    let info = decode_frame_unverified_with(frame, out, resolve, codecs)?;
     let got = chunk_id(out);
     if got != info.id {
         return Err(Error::CorruptFrame(format!(
@@ -646,6 +763,32 @@ pub fn decode_frame_into(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
 /// Decode a frame into `out` without hashing what comes out: for a caller that verifies the
 /// bytes otherwise (the smudge stream checks the whole file's BLAKE3 before git may keep it).
 pub fn decode_frame_unverified(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
+    decode_frame_unverified_with(frame, out, &no_bases, &[])
+}
+
+/// [`decode_frame_unverified`] for frames of any format (see [`decode_frame_with`]).
+pub fn decode_frame_unverified_with(
+    frame: &[u8],
+    out: &mut [u8],
+    resolve: BaseResolver,
+    codecs: &[&dyn BaseCodec],
+) -> Result<FrameInfo> {
+    let info = decode_planes(frame, out)?;
+    if info.bases.is_empty() {
+        return Ok(info);
+    }
+    let codec = codecs
+        .iter()
+        .find(|c| c.code() == info.codec)
+        .ok_or_else(|| Error::CorruptFrame(format!("unknown codec {}", info.codec)))?;
+    let bases = info.bases.iter().map(resolve).collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&[u8]> = bases.iter().map(|b| &b[..]).collect();
+    codec.decode(&refs, out)?;
+    Ok(info)
+}
+
+/// Decode the planes of a frame (of any format) into `out`.
+fn decode_planes(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo> {
     let info = frame_info(frame)?;
     if out.len() as u64 != info.raw_len {
         return Err(Error::CorruptFrame(format!(
@@ -675,7 +818,7 @@ pub fn decode_frame_unverified(frame: &[u8], out: &mut [u8]) -> Result<FrameInfo
     };
     // frame_info checked that the plane lengths add up to the frame's length.
     let mut srcs: Vec<&[u8]> = Vec::with_capacity(p);
-    let mut pos = HEADER_LEN + 9 * p;
+    let mut pos = info.table_at() + 9 * p;
     for &(_, len) in &info.planes {
         srcs.push(&frame[pos..pos + len as usize]);
         pos += len as usize;

@@ -5,7 +5,8 @@
 //! - [`cdc`]: content-defined chunking for opaque bytes.
 //! - [`mapped`]: read-only mappings of the file being added, safe if it is cut short meanwhile.
 //! - [`pack`]: Git pack and index writing (zlib level 0), plain-blob reads.
-//! - [`pipeline`]: whole files: scan, write the new chunks, restore.
+//! - [`pipeline`]: whole files: scan, write the new chunks, read them back.
+//! - [`store`]: where frames go and come from: the sink and source seams, Git packs, memory.
 //! - [`pktline`]: git's pkt-line content framing for the filter process.
 //! - [`sha1x16`]: Git object ids of many blobs at once (AVX-512 lanes).
 
@@ -19,6 +20,7 @@ pub mod pack;
 pub mod pipeline;
 pub mod pktline;
 pub mod sha1x16;
+pub mod store;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

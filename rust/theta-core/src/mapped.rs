@@ -1,10 +1,8 @@
 //! Read-only mappings of the file being added, safe against the file being cut short meanwhile.
 //!
 //! Hashing and encoding read the file straight from the page cache through a mapping, instead of
-//! copying it into buffers with `pread` (measured: 0.08 core-seconds less per 400 MB add, 1.245
-//! -> 1.165 core-s, 10 interleaved runs each; two passes). Pages are released from the process's
-//! resident set as each pass is done with them (peak RSS of a 2 GB add: 104 MB; 2,018 MB if
-//! they are kept). A read of a mapped page beyond the end of a file that was truncated after it was
+//! copying it into buffers with `pread`. Pages are released from the process's resident set as
+//! each pass is done with them, so a large add's memory stays bounded. A read of a mapped page beyond the end of a file that was truncated after it was
 //! mapped raises SIGBUS, which would kill the process. This module's SIGBUS handler replaces such
 //! a page of one of its mappings with a page of zeros and notes it: the read then goes on, and the
 //! caller, which checks [`Mapped::cut`] after its pass, reports the file as changed while being

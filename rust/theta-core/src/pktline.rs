@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub const MAX_DATA: usize = 65516;
 
 fn protocol(what: String) -> Error {
-    Error::InvalidArgument(format!("filter protocol: {what}"))
+    Error::Protocol(what)
 }
 
 /// Read one packet's payload, appending it to `buf`; `Ok(None)` on a flush packet, else the

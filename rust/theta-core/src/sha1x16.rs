@@ -1,9 +1,9 @@
 //! Git object ids of many blobs at once: SHA-1 of `"blob <len>\0" + content` for each.
 //!
-//! One SHA-1 stream runs at about 1.3 GB/s on a core even with the SHA extensions (each block
-//! depends on the one before). Sixteen streams in the lanes of AVX-512 registers run at about
-//! 2.5x that in total (measured here: 3.4 vs 1.36 GB/s). An add hashes every new frame twice
-//! (object id, pack checksum); the object ids are independent, so they go sixteen at a time.
+//! One SHA-1 stream is serial even with the SHA extensions (each block depends on the one
+//! before); sixteen streams in the lanes of AVX-512 registers hash more in total. An add hashes
+//! every new frame twice (object id, pack checksum); the object ids are independent, so they go
+//! sixteen at a time.
 //!
 //! Lanes run in step over full 64-byte blocks while enough of them have blocks left; the tail
 //! of each stream (and everything, without AVX-512) goes through the `sha1` crate.

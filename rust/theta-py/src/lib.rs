@@ -5,31 +5,62 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyMemoryView};
 
 use theta_core::frame::{self, ChunkId};
 use theta_core::pack::{self, ObjectId};
-use theta_core::pipeline::{self, Chunk, ObjectStore, Progress, RestoreChunk, Source, Span};
+use theta_core::pipeline::input::{Buffers, FileInput, Input};
+use theta_core::pipeline::{self, read, Chunk, Progress, RestoreChunk, Span, Written};
+use theta_core::store::{GitPacks, Location, ObjectStore, PackSink};
 use theta_core::{DType, Error};
 
 pyo3::import_exception!(theta_store.errors, CorruptObject);
+pyo3::import_exception!(theta_store.errors, ObjectNotFound);
+pyo3::import_exception!(theta_store.errors, FileChanged);
+pyo3::import_exception!(theta_store.errors, ProtocolError);
+pyo3::import_exception!(theta_store.errors, InvalidArgument);
 
 /// Below this many bytes releasing the GIL costs more than it saves.
 const GIL_MINSIZE: usize = 2048;
 
-/// Map a core error onto the Python hierarchy (errors.py). Exhaustive on purpose.
+/// Map a core error onto its Python exception (errors.py): one variant, one exception.
 fn to_py(e: Error) -> PyErr {
+    let text = e.to_string();
     match e {
         Error::Io { path, source } => match source.raw_os_error() {
             Some(code) => PyOSError::new_err((code, source.to_string(), path)),
-            None => PyOSError::new_err(format!("{path}: {source}")),
+            None => PyOSError::new_err(text),
         },
-        Error::CorruptFrame(_) | Error::CorruptPack { .. } => CorruptObject::new_err(e.to_string()),
-        Error::InvalidArgument(msg) => PyValueError::new_err(msg),
-        Error::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted"),
+        Error::CorruptFrame(_) | Error::CorruptPack { .. } => CorruptObject::new_err(text),
+        Error::NotFound(_) => ObjectNotFound::new_err(text),
+        Error::Changed(_) => FileChanged::new_err(text),
+        Error::Protocol(_) => ProtocolError::new_err(text),
+        Error::InvalidArgument(msg) => InvalidArgument::new_err(msg),
+        Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
     }
+}
+
+/// Raise the Python exception a core error maps to (tests of the mapping).
+#[pyfunction]
+fn _raise_core_error(kind: &str) -> PyResult<()> {
+    let e = match kind {
+        "io" => Error::io("some/path", std::io::Error::from_raw_os_error(2)), // ENOENT
+        "corrupt" => Error::CorruptFrame("a test".into()),
+        "corrupt_pack" => Error::CorruptPack {
+            path: "p.pack".into(),
+            offset: 12,
+            what: "a test".into(),
+        },
+        "not_found" => Error::NotFound("a test".into()),
+        "changed" => Error::Changed("some/path".into()),
+        "protocol" => Error::Protocol("a test".into()),
+        "invalid_argument" => Error::InvalidArgument("a test".into()),
+        "interrupted" => Error::Interrupted,
+        _ => return Err(PyValueError::new_err(format!("no core error {kind:?}"))),
+    };
+    Err(to_py(e))
 }
 
 /// Borrow a contiguous buffer as bytes.
@@ -67,6 +98,48 @@ fn with_bytes<R>(
     #[allow(unsafe_code)]
     let slice = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, len) };
     Ok(f(py, slice))
+}
+
+/// Buffers held for the length of a call (the buffer protocol pins their memory).
+struct Held(Vec<PyBuffer<u8>>);
+
+impl Held {
+    fn new(objs: &[Bound<'_, PyAny>]) -> PyResult<Self> {
+        let not_contiguous =
+            || PyValueError::new_err("buffers must be C-contiguous (numpy.ascontiguousarray)");
+        objs.iter()
+            .map(|o| {
+                let buf = match PyBuffer::<u8>::get(o) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        let flat = PyMemoryView::from(o)?
+                            .call_method1("cast", ("B",))
+                            .map_err(|_| not_contiguous())?;
+                        PyBuffer::<u8>::get(&flat)?
+                    }
+                };
+                if buf.is_c_contiguous() {
+                    Ok(buf)
+                } else {
+                    Err(not_contiguous())
+                }
+            })
+            .collect::<PyResult<_>>()
+            .map(Held)
+    }
+
+    fn input(&self) -> Buffers<'_> {
+        // SAFETY: each buffer is C-contiguous, of len_bytes() bytes, and pinned by `self` for as
+        // long as the slices live. A caller changing one meanwhile makes the write path refuse
+        // the chunk (Buffers are re-hashed), not read out of bounds.
+        #[allow(unsafe_code)]
+        let slices = self
+            .0
+            .iter()
+            .map(|b| unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, b.len_bytes()) })
+            .collect();
+        Buffers::new("buffers", slices)
+    }
 }
 
 fn dtype(name: &str) -> PyResult<DType> {
@@ -144,7 +217,10 @@ fn mode_name(m: &frame::PlaneMode) -> &'static str {
 fn frame_info<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
     let info = with_bytes(py, data, |_, d| frame::frame_info(d))?.map_err(to_py)?;
     let d = PyDict::new(py);
+    d.set_item("version", info.version())?;
     d.set_item("codec", info.codec)?;
+    let bases: Vec<Bound<'py, PyBytes>> = info.bases.iter().map(|b| PyBytes::new(py, b)).collect();
+    d.set_item("bases", bases)?;
     d.set_item("dtype", info.dtype.name())?;
     d.set_item("raw_len", info.raw_len)?;
     d.set_item("id", PyBytes::new(py, &info.id))?;
@@ -220,51 +296,47 @@ type Stamp = (u64, u64, u64, i128, i128);
 
 type ChunkTuple<'py> = (u64, u64, Bound<'py, PyBytes>, Bound<'py, PyBytes>);
 
-/// Cut a file into chunks and hash it.
-///
-/// spans: [(offset, length, dtype, align, opaque)] tiling the file. Returns
-/// (size, file_blake3, [[(offset, length, dtype, chunk_id)] per span]).
-#[pyfunction]
-#[pyo3(signature = (path, spans, chunk_bytes, progress=None))]
-#[allow(clippy::type_complexity)]
-fn scan_file<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-    spans: Vec<(u64, u64, String, u64, bool)>,
-    chunk_bytes: u64,
-    progress: Option<Py<PyAny>>,
-) -> PyResult<(
+type ScanResult<'py> = (
     u64,
     Bound<'py, PyBytes>,
     Vec<Vec<(u64, u64, String, Bound<'py, PyBytes>)>>,
-    Stamp,
-)> {
-    if chunk_bytes < 64 {
-        return Err(PyValueError::new_err("chunk_bytes must be at least 64"));
-    }
-    let spans: Vec<Span> = spans
+    Option<Stamp>,
+);
+
+fn to_spans(spans: Vec<(u64, u64, String, u64, bool)>) -> Vec<Span> {
+    spans
         .into_iter()
-        .map(|(offset, len, dt, align, opaque)| {
-            Ok(Span {
-                offset,
-                len,
-                dtype: if opaque {
-                    DType::Bytes
-                } else {
-                    DType::from_name(&dt).unwrap_or(DType::Bytes)
-                },
-                align: align.max(1),
-                opaque,
-            })
+        .map(|(offset, len, dt, align, opaque)| Span {
+            offset,
+            len,
+            dtype: if opaque {
+                DType::Bytes
+            } else {
+                DType::from_name(&dt).unwrap_or(DType::Bytes)
+            },
+            align: align.max(1),
+            opaque,
         })
-        .collect::<PyResult<_>>()?;
+        .collect()
+}
+
+/// Run a scan without the GIL and convert what it found.
+fn run_scan<'py>(
+    py: Python<'py>,
+    chunk_bytes: u64,
+    progress: Option<Py<PyAny>>,
+    job: impl FnOnce(&dyn Progress) -> Result<pipeline::Scan, Error> + Send,
+) -> PyResult<ScanResult<'py>> {
+    if chunk_bytes < 64 {
+        return Err(InvalidArgument::new_err("chunk_bytes must be at least 64"));
+    }
     let errors = ErrorSlot::default();
     let r = {
         let p = PyProgress {
             callback: progress.as_ref(),
             errors: &errors,
         };
-        py.detach(|| pipeline::scan_file(&path, &spans, chunk_bytes, &p))
+        py.detach(|| job(&p))
     };
     let scan = errors.finish(r)?;
     let out = scan
@@ -283,13 +355,61 @@ fn scan_file<'py>(
                 .collect()
         })
         .collect();
-    let st = scan.stamp;
     Ok((
         scan.size,
         PyBytes::new(py, &scan.file_id),
         out,
-        (st.dev, st.ino, st.size, st.mtime_ns, st.ctime_ns),
+        scan.stamp
+            .map(|st| (st.dev, st.ino, st.size, st.mtime_ns, st.ctime_ns)),
     ))
+}
+
+/// Cut a file into chunks and hash it.
+///
+/// spans: [(offset, length, dtype, align, opaque)] tiling the file. Returns
+/// (size, file_blake3, [[(offset, length, dtype, chunk_id)] per span], stamp).
+#[pyfunction]
+#[pyo3(signature = (path, spans, chunk_bytes, progress=None))]
+fn scan_file<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    spans: Vec<(u64, u64, String, u64, bool)>,
+    chunk_bytes: u64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<ScanResult<'py>> {
+    let spans = to_spans(spans);
+    run_scan(py, chunk_bytes, progress, |p| {
+        pipeline::scan_file(&path, &spans, chunk_bytes, p)
+    })
+}
+
+/// scan_file over buffers in memory laid end to end (the stamp is None).
+#[pyfunction]
+#[pyo3(signature = (buffers, spans, chunk_bytes, progress=None))]
+fn scan_buffers<'py>(
+    py: Python<'py>,
+    buffers: Vec<Bound<'py, PyAny>>,
+    spans: Vec<(u64, u64, String, u64, bool)>,
+    chunk_bytes: u64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<ScanResult<'py>> {
+    let spans = to_spans(spans);
+    let held = Held::new(&buffers)?;
+    let input = held.input();
+    run_scan(py, chunk_bytes, progress, |p| {
+        pipeline::scan(&input, &spans, chunk_bytes, p)
+    })
+}
+
+fn object_kinds(objects: Vec<(String, Vec<u8>)>) -> PyResult<Vec<(pack::Kind, Vec<u8>)>> {
+    objects
+        .into_iter()
+        .map(|(k, d)| {
+            pack::Kind::from_name(&k)
+                .map(|k| (k, d))
+                .ok_or_else(|| InvalidArgument::new_err(format!("unknown object kind {k:?}")))
+        })
+        .collect()
 }
 
 /// Write small objects ([(kind, data)], kind "blob", "tree" or "commit") as one pack into
@@ -300,48 +420,60 @@ fn write_objects(
     objects: Vec<(String, Vec<u8>)>,
     pack_dir: PathBuf,
 ) -> PyResult<String> {
-    let objects: Vec<(pack::Kind, Vec<u8>)> = objects
-        .into_iter()
-        .map(|(k, d)| {
-            pack::Kind::from_name(&k)
-                .map(|k| (k, d))
-                .ok_or_else(|| PyValueError::new_err(format!("unknown object kind {k:?}")))
-        })
-        .collect::<PyResult<_>>()?;
+    let objects = object_kinds(objects)?;
     let r = py.detach(|| -> theta_core::Result<String> {
         let count = u32::try_from(objects.len())
             .map_err(|_| Error::InvalidArgument("too many objects for one pack".into()))?;
         let mut w = pack::PackWriter::create(&pack_dir, count)?;
         for (k, d) in &objects {
-            if let Err(e) = w.append_stored(&pack::StoredEntry::new(*k, d)) {
-                w.abort();
-                return Err(e);
-            }
+            w.append_stored(&pack::StoredEntry::new(*k, d))?;
         }
         w.finish().map(|(name, _)| name)
     });
     r.map_err(to_py)
 }
 
-/// Encode the given chunks of a file and write them as packs (one per worker) into pack_dir.
-///
-/// chunks: [(offset, length, dtype, chunk_id)]. Returns ([pack names],
-/// [(chunk_id, object_id, frame_len, "mode+mode+...")]).
-#[pyfunction]
-#[pyo3(signature = (path, chunks, pack_dir, stamp=None, progress=None))]
-#[allow(clippy::type_complexity)]
-fn write_pack<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-    chunks: Vec<(u64, u64, String, Vec<u8>)>,
-    pack_dir: PathBuf,
-    stamp: Option<Stamp>,
-    progress: Option<Py<PyAny>>,
-) -> PyResult<(
-    Vec<String>,
-    Vec<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, u64, String)>,
-)> {
-    let chunks: Vec<Chunk> = chunks
+/// One frame written: its chunk, Git object, length, plane modes, and byte offset in its pack.
+#[pyclass(frozen, get_all, module = "theta_store._native")]
+struct WrittenFrame {
+    chunk_id: Py<PyBytes>,
+    object_id: Py<PyBytes>,
+    frame_len: u64,
+    planes: String,
+    offset: u64,
+}
+
+#[pymethods]
+impl WrittenFrame {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "WrittenFrame(chunk_id={}, frame_len={}, planes={:?}, offset={})",
+            frame::hex(self.chunk_id.as_bytes(py)),
+            self.frame_len,
+            self.planes,
+            self.offset
+        )
+    }
+}
+
+fn written_frames(py: Python<'_>, written: &[Written]) -> Vec<WrittenFrame> {
+    written
+        .iter()
+        .map(|w| {
+            let planes: Vec<&str> = w.planes.iter().map(mode_name).collect();
+            WrittenFrame {
+                chunk_id: PyBytes::new(py, &w.id).unbind(),
+                object_id: PyBytes::new(py, &w.object).unbind(),
+                frame_len: w.frame_len,
+                planes: planes.join("+"),
+                offset: w.at.offset,
+            }
+        })
+        .collect()
+}
+
+fn to_chunks(chunks: Vec<(u64, u64, String, Vec<u8>)>) -> PyResult<Vec<Chunk>> {
+    chunks
         .into_iter()
         .map(|(offset, len, dt, id)| {
             Ok(Chunk {
@@ -351,38 +483,192 @@ fn write_pack<'py>(
                 id: id32(&id, "chunk id")?,
             })
         })
-        .collect::<PyResult<_>>()?;
-    let errors = ErrorSlot::default();
-    let r = {
-        let p = PyProgress {
-            callback: progress.as_ref(),
-            errors: &errors,
-        };
-        let stamp = stamp.map(|(dev, ino, size, mtime_ns, ctime_ns)| pipeline::FileStamp {
-            dev,
-            ino,
-            size,
-            mtime_ns,
-            ctime_ns,
+        .collect()
+}
+
+fn to_stamp(stamp: Option<Stamp>) -> Option<pipeline::FileStamp> {
+    stamp.map(|(dev, ino, size, mtime_ns, ctime_ns)| pipeline::FileStamp {
+        dev,
+        ino,
+        size,
+        mtime_ns,
+        ctime_ns,
+    })
+}
+
+/// One Git pack being written by an add: the new chunks' frames, then the version's objects,
+/// then `finish` (index, fsync, rename). A builder dropped or aborted unfinished leaves nothing.
+#[pyclass(frozen, module = "theta_store._native")]
+struct PackBuilder {
+    sink: Mutex<Option<PackSink>>,
+    recounted: Mutex<bool>,
+}
+
+impl PackBuilder {
+    /// The sink, if no other thread is using it and it is not finished.
+    fn with_sink<T>(&self, f: impl FnOnce(&mut PackSink) -> PyResult<T>) -> PyResult<T> {
+        let mut guard = self
+            .sink
+            .try_lock()
+            .map_err(|_| InvalidArgument::new_err("the PackBuilder is in use by another thread"))?;
+        let sink = guard
+            .as_mut()
+            .ok_or_else(|| InvalidArgument::new_err("the PackBuilder is finished"))?;
+        f(sink)
+    }
+
+    fn write(
+        &self,
+        py: Python<'_>,
+        input: &dyn Input,
+        chunks: &[Chunk],
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<WrittenFrame>> {
+        let written = self.with_sink(|sink| {
+            let errors = ErrorSlot::default();
+            let r = {
+                let p = PyProgress {
+                    callback: progress.as_ref(),
+                    errors: &errors,
+                };
+                py.detach(|| pipeline::write_frames(input, chunks, sink, &p))
+            };
+            errors.finish(r)
         });
-        py.detach(|| pipeline::write_pack(&path, &chunks, &pack_dir, stamp, &p))
-    };
-    let (name, written) = errors.finish(r)?;
-    Ok((
-        name,
-        written
-            .iter()
-            .map(|w| {
-                let planes: Vec<&str> = w.planes.iter().map(mode_name).collect();
-                (
-                    PyBytes::new(py, &w.id),
-                    PyBytes::new(py, &w.object),
-                    w.frame_len,
-                    planes.join("+"),
-                )
+        if written.is_err() {
+            self.abort(); // a pack with part of an input in it is of no use
+        }
+        Ok(written_frames(py, &written?))
+    }
+}
+
+#[pymethods]
+impl PackBuilder {
+    /// A pack in pack_dir; `objects`: how many objects will follow the frames (the pack's
+    /// header is then right the first time; any other number costs a second pass at finish).
+    #[new]
+    #[pyo3(signature = (pack_dir, objects=0))]
+    fn new(pack_dir: PathBuf, objects: u32) -> Self {
+        PackBuilder {
+            sink: Mutex::new(Some(PackSink::new(&pack_dir, objects))),
+            recounted: Mutex::new(false),
+        }
+    }
+
+    /// Encode chunks [(offset, length, dtype, chunk_id)] of the file at `path` into frames.
+    /// `stamp`: the file's stamp from its scan (a file changed since is refused).
+    #[pyo3(signature = (path, chunks, stamp=None, progress=None))]
+    fn write_file(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        chunks: Vec<(u64, u64, String, Vec<u8>)>,
+        stamp: Option<Stamp>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<WrittenFrame>> {
+        let chunks = to_chunks(chunks)?;
+        let input = py
+            .detach(|| FileInput::open_scanned(&path, to_stamp(stamp)))
+            .map_err(to_py)?;
+        self.write(py, &input, &chunks, progress)
+    }
+
+    /// Encode chunks of `buffers` laid end to end (as scan_buffers saw them) into frames.
+    #[pyo3(signature = (buffers, chunks, progress=None))]
+    fn write_buffers(
+        &self,
+        py: Python<'_>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        chunks: Vec<(u64, u64, String, Vec<u8>)>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<WrittenFrame>> {
+        let chunks = to_chunks(chunks)?;
+        let held = Held::new(&buffers)?;
+        let input = held.input();
+        self.write(py, &input, &chunks, progress)
+    }
+
+    /// Append small objects [(kind, data)] ("blob", "tree", "commit") after the frames.
+    fn add_objects(&self, py: Python<'_>, objects: Vec<(String, Vec<u8>)>) -> PyResult<()> {
+        let objects = object_kinds(objects)?;
+        self.with_sink(|sink| {
+            py.detach(|| {
+                objects
+                    .iter()
+                    .try_for_each(|(k, d)| sink.add_object(*k, d).map(|_| ()))
             })
-            .collect(),
-    ))
+            .map_err(to_py)
+        })
+    }
+
+    /// Objects in the pack so far.
+    fn count(&self) -> PyResult<usize> {
+        self.with_sink(|sink| Ok(sink.count()))
+    }
+
+    /// Write the index, fsync, rename into place. Returns the pack's path (None: nothing was
+    /// added, no pack). On error nothing is left behind.
+    fn finish(&self, py: Python<'_>) -> PyResult<Option<PathBuf>> {
+        let sink = self
+            .sink
+            .try_lock()
+            .map_err(|_| InvalidArgument::new_err("the PackBuilder is in use by another thread"))?
+            .take()
+            .ok_or_else(|| InvalidArgument::new_err("the PackBuilder is finished"))?;
+        let done = py.detach(|| sink.finish()).map_err(to_py)?;
+        if let Some((_, _, recounted)) = &done {
+            *self.recounted.lock().unwrap_or_else(|p| p.into_inner()) = *recounted;
+        }
+        Ok(done.map(|(_, path, _)| path))
+    }
+
+    /// Drop what was written (a finished pack stays).
+    fn abort(&self) {
+        if let Ok(mut g) = self.sink.try_lock() {
+            if let Some(s) = g.take() {
+                s.abort();
+            }
+        }
+    }
+
+    /// Whether finish found another object count than announced (and hashed the pack again).
+    #[getter]
+    fn recounted(&self) -> bool {
+        *self.recounted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Leaving the block without finish aborts.
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.abort();
+    }
+}
+
+/// Encode the given chunks of a file into one new pack in pack_dir.
+///
+/// chunks: [(offset, length, dtype, chunk_id)]. Returns (the pack's path, or None if there were
+/// no chunks; [WrittenFrame], in input order).
+#[pyfunction]
+#[pyo3(signature = (path, chunks, pack_dir, stamp=None, progress=None))]
+fn write_pack(
+    py: Python<'_>,
+    path: PathBuf,
+    chunks: Vec<(u64, u64, String, Vec<u8>)>,
+    pack_dir: PathBuf,
+    stamp: Option<Stamp>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Option<PathBuf>, Vec<WrittenFrame>)> {
+    let b = PackBuilder::new(pack_dir, 0);
+    let written = b.write_file(py, path, chunks, stamp, progress)?;
+    Ok((b.finish(py)?, written))
 }
 
 fn restore_chunks(chunks: Vec<ChunkTuple<'_>>) -> PyResult<Vec<RestoreChunk>> {
@@ -390,34 +676,30 @@ fn restore_chunks(chunks: Vec<ChunkTuple<'_>>) -> PyResult<Vec<RestoreChunk>> {
         .into_iter()
         .map(|(len, location, id, object)| {
             // location: pack number << 48 | offset, or u64::MAX for "ask the object store".
-            let source = if location == u64::MAX {
-                Source::Object
-            } else {
-                Source::Pack {
-                    pack: (location >> 48) as usize,
-                    offset: location & ((1 << 48) - 1),
-                }
-            };
+            let at = (location != u64::MAX).then_some(Location {
+                pack: (location >> 48) as u32,
+                offset: location & ((1 << 48) - 1),
+            });
             Ok(RestoreChunk {
                 len,
                 id: id32(id.as_bytes(), "chunk id")?,
                 object: id20(object.as_bytes(), "object id")?,
-                source,
+                at,
             })
         })
         .collect()
 }
 
 /// What restore_file, send_file and read_chunks share: convert the chunk tuples, then run `job`
-/// without the GIL, with the object store and progress callbacks behind it; a Python error
-/// raised by a callback wins over the error it caused.
+/// without the GIL, on the packs with the object store behind them; a Python error raised by a
+/// callback wins over the error it caused.
 fn with_chunks<T: Send>(
     py: Python<'_>,
     chunks: Vec<ChunkTuple<'_>>,
     packs: &[PathBuf],
     read_object: &Py<PyAny>,
     progress: Option<&Py<PyAny>>,
-    job: impl FnOnce(&[RestoreChunk], &[&Path], &PyStore, &PyProgress) -> Result<T, Error> + Send,
+    job: impl FnOnce(&[RestoreChunk], &GitPacks, &PyProgress) -> Result<T, Error> + Send,
 ) -> PyResult<T> {
     let chunks = restore_chunks(chunks)?;
     let errors = ErrorSlot::default();
@@ -431,7 +713,10 @@ fn with_chunks<T: Send>(
             errors: &errors,
         };
         let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
-        py.detach(|| job(&chunks, &packs, &store, &p))
+        py.detach(|| {
+            let source = GitPacks::open(&packs, &store)?;
+            job(&chunks, &source, &p)
+        })
     };
     errors.finish(r)
 }
@@ -460,14 +745,12 @@ fn restore_file(
         &packs,
         &read_object,
         progress.as_ref(),
-        |chunks, packs, store, p| {
-            pipeline::restore_file(&out_path, chunks, packs, size, &file_id, store, p)
-        },
+        |chunks, source, p| read::restore_file(&out_path, chunks, size, &file_id, source, p),
     )
 }
 
 /// Smudge: decode a checkpoint's chunks and send them as pkt-line content packets to the file
-/// `out_path` (the filter's stdout, e.g. "/dev/fd/1"), verifying chunks and the file's BLAKE3.
+/// `out_path` (the filter's stdout, e.g. "/dev/fd/1"), verifying the file's BLAKE3.
 /// The caller writes the flush packet and the status.
 #[pyfunction]
 fn send_file(
@@ -486,14 +769,14 @@ fn send_file(
         &packs,
         &read_object,
         None,
-        |chunks, packs, store, _| {
+        |chunks, source, _| {
             // Unbuffered: stream_file hands whole chunks to the kernel with vectored writes (a
             // buffer in between would copy the tail of every partial write).
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&out_path)
                 .map_err(|e| Error::io(out_path.display().to_string(), e))?;
-            pipeline::stream_file(&mut f, chunks, packs, size, &file_id, store)
+            read::stream_file(&mut f, chunks, size, &file_id, source)
         },
     )
 }
@@ -556,37 +839,40 @@ fn read_chunks<'py>(
         &packs,
         &read_object,
         None,
-        |chunks, packs, store, _| pipeline::read_chunks(chunks, packs, store),
+        |chunks, source, _| read::read_chunks(chunks, source),
     )?;
     Ok(raw.iter().map(|b| PyBytes::new(py, b)).collect())
 }
 
 /// Incremental BLAKE3 (for streams: the filter process hashes what git sends as it arrives).
-#[pyclass(name = "Hasher")]
-struct PyHasher(blake3::Hasher);
+/// Safe to share between threads: updates from several threads are applied one at a time.
+#[pyclass(name = "Hasher", frozen, module = "theta_store._native")]
+struct PyHasher(Mutex<blake3::Hasher>);
 
 #[pymethods]
 impl PyHasher {
     #[new]
     fn new() -> Self {
-        PyHasher(blake3::Hasher::new())
+        PyHasher(Mutex::new(blake3::Hasher::new()))
     }
 
-    fn update(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let h = &mut self.0;
+    fn update(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let h = &self.0;
         with_bytes(py, data, |py, d| {
+            let run = || {
+                h.lock().unwrap_or_else(|p| p.into_inner()).update(d);
+            };
             if d.len() < GIL_MINSIZE {
-                h.update(d);
+                run();
             } else {
-                py.detach(|| {
-                    h.update(d);
-                });
+                py.detach(run);
             }
         })
     }
 
     fn digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.0.finalize().as_bytes())
+        let h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        PyBytes::new(py, h.finalize().as_bytes())
     }
 }
 
@@ -596,15 +882,19 @@ fn tensor_chunk_len(chunk_bytes: u64, align: u64) -> u64 {
     pipeline::tensor_chunk_len(chunk_bytes, align)
 }
 
-#[pymodule]
+// No global state is shared unguarded: every class is frozen with interior locks, and the core
+// is thread-safe, so the module needs no GIL.
+#[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FRAME_VERSION", frame::VERSION)?;
+    m.add("FRAME_VERSION_BASES", frame::VERSION_BASES)?;
     m.add_function(wrap_pyfunction!(chunk_id, m)?)?;
     m.add_function(wrap_pyfunction!(blob_id, m)?)?;
     m.add_function(wrap_pyfunction!(encode_frame, m)?)?;
     m.add_function(wrap_pyfunction!(decode_frame, m)?)?;
     m.add_function(wrap_pyfunction!(frame_info, m)?)?;
     m.add_function(wrap_pyfunction!(scan_file, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(write_pack, m)?)?;
     m.add_function(wrap_pyfunction!(restore_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
@@ -612,6 +902,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(receive_content, m)?)?;
     m.add_function(wrap_pyfunction!(write_objects, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_chunk_len, m)?)?;
+    m.add_function(wrap_pyfunction!(_raise_core_error, m)?)?;
     m.add_class::<PyHasher>()?;
+    m.add_class::<PackBuilder>()?;
+    m.add_class::<WrittenFrame>()?;
     Ok(())
 }

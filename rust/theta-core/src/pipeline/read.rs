@@ -1,0 +1,326 @@
+//! The read path: decode the frames of a version from a [`FrameSource`] into a file, a pkt-line
+//! stream (the smudge side of the filter process) or memory.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::Progress;
+use crate::error::{Error, Result};
+use crate::frame::{self, hex, BaseCodec, ChunkId};
+use crate::pack::ObjectId;
+use crate::store::{FrameSource, Location};
+
+pub use crate::store::ObjectStore;
+
+/// One chunk of a version, as the read path wants it.
+#[derive(Debug, Clone)]
+pub struct RestoreChunk {
+    pub len: u64,
+    pub id: ChunkId,
+    pub object: ObjectId,
+    /// Where its frame is, if known; else it is asked for by id.
+    pub at: Option<Location>,
+}
+
+thread_local! {
+    /// Frame bytes read from a pack (reused: a fresh 2 MiB buffer per chunk costs page faults).
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether a decoded chunk is hashed and compared with its id.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    Chunk,
+    /// The caller checks the whole file's BLAKE3 before anything it wrote may be used.
+    ByFile,
+}
+
+/// Bases of bases are followed this deep at most (a bound against cycles in hostile frames).
+const MAX_BASE_DEPTH: usize = 8;
+
+/// Largest chunk a frame may claim (chunks are a few MiB): bounds what a header can allocate.
+const MAX_CHUNK: u64 = 1 << 30;
+
+/// The raw bytes of base chunk `id`, decoded (bases of its own included) and verified.
+fn base(
+    source: &dyn FrameSource,
+    codecs: &[&dyn BaseCodec],
+    id: &ChunkId,
+    depth: usize,
+) -> Result<Vec<u8>> {
+    if depth > MAX_BASE_DEPTH {
+        return Err(Error::CorruptFrame(format!(
+            "base chunk {}: bases nest deeper than {MAX_BASE_DEPTH}",
+            hex(id)
+        )));
+    }
+    let f = source.read_by_id(id, None)?;
+    let info = frame::frame_info(&f)?;
+    if info.id != *id || info.raw_len > MAX_CHUNK {
+        return Err(Error::CorruptFrame(format!(
+            "base chunk {}: its frame holds chunk {} of {} bytes",
+            hex(id),
+            hex(&info.id),
+            info.raw_len
+        )));
+    }
+    let mut out = vec![0u8; info.raw_len as usize];
+    let resolve = |b: &ChunkId| base(source, codecs, b, depth + 1);
+    frame::decode_frame_with(&f, &mut out, &resolve, codecs)?;
+    Ok(out)
+}
+
+/// Decode one chunk's frame into `out` (its exact length), checking it is the chunk wanted.
+fn decode_chunk(
+    c: &RestoreChunk,
+    source: &dyn FrameSource,
+    codecs: &[&dyn BaseCodec],
+    out: &mut [u8],
+    verify: Verify,
+) -> Result<()> {
+    let max = c.len * 2 + 4096;
+    FRAME.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let in_place = match c.at {
+            Some(at) => source.read_at(at, max, &mut buf)?,
+            None => false,
+        };
+        let fetched;
+        let frame: &[u8] = if in_place {
+            &buf
+        } else {
+            fetched = source.read_by_id(&c.id, Some(&c.object))?;
+            &fetched
+        };
+        let resolve = |b: &ChunkId| base(source, codecs, b, 1);
+        let info = match verify {
+            Verify::Chunk => frame::decode_frame_with(frame, out, &resolve, codecs),
+            Verify::ByFile => frame::decode_frame_unverified_with(frame, out, &resolve, codecs),
+        }
+        .map_err(|e| match e {
+            Error::CorruptFrame(m) => {
+                Error::CorruptFrame(format!("object {}: {m}", hex(&c.object)))
+            }
+            e => e,
+        })?;
+        if info.id != c.id {
+            return Err(Error::CorruptFrame(format!(
+                "object {} holds chunk {} but the manifest wants {}",
+                hex(&c.object),
+                hex(&info.id),
+                hex(&c.id)
+            )));
+        }
+        Ok(())
+    })
+}
+
+/// The whole file's BLAKE3 is the one check of a restore or a smudge stream: every byte passes
+/// it before the file may be used. Only when it fails are the chunks decoded again, each hashed,
+/// to name the one at fault.
+fn check_file_id(
+    got: &ChunkId,
+    want: &ChunkId,
+    chunks: &[RestoreChunk],
+    source: &dyn FrameSource,
+) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    chunks.par_iter().try_for_each_init(Vec::new, |buf, c| {
+        buf.resize(c.len as usize, 0);
+        decode_chunk(c, source, &[], buf, Verify::Chunk)
+    })?;
+    Err(Error::CorruptFrame(format!(
+        "restored file hashes to {} but the manifest says {}",
+        hex(got),
+        hex(want)
+    )))
+}
+
+/// The chunks of a manifest must add up to the file's size.
+fn check_total(chunks: &[RestoreChunk], size: u64) -> Result<()> {
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    if total != size {
+        return Err(Error::CorruptFrame(format!(
+            "manifest chunks add up to {total} bytes but the file should have {size}"
+        )));
+    }
+    Ok(())
+}
+
+/// BLAKE3 of a whole file, read back in windows and hashed on all cores.
+fn hash_file(file: &File, name: &str, size: u64) -> Result<ChunkId> {
+    const WINDOW: u64 = 16 << 20;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; WINDOW.min(size) as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(WINDOW) as usize;
+        file.read_exact_at(&mut buf[..n], pos)
+            .map_err(|e| Error::io(name, e))?;
+        hasher.update_rayon(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// Decode the frames of `chunks` (one after the other, they make the file) into `out_path`,
+/// verifying the total size and the file's BLAKE3, then fsync.
+///
+/// Workers decode chunks and write them at their offsets in parallel (page-cache writes are
+/// copy-bound: one writer thread would be the bottleneck); the file's BLAKE3 is then computed by
+/// reading it back on all cores while the fsync runs. That one hash covers every byte (the
+/// caller renames the file into place only after it passed), so the chunks are not hashed on
+/// the way; on a mismatch they are, to name the damaged one.
+pub fn restore_file(
+    out_path: &Path,
+    chunks: &[RestoreChunk],
+    size: u64,
+    file_id: &ChunkId,
+    source: &dyn FrameSource,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let out_name = out_path.display().to_string();
+    check_total(chunks, size)?;
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out_path)
+        .map_err(|e| Error::io(&out_name, e))?;
+    out.set_len(size).map_err(|e| Error::io(&out_name, e))?;
+    let mut offsets = Vec::with_capacity(chunks.len());
+    let mut pos = 0u64;
+    for c in chunks {
+        offsets.push(pos);
+        pos += c.len;
+    }
+    // Writeback starts while chunks are still being decoded: the final fsync waits for the tail.
+    let mut flusher = crate::pack::Flusher::start(&out);
+    let written =
+        chunks
+            .par_iter()
+            .zip(offsets.par_iter())
+            .try_for_each_init(Vec::new, |buf, (c, &off)| {
+                buf.resize(c.len as usize, 0);
+                decode_chunk(c, source, &[], buf, Verify::ByFile)?;
+                out.write_all_at(buf, off)
+                    .map_err(|e| Error::io(&out_name, e))?;
+                flusher.wrote(c.len);
+                progress.advance(c.len)
+            });
+    let flushed = flusher.stop().map_err(|e| Error::io(&out_name, e));
+    written?;
+    flushed?;
+    let (synced, got) = rayon::join(
+        || out.sync_all().map_err(|e| Error::io(&out_name, e)),
+        || hash_file(&out, &out_name, size),
+    );
+    synced?;
+    let got = got?;
+    check_file_id(&got, file_id, chunks, source)
+}
+
+/// Decode `chunks` in order and send them as pkt-line content packets to `out` (the smudge side
+/// of the filter process), verifying the file's BLAKE3 over everything sent. git keeps nothing
+/// before the final status, so that one check covers every byte; hashing each chunk too would
+/// be a second pass over the same bytes, CPU that git's reading competes for. Batches of about
+/// 32 MiB are decoded in parallel while the previous batch is written.
+pub fn stream_file(
+    out: &mut (dyn std::io::Write + Send),
+    chunks: &[RestoreChunk],
+    size: u64,
+    file_id: &ChunkId,
+    source: &dyn FrameSource,
+) -> Result<()> {
+    const BATCH: u64 = 32 << 20;
+    check_total(chunks, size)?;
+    let mut groups: Vec<&[RestoreChunk]> = Vec::new();
+    let mut i = 0;
+    while i < chunks.len() {
+        let (mut j, mut bytes) = (i, 0);
+        while j < chunks.len() && (j == i || bytes + chunks[j].len <= BATCH) {
+            bytes += chunks[j].len;
+            j += 1;
+        }
+        groups.push(&chunks[i..j]);
+        i = j;
+    }
+    // Chunk buffers circulate (a fresh buffer per chunk costs page faults on every byte).
+    let pool: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    let take = |len: u64| -> Vec<u8> {
+        let mut b = pool
+            .lock()
+            .map(|mut p| p.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        // Old bytes may stay: the decoder overwrites every byte of the chunk.
+        b.resize(len as usize, 0);
+        b
+    };
+    let decode = |g: &[RestoreChunk]| -> Result<Vec<Vec<u8>>> {
+        g.par_iter()
+            .map(|c| {
+                let mut raw = take(c.len);
+                decode_chunk(c, source, &[], &mut raw, Verify::ByFile)?;
+                Ok(raw)
+            })
+            .collect()
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut pending: Option<Vec<Vec<u8>>> = None;
+    for g in groups.iter().map(Some).chain(std::iter::once(None)) {
+        let (sent, next) = rayon::join(
+            || -> Result<()> {
+                for raw in pending.take().unwrap_or_default() {
+                    hasher.update(&raw);
+                    crate::pktline::send(out, &raw)
+                        .map_err(|e| Error::io("git (filter output)", e))?;
+                    if let Ok(mut p) = pool.lock() {
+                        p.push(raw);
+                    }
+                }
+                Ok(())
+            },
+            || g.map(|g| decode(g)).transpose(),
+        );
+        sent?;
+        pending = next?;
+    }
+    let got = *hasher.finalize().as_bytes();
+    check_file_id(&got, file_id, chunks, source)
+}
+
+/// Decode chunks to memory (for lazy tensor reads), in parallel, verifying every id.
+pub fn read_chunks(chunks: &[RestoreChunk], source: &dyn FrameSource) -> Result<Vec<Vec<u8>>> {
+    read_chunks_with(chunks, source, &[])
+}
+
+/// [`read_chunks`] with codecs for frames that refer to base chunks (format 3).
+pub fn read_chunks_with(
+    chunks: &[RestoreChunk],
+    source: &dyn FrameSource,
+    codecs: &[&dyn BaseCodec],
+) -> Result<Vec<Vec<u8>>> {
+    chunks
+        .par_iter()
+        .map(|c| {
+            if c.len > MAX_CHUNK {
+                return Err(Error::CorruptFrame(format!(
+                    "chunk {} of {} bytes exceeds the 1 GiB chunk limit",
+                    hex(&c.id),
+                    c.len
+                )));
+            }
+            let mut raw = vec![0u8; c.len as usize];
+            decode_chunk(c, source, codecs, &mut raw, Verify::Chunk)?;
+            Ok(raw)
+        })
+        .collect()
+}
