@@ -146,6 +146,15 @@ def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[b
     return subprocess.run(["git", *args], cwd=store.worktree, env=env, stdin=subprocess.DEVNULL, capture_output=True, check=False)
 
 
+def _run_transport_shown(store: GitStore, args: list[str], progress: bool) -> tuple[int, bytes]:
+    """_run_transport, with git's stderr (its progress) going on to ours as it comes when
+    `progress`; returns the exit status and what git said on stderr."""
+    if progress:
+        return run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
+    r = _run_transport(store, *args)
+    return r.returncode, r.stderr
+
+
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
     """Fetch these versions from one remote; returns the ones it had."""
     have = remote_versions(store, remote, sorted(ids))
@@ -160,11 +169,7 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
         specs = [f"+{ref_name(v)}:{ref_name(v)}" for v in batch]
         args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
         with _transport_lock(store):
-            if tty:
-                rc, err = run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
-            else:
-                r = _run_transport(store, *args)
-                rc, err = r.returncode, r.stderr
+            rc, err = _run_transport_shown(store, args, tty)
             if rc != 0:
                 raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
             t = store.state_dir / "transport"
@@ -334,11 +339,7 @@ def send_versions(
         # On a terminal, git's own progress (writing objects) shows as it comes, without the ref lines
         args = ["push", "--no-verify", "-q", *(["--progress"] if progress else []), target, *specs]
         with _transport_lock(store):
-            if progress:
-                rc, err = run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
-            else:
-                r = _run_transport(store, *args)
-                rc, err = r.returncode, r.stderr
+            rc, err = _run_transport_shown(store, args, progress)
         if rc != 0:
             raise ThetaStoreError(
                 f"pushing checkpoint versions to {remote} failed: {err.decode(errors='replace').strip()}",
