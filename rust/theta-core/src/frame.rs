@@ -20,7 +20,7 @@
 //! 49+32B  9*P   plane table, then the payloads, as in format 2
 //! ```
 //! Its codec byte names how the decoded planes (a residual of the raw length) and the bases'
-//! bytes make the chunk; the core defines no such codec yet ([`BaseCodec`] is the seam).
+//! bytes make the chunk ([`BaseCodec`] is the seam; [`crate::delta`] has the bit-level deltas).
 //!
 //! Plane `j` holds byte `j` (little-endian) of every element; multi-byte floats are rotated left by
 //! one bit first, so the top plane is the exponent. Decoding always re-hashes and compares.
@@ -540,15 +540,28 @@ pub fn encode_frame_with_bases(
     codec: u8,
     bases: &[ChunkId],
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let len = encode_frame_with_bases_into(residual, dtype, id, codec, bases, &mut out)?;
+    out.truncate(len);
+    Ok(out)
+}
+
+/// [`encode_frame_with_bases`] into a reused buffer, as [`encode_frame_into`] does: the frame is
+/// `out[..len]`.
+pub fn encode_frame_with_bases_into(
+    residual: &[u8],
+    dtype: DType,
+    id: &ChunkId,
+    codec: u8,
+    bases: &[ChunkId],
+    out: &mut Vec<u8>,
+) -> Result<usize> {
     if bases.is_empty() || bases.len() > MAX_BASES || codec == CODEC_PLANES {
         return Err(Error::InvalidArgument(format!(
             "a frame with bases needs 1 to {MAX_BASES} bases and a codec other than {CODEC_PLANES}"
         )));
     }
-    let mut out = Vec::new();
-    let len = encode_based_into(residual, dtype, id, codec, bases, &mut out);
-    out.truncate(len);
-    Ok(out)
+    Ok(encode_based_into(residual, dtype, id, codec, bases, out))
 }
 
 fn encode_based_into(

@@ -1,6 +1,7 @@
 //! theta-core: the byte work of theta-store, with no Python in it.
 //!
 //! - [`frame`]: chunk ids (BLAKE3) and frames (byte planes + rANS / zstd / raw per plane).
+//! - [`delta`]: bit-level deltas (XOR, zigzag integer difference) against a base chunk.
 //! - [`ans`]: the order-0 rANS coder used on float exponent planes.
 //! - [`cdc`]: content-defined chunking for opaque bytes.
 //! - [`mapped`]: read-only mappings of the file being added, safe if it is cut short meanwhile.
@@ -12,6 +13,7 @@
 
 pub mod ans;
 pub mod cdc;
+pub mod delta;
 pub mod dtype;
 pub mod error;
 pub mod frame;
