@@ -1,11 +1,11 @@
 //! Single-thread bit-level delta throughput and ratio, beside the plain frame of the same chunks.
 //!
-//! `cargo run --release -p theta-core --example delta_bench -- [FILE]`
+//! `cargo run --release -p theta-core --example delta_bench -- [TENSOR.raw ...]`
 //!
-//! The base is FILE read as little-endian float32 (a whole number of elements), or 64 MiB of
-//! N(0, 0.02^2) weights from a fixed seed. The new version is the base with every weight
-//! perturbed by N(0, (1e-3 std)^2), std being the base's (a full fine-tune's shape of change).
-//! Both are cut into 2 MiB chunks; every chunk is encoded plainly (format 2, the baseline) and as
+//! The base is the given tensors, each a file of little-endian float32, or one tensor of 64 MiB
+//! of N(0, 0.02^2) weights from a fixed seed. The new version is the base with every weight
+//! perturbed by N(0, (1e-3 std)^2), std being its tensor's (a full fine-tune's shape of change).
+//! Each tensor is cut into 2 MiB chunks; every chunk is encoded plainly (format 2, the baseline) and as
 //! the smaller delta against its base chunk (both deltas tried, as `encode_delta_frame` does),
 //! then decoded with the hash verified. Throughput is in raw bytes per second of thread CPU time;
 //! the delta's decode includes the copy the base resolver hands back.
@@ -47,36 +47,48 @@ impl Normal {
 
 fn main() {
     let mut g = Normal(0x5eed_1234_abcd_ef01);
-    let (name, w): (String, Vec<f32>) = match std::env::args().nth(1) {
-        Some(path) => {
-            let b = std::fs::read(&path).expect("read input");
-            let w = b
-                .chunks_exact(4)
-                .map(|e| f32::from_le_bytes(e.try_into().unwrap()))
-                .collect();
-            (path, w)
-        }
-        None => {
-            let w = (0..(64 << 20) / 4)
-                .map(|_| (g.sample() * 0.02) as f32)
-                .collect();
-            ("synthetic N(0, 0.02^2)".into(), w)
-        }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (name, tensors): (String, Vec<Vec<f32>>) = if args.is_empty() {
+        let w = (0..(64 << 20) / 4)
+            .map(|_| (g.sample() * 0.02) as f32)
+            .collect();
+        ("synthetic N(0, 0.02^2)".into(), vec![w])
+    } else {
+        let tensors = args
+            .iter()
+            .map(|path| {
+                let b = std::fs::read(path).expect("read input");
+                b.chunks_exact(4)
+                    .map(|e| f32::from_le_bytes(e.try_into().unwrap()))
+                    .collect()
+            })
+            .collect();
+        (format!("{} file(s) from {}", args.len(), args[0]), tensors)
     };
-    let n = w.len() as f64;
-    let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let std = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let base: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let new: Vec<u8> = w
+    // Each tensor is perturbed by its own spread and chunked on its own, as the store chunks spans.
+    let versions: Vec<(Vec<u8>, Vec<u8>)> = tensors
         .iter()
-        .flat_map(|&v| ((v as f64 + g.sample() * 1e-3 * std) as f32).to_le_bytes())
+        .map(|w| {
+            let n = w.len().max(1) as f64;
+            let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let std = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let base = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let new = w
+                .iter()
+                .flat_map(|&v| ((v as f64 + g.sample() * 1e-3 * std) as f32).to_le_bytes())
+                .collect();
+            (base, new)
+        })
         .collect();
-    let pairs: Vec<(&[u8], &[u8])> = new.chunks(CHUNK).zip(base.chunks(CHUNK)).collect();
+    let pairs: Vec<(&[u8], &[u8])> = versions
+        .iter()
+        .flat_map(|(b, n)| n.chunks(CHUNK).zip(b.chunks(CHUNK)))
+        .collect();
     let ids: Vec<(ChunkId, ChunkId)> = pairs
         .iter()
         .map(|(c, b)| (chunk_id(c), chunk_id(b)))
         .collect();
-    let total = new.len() as f64;
+    let total = pairs.iter().map(|(c, _)| c.len()).sum::<usize>() as f64;
     let dt = DType::F32;
 
     // Sizes: the plain frames, each delta alone, the smaller one per chunk (None: plain kept).
@@ -161,6 +173,18 @@ fn main() {
     }
     let delta_enc = total * reps as f64 / (cpu_secs() - t) / 1e9;
 
+    // Each delta alone, so that the cost of trying both is visible.
+    let mut alone = [0.0f64; 2];
+    for (k, kind) in [Delta::Xor, Delta::Diff].into_iter().enumerate() {
+        let t = cpu_secs();
+        for _ in 0..reps {
+            for ((c, b), (id, bid)) in pairs.iter().zip(&ids) {
+                delta::encode_delta_with(kind, c, b, bid, dt, id, &mut buf).unwrap();
+            }
+        }
+        alone[k] = total * reps as f64 / (cpu_secs() - t) / 1e9;
+    }
+
     let mut out = vec![0u8; CHUNK];
     let t = cpu_secs();
     for _ in 0..reps {
@@ -178,10 +202,19 @@ fn main() {
         }
     }
     let delta_dec = total * reps as f64 / (cpu_secs() - t) / 1e9;
+    let t = cpu_secs();
+    for _ in 0..reps {
+        for (((c, b), f), p) in pairs.iter().zip(&deltas).zip(&plain) {
+            let resolve = |_: &ChunkId| -> Result<Vec<u8>> { Ok(b.to_vec()) };
+            let f = f.as_ref().unwrap_or(p);
+            frame::decode_frame_unverified_with(f, &mut out[..c.len()], &resolve, &CODECS).unwrap();
+        }
+    }
+    let delta_unverified = total * reps as f64 / (cpu_secs() - t) / 1e9;
 
     let r = |b: usize| b as f64 / total;
     println!(
-        "{name}: {:.1} MiB float32, perturbed by N(0, (1e-3 std)^2), std {std:.4}, {} chunks of 2 MiB",
+        "{name}: {:.1} MiB float32, each tensor perturbed by N(0, (1e-3 std)^2), {} chunks of at most 2 MiB",
         total / (1 << 20) as f64,
         pairs.len()
     );
@@ -191,9 +224,12 @@ fn main() {
     );
     println!(
         "  delta (smaller of both, plain where it loses): ratio {:.4}  encode {delta_enc:.2} GB/s \
-         (+ plain frame for the comparison {delta_enc_with_plain:.2} GB/s)  decode {delta_dec:.2} GB/s  \
+         (+ plain frame for the comparison {delta_enc_with_plain:.2} GB/s; xor alone {:.2}, diff \
+         alone {:.2})  decode {delta_dec:.2} GB/s (without the hash {delta_unverified:.2} GB/s)  \
          chunks by codec {won:?}",
-        r(kept)
+        r(kept),
+        alone[0],
+        alone[1]
     );
     println!(
         "  each delta alone: xor {:.4} (planes not rotated {:.4})  diff {:.4} (planes rotated {:.4}, \
