@@ -269,7 +269,8 @@ pub fn encode_delta_with(
 /// Encode chunk `new` (BLAKE3 `id`) against `base` (BLAKE3 `base_id`, the same tensor's chunk in
 /// an earlier version) with both deltas into `out`, keeping the smaller. Returns its length, or
 /// `None` when it is not shorter than `beat` (the caller's plain frame of `new`), so that the
-/// caller stores the plain frame.
+/// caller stores the plain frame. `base_id` is trusted, not rehashed: a wrong one makes a frame
+/// that fails its hash check on decode, never one that decodes to other bytes.
 pub fn encode_delta_into(
     new: &[u8],
     base: &[u8],

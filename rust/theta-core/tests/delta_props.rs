@@ -136,6 +136,17 @@ proptest! {
             let info = frame::frame_info(&f).unwrap();
             prop_assert_eq!(info.bases, vec![chunk_id(&base)]);
             prop_assert_eq!(info.dtype, dt);
+            // The difference's codec byte names its element size, as the frame's planes split it.
+            let whole = dt.size() > 1 && new.len().is_multiple_of(dt.size());
+            let want = match (kind, whole, dt.rotates()) {
+                (Delta::Xor, _, _) => delta::CODEC_XOR,
+                (Delta::Diff, false, _) => delta::CODEC_DIFF,
+                (Delta::Diff, true, false) => delta::CODEC_DIFF + dt.size().trailing_zeros() as u8,
+                (Delta::Diff, true, true) => {
+                    delta::CODEC_DIFF_FLOAT + dt.size().trailing_zeros() as u8 - 1
+                }
+            };
+            prop_assert_eq!(info.codec, want);
             prop_assert_eq!(decode(&f, new.len(), &base).unwrap(), new.clone(), "{:?}", kind);
         }
         // The smaller delta, and only when it beats the plain frame.
