@@ -1,18 +1,9 @@
 //! rANS alone on the byte planes of an f32 file:
 //! `cargo run --release -p theta-core --example ans_bench -- FILE`
-use std::time::Instant;
 
-/// Time this thread spent on a CPU (the machine is shared; wall time would count other work).
-fn cpu_secs() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|ns| ns / 1e9)
-        .unwrap_or_else(|| {
-            static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-            T0.get_or_init(Instant::now).elapsed().as_secs_f64()
-        })
-}
+mod common;
+use common::cpu_secs;
+
 use theta_core::ans;
 
 fn main() {

@@ -7,19 +7,9 @@
 //! smudge stream does: it checks the whole file's hash instead), repeatedly. Throughput is in
 //! raw bytes.
 
-use std::time::Instant;
+mod common;
+use common::cpu_secs;
 
-/// Time this thread spent on a CPU (the machine is shared; wall time would count other work).
-fn cpu_secs() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|ns| ns / 1e9)
-        .unwrap_or_else(|| {
-            static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-            T0.get_or_init(Instant::now).elapsed().as_secs_f64()
-        })
-}
 use theta_core::frame::{
     decode_frame_into, decode_frame_unverified, encode_frame, frame_info, PlaneMode,
 };

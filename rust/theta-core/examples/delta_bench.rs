@@ -10,40 +10,14 @@
 //! then decoded with the hash verified. Throughput is in raw bytes per second of thread CPU time;
 //! the delta's decode includes the copy the base resolver hands back.
 
-use std::time::Instant;
+mod common;
+use common::{cpu_secs, Normal};
 
 use theta_core::delta::{self, Delta, CODECS};
 use theta_core::frame::{self, chunk_id, ChunkId};
 use theta_core::{DType, Result};
 
-/// Time this thread spent on a CPU (the machine is shared; wall time would count other work).
-fn cpu_secs() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|ns| ns / 1e9)
-        .unwrap_or_else(|| {
-            static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-            T0.get_or_init(Instant::now).elapsed().as_secs_f64()
-        })
-}
-
 const CHUNK: usize = 2 << 20;
-
-/// Fixed-seed normal samples (xorshift64 + Box-Muller): the same figures on every run.
-struct Normal(u64);
-impl Normal {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn sample(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
 
 fn main() {
     let mut g = Normal(0x5eed_1234_abcd_ef01);
@@ -72,12 +46,7 @@ fn main() {
             let n = w.len().max(1) as f64;
             let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
             let std = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-            let base = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let new = w
-                .iter()
-                .flat_map(|&v| ((v as f64 + g.sample() * 1e-3 * std) as f32).to_le_bytes())
-                .collect();
-            (base, new)
+            g.fine_tune(w, std)
         })
         .collect();
     let pairs: Vec<(&[u8], &[u8])> = versions

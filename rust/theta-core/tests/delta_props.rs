@@ -1,6 +1,10 @@
 //! Bit-level deltas: exact round trips for every dtype and every kind of change, a wrong base or a
 //! corrupt residual is an error (never wrong bytes), and what a small change of float weights costs.
 
+#[path = "../examples/common/mod.rs"]
+mod common;
+use common::Normal;
+
 use proptest::prelude::*;
 use theta_core::delta::{self, Delta, CODECS};
 use theta_core::frame::{self, chunk_id, ChunkId};
@@ -210,21 +214,6 @@ proptest! {
     }
 }
 
-/// Deterministic normal samples (xorshift64 + Box-Muller), so the size check is reproducible.
-struct Normal(u64);
-impl Normal {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn sample(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
 /// A 2 MiB float32 chunk of N(0, 0.02^2) weights, and the same perturbed by N(0, (1e-3 std)^2).
 fn fine_tuned() -> (Vec<u8>, Vec<u8>) {
     let mut g = Normal(0x5eed_1234_abcd_ef01);
@@ -232,12 +221,7 @@ fn fine_tuned() -> (Vec<u8>, Vec<u8>) {
     let w: Vec<f32> = (0..(2 << 20) / 4)
         .map(|_| (g.sample() * std) as f32)
         .collect();
-    let base = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let new = w
-        .iter()
-        .flat_map(|&v| ((v as f64 + g.sample() * 1e-3 * std) as f32).to_le_bytes())
-        .collect();
-    (base, new)
+    g.fine_tune(&w, std)
 }
 
 #[test]
