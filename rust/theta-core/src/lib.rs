@@ -9,6 +9,7 @@
 //! - [`pipeline`]: whole files: scan, write the new chunks, read them back.
 //! - [`store`]: where frames go and come from: the sink and source seams, Git packs, memory.
 //! - [`pktline`]: git's pkt-line content framing for the filter process.
+//! - [`tensordelta`]: one changed tensor coded against its base, the smallest frame per chunk.
 //! - [`sha1x16`]: Git object ids of many blobs at once (AVX-512 lanes).
 
 pub mod ans;
@@ -23,6 +24,7 @@ pub mod pipeline;
 pub mod pktline;
 pub mod sha1x16;
 pub mod store;
+pub mod tensordelta;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
