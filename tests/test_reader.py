@@ -50,9 +50,9 @@ def test_slice_reads_only_needed_chunks(repo_dir: Path, monkeypatch: pytest.Monk
     calls: list[int] = []
     real = theta_store.reader._native.read_chunks
 
-    def counting(chunks, packs, read):  # type: ignore[no-untyped-def]
+    def counting(chunks, packs, read, bases=()):  # type: ignore[no-untyped-def]
         calls.append(len(chunks))
-        return real(chunks, packs, read)
+        return real(chunks, packs, read, list(bases))
 
     monkeypatch.setattr(theta_store.reader._native, "read_chunks", counting)
     with theta_store.open(p) as f:

@@ -62,6 +62,8 @@ class WrittenFrame:
     def planes(self) -> str: ...
     @property
     def offset(self) -> int: ...
+    @property
+    def bases(self) -> list[bytes]: ...
 
 @final
 class PackBuilder:
@@ -79,6 +81,28 @@ class PackBuilder:
         self,
         buffers: Sequence[Buffer],
         chunks: list[tuple[int, int, str, bytes]],
+        progress: Callable[[int], object] | None = None,
+    ) -> list[WrittenFrame]: ...
+    def write_deltas(
+        self,
+        jobs: list[
+            tuple[
+                int,
+                int,
+                str,
+                list[int],
+                list[tuple[int, int, str, bytes]],
+                list[tuple[int, int, bytes, bytes]],
+                tuple[int, int, int, bytes, bytes] | None,
+            ]
+        ],
+        packs: list[str],
+        read_object: Callable[[bytes], bytes],
+        bases: list[tuple[int, int, bytes, bytes]] = ...,
+        max_depth: int = 4,
+        path: str | None = None,
+        stamp: tuple[int, int, int, int, int] | None = None,
+        buffers: Sequence[Buffer] | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> list[WrittenFrame]: ...
     def add_objects(self, objects: list[tuple[str, bytes]]) -> None: ...
@@ -105,11 +129,13 @@ def restore_file(
     file_id: bytes,
     read_object: Callable[[bytes], bytes],
     progress: Callable[[int], object] | None = None,
+    bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> None: ...
 def read_chunks(
     chunks: list[tuple[int, int, bytes, bytes]],
     packs: list[str],
     read_object: Callable[[bytes], bytes],
+    bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> list[bytes]: ...
 def tensor_chunk_len(chunk_bytes: int, align: int) -> int: ...
 
@@ -128,6 +154,7 @@ def send_file(
     size: int,
     file_id: bytes,
     read_object: Callable[[bytes], bytes],
+    bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> None: ...
 def write_objects(objects: list[tuple[str, bytes]], pack_dir: str) -> str: ...
 def receive_content(

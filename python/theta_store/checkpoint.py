@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _native, packs
 from .manifest import Manifest, Pointer, SpanEntry
-from .plan import load_manifest, plan_for, plan_from_store, save_plan
+from .plan import ReadPlan, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -25,6 +25,11 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "AddResult", "ScanSpan", "Scanned", "add_file"
 
 # Chosen by benchmark (benches/bench_chunk_size.py): see README "Chunk size".
 DEFAULT_CHUNK_BYTES = 2 << 20
+# Most delta frames a chunk is decoded through (`thetastore.deltaDepth`): see README "Deltas".
+DEFAULT_DELTA_DEPTH = 4
+MAX_DELTA_DEPTH = 7  # the core refuses bases nested deeper than 8
+# A user-supplied low-rank predictor per tensor name: (rows, cols, rank, U f32 bytes, V f32 bytes).
+Factors = tuple[int, int, int, bytes, bytes]
 
 
 @dataclass
@@ -112,11 +117,22 @@ def scan(
 
 
 def add_file(
-    store: GitStore, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None, scanned: Scanned | None = None
+    store: GitStore,
+    path: str,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+    scanned: Scanned | None = None,
+    base: Pointer | None = None,
+    max_depth: int = DEFAULT_DELTA_DEPTH,
+    factors: dict[str, Factors] | None = None,
 ) -> AddResult:
     """Store the file at `path` and return its pointer. Nothing is changed if anything fails.
-    `scanned`: the file's scan, if it was done already (with this path and chunk size)."""
-    from .gitstore import StoredFrame, remove_stale
+    `scanned`: the file's scan, if it was done already (with this path and chunk size).
+    `base`: an earlier version of the file (usually the one in HEAD): each tensor that changed but
+    kept its name, shape and dtype is coded against its chunks there, chunk by chunk as the
+    smallest of the plain frame and the deltas, at most `max_depth` deltas deep (0: no deltas).
+    `factors`: low-rank predictors of the change per tensor name (a LoRA adapter's)."""
+    from .gitstore import StoredFrame, remove_stale, with_bases
 
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
@@ -151,16 +167,35 @@ def add_file(
         else:
             todo.append(c)
     todo.sort()
+    deltas = _delta_plan(store, scanned, todo, base, factors or {}) if base is not None and max_depth > 0 else None
+    if deltas is not None:
+        coded = {c[3] for job in deltas.jobs for c in job[4]}
+        todo = [c for c in todo if c[3] not in coded]
     # One pack per add: the new frames, then the version's objects (which name the frames).
     builder = _native.PackBuilder(str(store.pack_dir), store.version_object_count(c[3] for c in todo))
     with builder:
-        with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo), progress) as p:
+        with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo) + (deltas.bytes if deltas else 0), progress) as p:
             if scanned.buffers is not None:
                 written = builder.write_buffers(scanned.buffers, todo, p)
             else:
                 written = builder.write_file(path, todo, stamp, p)
-        new = {w.chunk_id: StoredFrame(w.object_id, w.frame_len, w.planes) for w in written}
+            if deltas is not None and deltas.jobs:
+                written += builder.write_deltas(
+                    deltas.jobs,
+                    deltas.plan.packs,
+                    store.read_object,
+                    deltas.plan.native_bases(),
+                    min(max_depth, MAX_DELTA_DEPTH),
+                    path=path if scanned.buffers is None else None,
+                    stamp=stamp,
+                    buffers=scanned.buffers,
+                    progress=p,
+                )
+        new = {w.chunk_id: StoredFrame(w.object_id, w.frame_len, w.planes, tuple(w.bases)) for w in written}
         frames.update(new)
+        if deltas is not None:
+            base_frames = deltas.frames
+            frames = with_bases(frames, lambda cid: base_frames.get(cid) or store.known_frame(cid), path)
         finished: list[Path | None] = []
 
         def finish(objects: list[tuple[str, bytes]]) -> None:
@@ -183,6 +218,57 @@ def add_file(
     save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames, placed))
     reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
     return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
+
+
+@dataclass
+class _Deltas:
+    """The changed tensors of an add that have a base, as `PackBuilder.write_deltas` takes them."""
+
+    jobs: list[Any]
+    plan: ReadPlan  # the base version's (its chunks and theirs bases, with their places)
+    frames: dict[bytes, StoredFrame]  # the base version's frames
+    bytes: int
+
+
+def _delta_plan(store: GitStore, scanned: Scanned, todo: list[ScannedChunk], base: Pointer, factors: dict[str, Factors]) -> _Deltas | None:
+    """Pair each tensor with new chunks with the same tensor (name, shape, dtype) of version
+    `base`. None when that version is not here (the add then stores whole frames)."""
+    from .errors import CorruptObject, ObjectNotFound
+
+    try:
+        bm = load_manifest(store, base.manifest_id)
+        bframes = store.version_frames(base.manifest_id)
+        bplan = plan_from_store(store, base.manifest_id, bm, bframes)
+    except (ObjectNotFound, CorruptObject):
+        return None
+    # Each base tensor and where its chunks start in the base plan (which is in manifest order).
+    btensors: dict[str, tuple[SpanEntry, int]] = {}
+    pos = 0
+    for s in bm.spans:
+        if s.kind == "tensor":
+            btensors.setdefault(s.name, (s, pos))
+        pos += len(s.chunks)
+    wanted = {c[3] for c in todo}
+    jobs: list[Any] = []
+    total = 0
+    taken: set[bytes] = set()
+    for span, chunks in zip(scanned.spans, scanned.chunked, strict=True):
+        if span.opaque:
+            continue
+        if span.name not in btensors:
+            continue
+        b, k = btensors[span.name]
+        if b.dtype != span.dtype or b.shape != span.shape or b.length != span.length:
+            continue
+        mine = [c for c in chunks if c[3] in wanted and c[3] not in taken]
+        if not mine:
+            continue
+        taken.update(c[3] for c in mine)
+        bchunks = native_chunks(bplan.chunks[k : k + len(b.chunks)])
+        f = factors.get(span.name)
+        jobs.append((span.offset, span.length, span.codec_dtype, list(span.shape), mine, bchunks, f))
+        total += sum(c[1] for c in mine)
+    return _Deltas(jobs, bplan, bframes, total)
 
 
 def scan_buffers(
@@ -229,7 +315,7 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     os.close(fd)
     try:
         with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
-            _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p)
+            _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p, plan.native_bases())
         try:
             os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
         except FileNotFoundError:

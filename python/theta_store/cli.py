@@ -83,7 +83,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     from .repo import report_dict
 
     with repo() as rp:
-        reports = rp.add(args.paths, progress=args.progress, scanned=scanned)
+        reports = rp.add(args.paths, progress=args.progress, scanned=scanned, base=args.base, lora=args.lora)
     lines = [
         f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}; new {human_size(r.new_bytes)} in {r.new_chunks} chunks, "
         f"reused {human_size(r.reused_bytes)} in {r.reused_chunks} chunks"
@@ -470,6 +470,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = verb("add", "store checkpoints as chunks in .git and stage their pointers", cmd_add)
     sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("--base", metavar="REV", help="code changed tensors against the file's version in REV (default: HEAD)")
+    sp.add_argument("--lora", metavar="DIR", help="a PEFT adapter folded into the checkpoint: its factors predict the change")
     sp = verb("restore", "rebuild checkpoints byte-exactly from their pointers (PATH: a file, a directory or a pathspec)", cmd_restore)
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--source", "-s", metavar="REV", help="take pointers from this commit instead of the index")

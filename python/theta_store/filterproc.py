@@ -193,10 +193,13 @@ def clean(repo: Repository, pathname: str, rfd: int) -> bytes:
         cached = repo.cache.get(repo, digest)
         if cached is not None:
             return cached
-        from .checkpoint import add_file  # imported when needed: a filter that only re-hashes starts faster
+        from .bases import base_version, delta_depth  # imported when needed: a filter that only re-hashes starts faster
+        from .checkpoint import add_file
 
         try:
-            result = add_file(repo.store, spill or os.path.abspath(pathname), progress=False)
+            depth = delta_depth(repo.store)
+            base = base_version(repo.store, pathname) if depth else None
+            result = add_file(repo.store, spill or os.path.abspath(pathname), progress=False, base=base, max_depth=depth)
         except FormatError as e:  # name the file as the user knows it, not our copy of it
             raise FormatError(pathname, e.where, e.problem, hint=e.hint) from None
         if result.pointer.blake3 != digest:
@@ -391,7 +394,9 @@ class FilterServer:
         self.io.write_text("status=success")
         self.io.flush_pkt()
         try:
-            _native.send_file(f"/dev/fd/{self.out_fd}", plan.native(), plan.packs, plan.size, plan.blake3, self.repo.read_object)
+            _native.send_file(
+                f"/dev/fd/{self.out_fd}", plan.native(), plan.packs, plan.size, plan.blake3, self.repo.read_object, plan.native_bases()
+            )
         except Exception as e:  # git drops what it got so far: the working file is never half-written
             drop_plan(self.repo.state_dir, ptr.manifest_id)
             self.failed_count += 1

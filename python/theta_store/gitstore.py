@@ -8,8 +8,12 @@ Layout of one checkpoint version (all ordinary Git objects):
         tree
           manifest            blob: the msgpack manifest
           <ab>/               tree (256-way fan-out by chunk id prefix)
-              frames          blob: msgpack {chunk_id: [frame_len, plane modes]} of this subtree's chunks
+              frames          blob: msgpack {chunk_id: [frame_len, plane modes(, base ids)]} of this subtree's chunks
               <cdef...>       blob: the frame of chunk abcdef...
+
+Besides the file's chunks, a version holds every chunk its delta frames are decoded against
+(chunks of earlier versions, low-rank factors), bases of bases included: a version's tree is all
+it needs, so push, fetch and gc move and keep bases with the versions that need them.
 
 A version that changes a few chunks shares every other subtree, table included, with the
 version before it. Versions written before the tables were split have one `frames` blob at the
@@ -48,6 +52,8 @@ REF_PREFIX = Ref(_REF_PREFIX.encode())
 AUTHOR = b"theta-store <theta-store@localhost>"
 # chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
 _RECORD = struct.Struct("<32s20sQBH")
+# chunk id (32) | id of one of its bases (32), in the order the frame names them
+_BASE_RECORD = struct.Struct("<32s32s")
 _MODES = ("raw", "zstd", "rans")
 _TABLE = b"frames"  # the frames table's name: never a frame's (those are hex)
 # What dulwich raises for an object it finds but cannot read (a damaged loose file or pack entry).
@@ -59,6 +65,24 @@ class StoredFrame:
     object_id: bytes
     frame_len: int
     planes: str  # "raw+raw+raw+rans"
+    bases: tuple[bytes, ...] = ()  # the chunks a delta frame is decoded against
+
+
+def with_bases(frames: dict[bytes, StoredFrame], lookup: Callable[[bytes], StoredFrame | None], where: str) -> dict[bytes, StoredFrame]:
+    """`frames` and every chunk their frames are decoded against, bases of bases included
+    (`lookup` finds a chunk that is not in `frames`); what a version's tree must hold."""
+    out = dict(frames)
+    todo = [b for f in frames.values() for b in f.bases]
+    while todo:
+        cid = todo.pop()
+        if cid in out:
+            continue
+        f = lookup(cid)
+        if f is None:
+            raise CorruptObject(f"{where}: base chunk {cid.hex()[:16]} of a delta frame is not stored here", hint="run `theta-store fsck`")
+        out[cid] = f
+        todo.extend(f.bases)
+    return out
 
 
 def remove_stale(folder: Path, prefix: str) -> int:
@@ -85,6 +109,18 @@ def remove_stale(folder: Path, prefix: str) -> int:
             os.unlink(folder / name)
             removed += 1
     return removed
+
+
+def _append(path: Path, blob: bytes, record: int) -> None:
+    """Append `blob` to a file of fixed-size records, first dropping a partial record a crash left."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size % record:
+            os.ftruncate(fd, size - size % record)
+        os.write(fd, blob)
+    finally:
+        os.close(fd)
 
 
 def _hex(oid: bytes) -> ObjectID:
@@ -144,6 +180,10 @@ class GitStore:
     def _index_path(self) -> Path:
         return self.state_dir / "chunks.idx"
 
+    @property
+    def _bases_path(self) -> Path:
+        return self.state_dir / "chunk-bases.idx"
+
     def chunk_index(self) -> dict[bytes, StoredFrame]:
         if self._index is None:
             index: dict[bytes, StoredFrame] = {}
@@ -153,8 +193,15 @@ class GitStore:
                 data = b""
             # A crash mid-append can leave a partial last record: ignore it.
             usable = len(data) - len(data) % _RECORD.size
+            bases: dict[bytes, list[bytes]] = {}
+            try:
+                raw = self._bases_path.read_bytes()
+            except FileNotFoundError:
+                raw = b""
+            for cid, base in _BASE_RECORD.iter_unpack(raw[: len(raw) - len(raw) % _BASE_RECORD.size]):
+                bases.setdefault(cid, []).append(base)
             for cid, oid, flen, n, code in _RECORD.iter_unpack(data[:usable]):
-                index[cid] = StoredFrame(oid, flen, _unpack_modes(n, code))
+                index[cid] = StoredFrame(oid, flen, _unpack_modes(n, code), tuple(bases.get(cid, ())))
             self._index = index
         return self._index
 
@@ -165,15 +212,16 @@ class GitStore:
         if not new:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        blob = b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(new.items()))
-        fd = os.open(self._index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size % _RECORD.size:  # drop a partial record left by a crash
-                os.ftruncate(fd, size - size % _RECORD.size)
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
+        # Bases first: a chunk whose record made it has its bases recorded (a crash in between
+        # leaves bases of a chunk the index does not know, which nothing reads).
+        based = b"".join(_BASE_RECORD.pack(cid, b) for cid, f in sorted(new.items()) for b in f.bases)
+        if based:
+            _append(self._bases_path, based, _BASE_RECORD.size)
+        _append(
+            self._index_path,
+            b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(new.items())),
+            _RECORD.size,
+        )
         index.update(new)
 
     def rebuild_chunk_index(self) -> int:
@@ -181,8 +229,11 @@ class GitStore:
         frames: dict[bytes, StoredFrame] = {}
         for mid in self.versions():
             frames.update(self.version_frames(mid))
-        tmp = self._index_path.with_suffix(".tmp")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._bases_path.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(_BASE_RECORD.pack(cid, b) for cid, f in sorted(frames.items()) for b in f.bases))
+        os.replace(tmp, self._bases_path)
+        tmp = self._index_path.with_suffix(".tmp")
         tmp.write_bytes(b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(frames.items())))
         os.replace(tmp, self._index_path)
         self._index = frames
@@ -292,7 +343,7 @@ class GitStore:
         root = Tree()
         root.add(b"manifest", 0o100644, mblob.id)
         for prefix, part in fan.items():
-            table = {cid: [f.frame_len, f.planes] for cid, f in part.items()}
+            table = {cid: [f.frame_len, f.planes, list(f.bases)] if f.bases else [f.frame_len, f.planes] for cid, f in part.items()}
             tblob = Blob.from_string(bytes(msgpack.packb(table, use_bin_type=True)))
             sub = Tree()
             sub.add(_TABLE, 0o100644, tblob.id)
@@ -385,8 +436,11 @@ class GitStore:
                 except ValueError:
                     raise CorruptObject(f"version {manifest_id.hex()[:16]} names a frame {leaf.path!r}") from None
                 try:
-                    flen, planes = part.get(cid, [0, ""])
-                    out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), int(flen), str(planes))
+                    flen, planes, *rest = part.get(cid, [0, ""])
+                    bases = tuple(bytes(b) for b in rest[0]) if rest else ()
+                    if any(len(b) != 32 for b in bases):
+                        raise ValueError("base id")
+                    out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), int(flen), str(planes), bases)
                 except (TypeError, ValueError):
                     raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: bad entry for {cid.hex()[:16]}") from None
         return out

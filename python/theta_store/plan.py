@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # Every stored version is kept reachable by refs/theta/<manifest id hex> (README "In Git").
 REF_PREFIX = "refs/theta/"
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 _NOT_IN_PACK = (1 << 64) - 1  # what the core reads as "ask read_object for it"
 
 
@@ -120,28 +120,35 @@ class PlannedChunk:
 
 
 class ReadPlan:
-    """What the core needs to rebuild a file: the packs, its chunks in file order, its size and BLAKE3."""
+    """What the core needs to rebuild a file: the packs, its chunks in file order, its size and
+    BLAKE3, and the other chunks its delta frames are decoded against (`bases`: chunks of earlier
+    versions and low-rank factors, length 0 as the plan does not need it)."""
 
-    __slots__ = ("_starts", "blake3", "chunks", "packs", "size")
+    __slots__ = ("_starts", "bases", "blake3", "chunks", "packs", "size")
 
     packs: list[str]
     chunks: list[PlannedChunk]
     size: int
     blake3: bytes
+    bases: list[PlannedChunk]
 
-    def __init__(self, packs: list[str], chunks: list[PlannedChunk], size: int, blake3: bytes) -> None:
+    def __init__(
+        self, packs: list[str], chunks: list[PlannedChunk], size: int, blake3: bytes, bases: list[PlannedChunk] | None = None
+    ) -> None:
         self.packs = packs
         self.chunks = chunks
         self.size = size
         self.blake3 = blake3
+        self.bases = bases or []
         self._starts: list[int] | None = None
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ReadPlan) and (self.packs, self.chunks, self.size, self.blake3) == (
+        return isinstance(other, ReadPlan) and (self.packs, self.chunks, self.size, self.blake3, self.bases) == (
             other.packs,
             other.chunks,
             other.size,
             other.blake3,
+            other.bases,
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable lists inside
@@ -168,6 +175,10 @@ class ReadPlan:
     def native(self) -> list[tuple[int, int, bytes, bytes]]:
         """Every chunk, as the core's calls take them (see `native_chunks`)."""
         return native_chunks(self.chunks)
+
+    def native_bases(self) -> list[tuple[int, int, bytes, bytes]]:
+        """The base chunks, as the core's calls take them (their `bases` argument)."""
+        return native_chunks(self.bases)
 
 
 def native_chunks(chunks: Sequence[PlannedChunk]) -> list[tuple[int, int, bytes, bytes]]:
@@ -234,9 +245,15 @@ def plan_from_store(
     known: Mapping[bytes, tuple[str, int]] | None = None,
 ) -> ReadPlan:
     """The read plan of a version whose manifest is known; the places of frames not `known` (see
-    `locate`) read from the pack indexes."""
-    packs, chunks = locate(store, manifest_id, [c for s in manifest.spans for c in s.chunks], frames, known)
-    return ReadPlan(packs, chunks, manifest.size, manifest.blake3)
+    `locate`) read from the pack indexes. Every chunk of the version's frames that the file does
+    not hold is a base of some delta frame of it."""
+    if frames is None:
+        frames = store.version_frames(manifest_id)
+    mine = [c for s in manifest.spans for c in s.chunks]
+    held = {cid for cid, _ in mine}
+    extra = sorted(cid for cid in frames if cid not in held)
+    packs, chunks = locate(store, manifest_id, mine + [(cid, 0) for cid in extra], frames, known)
+    return ReadPlan(packs, chunks[: len(mine)], manifest.size, manifest.blake3, chunks[len(mine) :])
 
 
 def plan_for(store: VersionStore, pointer: Pointer, *, manifest: Manifest | None = None, where: str = "") -> ReadPlan:
@@ -275,7 +292,7 @@ def load_plan(state_dir: str | os.PathLike[str], pointer: Pointer) -> ReadPlan |
 
     try:
         with open(plan_path(state_dir, pointer.manifest_id), "rb") as f:
-            version, size, blake3, packs, records = msgpack.unpackb(f.read(), use_list=True)
+            version, size, blake3, packs, records, base_records = msgpack.unpackb(f.read(), use_list=True)
         if version != PLAN_VERSION or size != pointer.size or blake3 != pointer.blake3:
             return None
         paths = []
@@ -292,7 +309,12 @@ def load_plan(state_dir: str | os.PathLike[str], pointer: Pointer) -> ReadPlan |
             chunks.append(PlannedChunk(n, cid, oid, Location(pack, offset)))
         if total != size:
             return None
-        return ReadPlan(paths, chunks, size, blake3)
+        bases = []
+        for pack, offset, cid, oid in base_records:
+            if not (0 <= pack < len(paths) and offset >= 0 and _is_id(cid, 32) and _is_id(oid, 20)):
+                return None
+            bases.append(PlannedChunk(0, cid, oid, Location(pack, offset)))
+        return ReadPlan(paths, chunks, size, blake3, bases)
     except (OSError, ValueError, TypeError, msgpack.UnpackException):
         return None
 
@@ -303,7 +325,7 @@ def _is_id(value: object, n: int) -> bool:
 
 def save_plan(state_dir: str | os.PathLike[str], pointer: Pointer, plan: ReadPlan) -> None:
     """Keep `plan` for the next checkout of this version (best effort: it is only a cache)."""
-    if any(c.location is None for c in plan.chunks):
+    if any(c.location is None for c in [*plan.chunks, *plan.bases]):
         return  # a loose object: read through the object store each time
     import msgpack
 
@@ -313,8 +335,9 @@ def save_plan(state_dir: str | os.PathLike[str], pointer: Pointer, plan: ReadPla
         os.makedirs(os.path.dirname(path), exist_ok=True)
         packs = [[p, os.stat(p).st_size] for p in plan.packs]
         records = [[c.length, c.location.pack, c.location.offset, c.chunk_id, c.object_id] for c in plan.chunks if c.location is not None]
+        bases = [[c.location.pack, c.location.offset, c.chunk_id, c.object_id] for c in plan.bases if c.location is not None]
         with open(tmp, "wb") as f:
-            f.write(msgpack.packb([PLAN_VERSION, plan.size, plan.blake3, packs, records], use_bin_type=True))
+            f.write(msgpack.packb([PLAN_VERSION, plan.size, plan.blake3, packs, records, bases], use_bin_type=True))
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -125,7 +125,7 @@ class CheckpointReader:
     def _read(self, plan: ReadPlan, start: int, end: int) -> bytes:
         """File bytes [start, end), decoding the chunks that hold them."""
         picked, first = plan.covering(start, end)
-        data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object))
+        data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases()))
         return data[start - first : end - first]
 
     def _view(self, name: str) -> TensorView:

@@ -19,11 +19,13 @@ from typing import Any
 
 from . import _native, install
 from . import remote as transport
-from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to
+from .adapters import adapter_factors
+from .bases import base_version, delta_depth
+from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to, scan
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
-from .plan import REF_PREFIX, load_manifest, locate, native_chunks
+from .plan import REF_PREFIX, load_manifest, native_chunks, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 from .remote import ensure_versions
 
@@ -88,15 +90,35 @@ class Repo:
         progress: bool | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         scanned: Scanned | None = None,
+        base: str | None = None,
+        lora: str | os.PathLike[str] | None = None,
     ) -> list[AddReport]:
         """Store each checkpoint and stage its pointer in the Git index. `scanned`: the scan of
-        one of them, done already (`checkpoint.scan`)."""
+        one of them, done already (`checkpoint.scan`). Changed tensors are stored as deltas
+        against the file's version in HEAD, or in revision `base`; `lora`: a PEFT adapter
+        folder whose updates were folded into the checkpoint (its factors predict the change)."""
         reports = []
+        depth = delta_depth(self.store)
         for path in paths:
             rel = self.relpath(path)
             if not os.path.isfile(path):
                 raise ObjectNotFound(f"{path}: no such file")
-            r = add_file(self.store, path, chunk_bytes=chunk_bytes, progress=progress, scanned=scanned)
+            against = base_version(self.store, rel, base) if depth else None
+            factors = None
+            if lora is not None:
+                if scanned is None or scanned.path != path:
+                    scanned = scan(path, chunk_bytes, progress)
+                factors = adapter_factors(lora, {s.name: s.shape for s in scanned.spans if not s.opaque})
+            r = add_file(
+                self.store,
+                path,
+                chunk_bytes=chunk_bytes,
+                progress=progress,
+                scanned=scanned,
+                base=against,
+                max_depth=depth,
+                factors=factors,
+            )
             if stage:
                 self.store.stage_blob(rel, r.pointer.to_bytes())
             reports.append(
@@ -438,20 +460,20 @@ class Repo:
         for mid in versions:
             try:
                 m = load_manifest(self.store, mid)
-                todo = [(c, n) for s in m.spans for c, n in s.chunks if c not in checked]
-                todo = list(dict(todo).items())
-                packs, chunks = locate(self.store, mid, todo)
+                plan = plan_from_store(self.store, mid, m)
+                packs, bases = plan.packs, plan.native_bases()
+                chunks = list({c.chunk_id: c for c in plan.chunks if c.chunk_id not in checked}.values())
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
             for i in range(0, len(chunks), FSCK_BATCH):
                 batch = chunks[i : i + FSCK_BATCH]
                 try:
-                    _native.read_chunks(native_chunks(batch), packs, self.store.read_object)
+                    _native.read_chunks(native_chunks(batch), packs, self.store.read_object, bases)
                 except (ObjectNotFound, CorruptObject, OSError):
                     for c in batch:  # find which ones
                         try:
-                            _native.read_chunks(native_chunks([c]), packs, self.store.read_object)
+                            _native.read_chunks(native_chunks([c]), packs, self.store.read_object, bases)
                         except (ObjectNotFound, CorruptObject, OSError) as e:
                             problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": str(e)})
                 checked.update(c.chunk_id for c in batch)

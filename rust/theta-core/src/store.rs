@@ -184,6 +184,8 @@ impl FrameSink for PackSink {
 pub struct GitPacks<'a> {
     packs: Vec<(File, String)>,
     objects: &'a dyn ObjectStore,
+    /// Chunks that may be asked for by id (the bases of delta frames): object and place.
+    known: HashMap<ChunkId, (ObjectId, Option<Location>)>,
 }
 
 impl<'a> GitPacks<'a> {
@@ -197,7 +199,21 @@ impl<'a> GitPacks<'a> {
                     .map_err(|e| Error::io(n, e))
             })
             .collect::<Result<_>>()?;
-        Ok(GitPacks { packs, objects })
+        Ok(GitPacks {
+            packs,
+            objects,
+            known: HashMap::new(),
+        })
+    }
+
+    /// Let chunks be read by id: `(chunk, object, place)`, e.g. the bases a version's frames name.
+    pub fn know(
+        &mut self,
+        chunks: impl IntoIterator<Item = (ChunkId, ObjectId, Option<Location>)>,
+    ) {
+        for (c, o, at) in chunks {
+            self.known.insert(c, (o, at));
+        }
     }
 }
 
@@ -210,12 +226,22 @@ impl FrameSource for GitPacks<'_> {
     }
 
     fn read_by_id(&self, chunk: &ChunkId, object: Option<&ObjectId>) -> Result<Vec<u8>> {
-        match object {
-            Some(o) => self.objects.read(o),
-            None => Err(Error::NotFound(format!(
-                "chunk {}: Git finds frames by object id only",
-                hex(chunk)
-            ))),
+        if let Some(o) = object {
+            return self.objects.read(o);
         }
+        let Some((o, at)) = self.known.get(chunk) else {
+            return Err(Error::NotFound(format!(
+                "base chunk {}: not among the chunks of this version",
+                hex(chunk)
+            )));
+        };
+        if let Some(at) = at {
+            let mut out = Vec::new();
+            // A base is a chunk: its frame is at most a few MiB (the decoder bounds it again).
+            if self.read_at(*at, 1 << 31, &mut out)? {
+                return Ok(out);
+            }
+        }
+        self.objects.read(o)
     }
 }

@@ -441,6 +441,8 @@ struct WrittenFrame {
     frame_len: u64,
     planes: String,
     offset: u64,
+    /// The chunk ids its frame is decoded against (empty: a plain frame).
+    bases: Vec<Py<PyBytes>>,
 }
 
 #[pymethods]
@@ -467,6 +469,11 @@ fn written_frames(py: Python<'_>, written: &[Written]) -> Vec<WrittenFrame> {
                 frame_len: w.frame_len,
                 planes: planes.join("+"),
                 offset: w.at.offset,
+                bases: w
+                    .bases
+                    .iter()
+                    .map(|b| PyBytes::new(py, b).unbind())
+                    .collect(),
             }
         })
         .collect()
@@ -481,6 +488,56 @@ fn to_chunks(chunks: Vec<(u64, u64, String, Vec<u8>)>) -> PyResult<Vec<Chunk>> {
                 len,
                 dtype: dtype(&dt)?,
                 id: id32(&id, "chunk id")?,
+            })
+        })
+        .collect()
+}
+
+/// A delta job as Python hands it over (see `PackBuilder.write_deltas`).
+type DeltaJobTuple<'py> = (
+    u64,
+    u64,
+    String,
+    Vec<u64>,
+    Vec<(u64, u64, String, Vec<u8>)>,
+    Vec<ChunkTuple<'py>>,
+    Option<(usize, usize, usize, Vec<u8>, Vec<u8>)>,
+);
+
+fn f32s(b: &[u8], n: usize, what: &str) -> PyResult<Vec<f32>> {
+    if b.len() != n * 4 {
+        return Err(InvalidArgument::new_err(format!(
+            "{what}: {} bytes, expected {} float32 values",
+            b.len(),
+            n
+        )));
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect())
+}
+
+fn to_jobs(jobs: Vec<DeltaJobTuple<'_>>) -> PyResult<Vec<pipeline::DeltaJob>> {
+    jobs.into_iter()
+        .map(|(offset, len, dt, shape, chunks, base, factors)| {
+            let factors = match factors {
+                None => None,
+                Some((rows, cols, rank, u, v)) => Some(theta_core::tensordelta::Factors {
+                    rows,
+                    cols,
+                    rank,
+                    u: f32s(&u, rows * rank, "factor U")?,
+                    v: f32s(&v, rank * cols, "factor V")?,
+                }),
+            };
+            Ok(pipeline::DeltaJob {
+                offset,
+                len,
+                dtype: dtype(&dt)?,
+                shape,
+                chunks: to_chunks(chunks)?,
+                base: restore_chunks(base)?,
+                factors,
             })
         })
         .collect()
@@ -588,6 +645,80 @@ impl PackBuilder {
         self.write(py, &input, &chunks, progress)
     }
 
+    /// Encode changed tensors against their bases into frames (see `pipeline::write_deltas`).
+    ///
+    /// jobs: [(offset, length, dtype, shape, chunks, base_chunks, factors)] where chunks are
+    /// (offset, length, dtype, chunk_id) of the input as for write_file, base_chunks the base
+    /// tensor's chunks as restore_file takes them, and factors None or (rows, cols, rank, u, v)
+    /// with u, v float32 bytes. The input is the file at `path` (with its scan's `stamp`) or
+    /// `buffers`. `bases`: more chunks the bases' frames may name (their own bases).
+    #[pyo3(signature = (jobs, packs, read_object, bases=Vec::new(), max_depth=4, path=None, stamp=None, buffers=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn write_deltas(
+        &self,
+        py: Python<'_>,
+        jobs: Vec<DeltaJobTuple<'_>>,
+        packs: Vec<PathBuf>,
+        read_object: Py<PyAny>,
+        bases: Vec<ChunkTuple<'_>>,
+        max_depth: usize,
+        path: Option<PathBuf>,
+        stamp: Option<Stamp>,
+        buffers: Option<Vec<Bound<'_, PyAny>>>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<WrittenFrame>> {
+        let jobs = to_jobs(jobs)?;
+        let known = restore_chunks(bases)?;
+        let held;
+        let file;
+        let input: &dyn Input = match (&path, buffers) {
+            (Some(p), None) => {
+                file = py
+                    .detach(|| FileInput::open_scanned(p, to_stamp(stamp)))
+                    .map_err(to_py)?;
+                &file
+            }
+            (None, Some(b)) => {
+                held = Held::new(&b)?;
+                &held.input()
+            }
+            _ => {
+                return Err(InvalidArgument::new_err(
+                    "write_deltas needs a path or buffers",
+                ))
+            }
+        };
+        let written = self.with_sink(|sink| {
+            let errors = ErrorSlot::default();
+            let r = {
+                let store = PyStore {
+                    read: &read_object,
+                    errors: &errors,
+                };
+                let p = PyProgress {
+                    callback: progress.as_ref(),
+                    errors: &errors,
+                };
+                let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
+                py.detach(|| {
+                    let mut source = GitPacks::open(&packs, &store)?;
+                    source.know(
+                        jobs.iter()
+                            .flat_map(|j| &j.base)
+                            .chain(&known)
+                            .map(|c| (c.id, c.object, c.at)),
+                    );
+                    pipeline::write_deltas(input, &jobs, &source, sink, max_depth, &p)
+                })
+            };
+            errors.finish(r)
+        });
+        if written.is_err() {
+            self.abort();
+        }
+        Ok(written_frames(py, &written?))
+    }
+
     /// Append small objects [(kind, data)] ("blob", "tree", "commit") after the frames.
     fn add_objects(&self, py: Python<'_>, objects: Vec<(String, Vec<u8>)>) -> PyResult<()> {
         let objects = object_kinds(objects)?;
@@ -693,15 +824,18 @@ fn restore_chunks(chunks: Vec<ChunkTuple<'_>>) -> PyResult<Vec<RestoreChunk>> {
 /// What restore_file, send_file and read_chunks share: convert the chunk tuples, then run `job`
 /// without the GIL, on the packs with the object store behind them; a Python error raised by a
 /// callback wins over the error it caused.
+#[allow(clippy::too_many_arguments)]
 fn with_chunks<T: Send>(
     py: Python<'_>,
     chunks: Vec<ChunkTuple<'_>>,
+    known: Vec<ChunkTuple<'_>>,
     packs: &[PathBuf],
     read_object: &Py<PyAny>,
     progress: Option<&Py<PyAny>>,
     job: impl FnOnce(&[RestoreChunk], &GitPacks, &PyProgress) -> Result<T, Error> + Send,
 ) -> PyResult<T> {
     let chunks = restore_chunks(chunks)?;
+    let known = restore_chunks(known)?;
     let errors = ErrorSlot::default();
     let r = {
         let store = PyStore {
@@ -714,7 +848,9 @@ fn with_chunks<T: Send>(
         };
         let packs: Vec<&Path> = packs.iter().map(|p| p.as_path()).collect();
         py.detach(|| {
-            let source = GitPacks::open(&packs, &store)?;
+            let mut source = GitPacks::open(&packs, &store)?;
+            // Any chunk of the version may be a base of another; so may the extra ones.
+            source.know(chunks.iter().chain(&known).map(|c| (c.id, c.object, c.at)));
             job(&chunks, &source, &p)
         })
     };
@@ -726,7 +862,7 @@ fn with_chunks<T: Send>(
 /// chunks: [(length, location, chunk_id, object_id)] in file order, where location is
 /// (pack_number << 48 | offset) or 2**64-1 to ask read_object(object_id) -> bytes.
 #[pyfunction]
-#[pyo3(signature = (out_path, chunks, packs, size, file_id, read_object, progress=None))]
+#[pyo3(signature = (out_path, chunks, packs, size, file_id, read_object, progress=None, bases=Vec::new()))]
 #[allow(clippy::too_many_arguments)]
 fn restore_file(
     py: Python<'_>,
@@ -737,11 +873,13 @@ fn restore_file(
     file_id: Vec<u8>,
     read_object: Py<PyAny>,
     progress: Option<Py<PyAny>>,
+    bases: Vec<ChunkTuple<'_>>,
 ) -> PyResult<()> {
     let file_id = id32(&file_id, "file id")?;
     with_chunks(
         py,
         chunks,
+        bases,
         &packs,
         &read_object,
         progress.as_ref(),
@@ -753,6 +891,8 @@ fn restore_file(
 /// `out_path` (the filter's stdout, e.g. "/dev/fd/1"), verifying the file's BLAKE3.
 /// The caller writes the flush packet and the status.
 #[pyfunction]
+#[pyo3(signature = (out_path, chunks, packs, size, file_id, read_object, bases=Vec::new()))]
+#[allow(clippy::too_many_arguments)]
 fn send_file(
     py: Python<'_>,
     out_path: PathBuf,
@@ -761,11 +901,13 @@ fn send_file(
     size: u64,
     file_id: Vec<u8>,
     read_object: Py<PyAny>,
+    bases: Vec<ChunkTuple<'_>>,
 ) -> PyResult<()> {
     let file_id = id32(&file_id, "file id")?;
     with_chunks(
         py,
         chunks,
+        bases,
         &packs,
         &read_object,
         None,
@@ -827,15 +969,18 @@ fn receive_content<'py>(
 
 /// Decode chunks to bytes (same chunk tuples as restore_file).
 #[pyfunction]
+#[pyo3(signature = (chunks, packs, read_object, bases=Vec::new()))]
 fn read_chunks<'py>(
     py: Python<'py>,
     chunks: Vec<ChunkTuple<'py>>,
     packs: Vec<PathBuf>,
     read_object: Py<PyAny>,
+    bases: Vec<ChunkTuple<'py>>,
 ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
     let raw = with_chunks(
         py,
         chunks,
+        bases,
         &packs,
         &read_object,
         None,

@@ -1,6 +1,7 @@
 //! Whole-file work, in three parts that share the types below:
 //! - [`scan`]: cut a file (or memory buffers) into chunks and hash them;
 //! - [`write`]: encode the new chunks into frames and append them to a [`FrameSink`];
+//! - [`deltas`]: encode changed tensors against their bases (the previous version's tensors);
 //! - [`read`]: decode frames from a [`FrameSource`] into a file, a pkt-line stream or memory.
 //!
 //! The bytes come from an [`Input`]: a file, mapped whole where it can be (else read with
@@ -10,6 +11,7 @@
 //! [`FrameSink`]: crate::store::FrameSink
 //! [`FrameSource`]: crate::store::FrameSource
 
+pub mod deltas;
 pub mod input;
 pub mod read;
 pub mod scan;
@@ -21,6 +23,7 @@ use crate::frame::{ChunkId, PlaneMode};
 use crate::pack::ObjectId;
 use crate::store::Location;
 
+pub use deltas::{write_deltas, DeltaJob};
 pub use input::{FileStamp, Input};
 pub use read::{read_chunks, restore_file, stream_file, ObjectStore, RestoreChunk};
 pub use scan::{scan, scan_file, Scan};
@@ -55,6 +58,8 @@ pub struct Written {
     pub frame_len: u64,
     /// How each byte plane was stored.
     pub planes: Vec<PlaneMode>,
+    /// The chunks its frame is decoded against (empty: a plain frame).
+    pub bases: Vec<ChunkId>,
     /// Where the sink put the frame.
     pub at: Location,
 }

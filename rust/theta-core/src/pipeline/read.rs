@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::frame::{self, hex, BaseCodec, ChunkId};
 use crate::pack::ObjectId;
 use crate::store::{FrameSource, Location};
+use crate::tensordelta::codecs;
 
 pub use crate::store::ObjectStore;
 
@@ -44,14 +46,15 @@ const MAX_BASE_DEPTH: usize = 8;
 /// Largest chunk a frame may claim (chunks are a few MiB): bounds what a header can allocate.
 const MAX_CHUNK: u64 = 1 << 30;
 
-/// The raw bytes of base chunk `id`, decoded (bases of its own included) and verified.
+/// The raw bytes of base chunk `id`, decoded (bases of its own included) and verified, and its
+/// chain depth (0: a frame without bases).
 fn base(
     source: &dyn FrameSource,
     codecs: &[&dyn BaseCodec],
     id: &ChunkId,
-    depth: usize,
-) -> Result<Vec<u8>> {
-    if depth > MAX_BASE_DEPTH {
+    level: usize,
+) -> Result<(Vec<u8>, usize)> {
+    if level > MAX_BASE_DEPTH {
         return Err(Error::CorruptFrame(format!(
             "base chunk {}: bases nest deeper than {MAX_BASE_DEPTH}",
             hex(id)
@@ -68,19 +71,42 @@ fn base(
         )));
     }
     let mut out = vec![0u8; info.raw_len as usize];
-    let resolve = |b: &ChunkId| base(source, codecs, b, depth + 1);
-    frame::decode_frame_with(&f, &mut out, &resolve, codecs)?;
-    Ok(out)
+    let (_, depth) = decode_counting(&f, &mut out, source, codecs, level, Verify::Chunk)?;
+    Ok((out, depth))
+}
+
+/// Decode `frame` into `out`, its bases from `source` at nesting `level`; returns the header and
+/// the frame's chain depth (0 without bases, else one more than its deepest base).
+fn decode_counting(
+    frame: &[u8],
+    out: &mut [u8],
+    source: &dyn FrameSource,
+    codecs: &[&dyn BaseCodec],
+    level: usize,
+    verify: Verify,
+) -> Result<(frame::FrameInfo, usize)> {
+    let deepest = AtomicUsize::new(0);
+    let resolve = |b: &ChunkId| {
+        let (raw, d) = base(source, codecs, b, level + 1)?;
+        deepest.fetch_max(d + 1, Ordering::Relaxed);
+        Ok(raw)
+    };
+    let info = match verify {
+        Verify::Chunk => frame::decode_frame_with(frame, out, &resolve, codecs),
+        Verify::ByFile => frame::decode_frame_unverified_with(frame, out, &resolve, codecs),
+    }?;
+    Ok((info, deepest.into_inner()))
 }
 
 /// Decode one chunk's frame into `out` (its exact length), checking it is the chunk wanted.
+/// Returns the chunk's chain depth (0: stored without bases).
 fn decode_chunk(
     c: &RestoreChunk,
     source: &dyn FrameSource,
     codecs: &[&dyn BaseCodec],
     out: &mut [u8],
     verify: Verify,
-) -> Result<()> {
+) -> Result<usize> {
     let max = c.len * 2 + 4096;
     FRAME.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -95,17 +121,13 @@ fn decode_chunk(
             fetched = source.read_by_id(&c.id, Some(&c.object))?;
             &fetched
         };
-        let resolve = |b: &ChunkId| base(source, codecs, b, 1);
-        let info = match verify {
-            Verify::Chunk => frame::decode_frame_with(frame, out, &resolve, codecs),
-            Verify::ByFile => frame::decode_frame_unverified_with(frame, out, &resolve, codecs),
-        }
-        .map_err(|e| match e {
-            Error::CorruptFrame(m) => {
-                Error::CorruptFrame(format!("object {}: {m}", hex(&c.object)))
-            }
-            e => e,
-        })?;
+        let (info, depth) =
+            decode_counting(frame, out, source, codecs, 1, verify).map_err(|e| match e {
+                Error::CorruptFrame(m) => {
+                    Error::CorruptFrame(format!("object {}: {m}", hex(&c.object)))
+                }
+                e => e,
+            })?;
         if info.id != c.id {
             return Err(Error::CorruptFrame(format!(
                 "object {} holds chunk {} but the manifest wants {}",
@@ -114,7 +136,7 @@ fn decode_chunk(
                 hex(&c.id)
             )));
         }
-        Ok(())
+        Ok(depth)
     })
 }
 
@@ -132,7 +154,7 @@ fn check_file_id(
     }
     chunks.par_iter().try_for_each_init(Vec::new, |buf, c| {
         buf.resize(c.len as usize, 0);
-        decode_chunk(c, source, &[], buf, Verify::Chunk)
+        decode_chunk(c, source, codecs(), buf, Verify::Chunk).map(|_| ())
     })?;
     Err(Error::CorruptFrame(format!(
         "restored file hashes to {} but the manifest says {}",
@@ -208,7 +230,7 @@ pub fn restore_file(
             .zip(offsets.par_iter())
             .try_for_each_init(Vec::new, |buf, (c, &off)| {
                 buf.resize(c.len as usize, 0);
-                decode_chunk(c, source, &[], buf, Verify::ByFile)?;
+                decode_chunk(c, source, codecs(), buf, Verify::ByFile)?;
                 out.write_all_at(buf, off)
                     .map_err(|e| Error::io(&out_name, e))?;
                 flusher.wrote(c.len);
@@ -268,7 +290,7 @@ pub fn stream_file(
         g.par_iter()
             .map(|c| {
                 let mut raw = take(c.len);
-                decode_chunk(c, source, &[], &mut raw, Verify::ByFile)?;
+                decode_chunk(c, source, codecs(), &mut raw, Verify::ByFile)?;
                 Ok(raw)
             })
             .collect()
@@ -299,7 +321,7 @@ pub fn stream_file(
 
 /// Decode chunks to memory (for lazy tensor reads), in parallel, verifying every id.
 pub fn read_chunks(chunks: &[RestoreChunk], source: &dyn FrameSource) -> Result<Vec<Vec<u8>>> {
-    read_chunks_with(chunks, source, &[])
+    read_chunks_with(chunks, source, codecs())
 }
 
 /// [`read_chunks`] with codecs for frames that refer to base chunks (format 3).
@@ -322,5 +344,33 @@ pub fn read_chunks_with(
             decode_chunk(c, source, codecs, &mut raw, Verify::Chunk)?;
             Ok(raw)
         })
+        .collect()
+}
+
+/// Decode `chunks` one after the other into `out` (their total length), verifying each id, in
+/// parallel; returns each chunk's chain depth. The write path reads a delta's base tensor so.
+pub fn read_into(
+    chunks: &[RestoreChunk],
+    source: &dyn FrameSource,
+    out: &mut [u8],
+) -> Result<Vec<usize>> {
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    if total != out.len() as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "{total} bytes of chunks into a buffer of {}",
+            out.len()
+        )));
+    }
+    let mut parts = Vec::with_capacity(chunks.len());
+    let mut rest = out;
+    for c in chunks {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(c.len as usize);
+        parts.push(head);
+        rest = tail;
+    }
+    chunks
+        .par_iter()
+        .zip(parts.into_par_iter())
+        .map(|(c, part)| decode_chunk(c, source, codecs(), part, Verify::Chunk))
         .collect()
 }

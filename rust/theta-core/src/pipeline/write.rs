@@ -109,6 +109,7 @@ pub fn write_frames(
                         object: *object,
                         frame_len: f.len() as u64,
                         planes: info.planes.into_iter().map(|p| p.0).collect(),
+                        bases: info.bases,
                         at,
                     })
                 });
