@@ -780,10 +780,10 @@ def test_checkout_plans_survive_repack_and_damage(tmp_path: Path) -> None:
     import msgpack
 
     g(a, "checkout", "HEAD", "--", "model.safetensors")
-    version, size, blake3, packs, tuples = msgpack.unpackb(_plan(a, ver1).read_bytes())
+    version, size, blake3, packs, tuples, bases = msgpack.unpackb(_plan(a, ver1).read_bytes())
     assert len(tuples) >= 2
     tuples[0], tuples[1] = tuples[1], tuples[0]
-    _plan(a, ver1).write_bytes(msgpack.packb([version, size, blake3, packs, tuples]))
+    _plan(a, ver1).write_bytes(msgpack.packb([version, size, blake3, packs, tuples, bases]))
     r = g(a, "checkout", "HEAD~1", "--", "model.safetensors", ok=False)
     assert "model.safetensors" in r.stderr and "damaged" in r.stderr, r.stderr
     _assert_no_broken_file(m, v1, v2)

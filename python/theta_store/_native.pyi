@@ -99,7 +99,7 @@ class PackBuilder:
         packs: list[str],
         read_object: Callable[[bytes], bytes],
         bases: list[tuple[int, int, bytes, bytes]] = ...,
-        max_depth: int = 4,
+        max_depth: int = 1,
         path: str | None = None,
         stamp: tuple[int, int, int, int, int] | None = None,
         buffers: Sequence[Buffer] | None = None,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _native, packs
 from .manifest import Manifest, Pointer, SpanEntry
-from .plan import ReadPlan, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
+from .plan import PlannedChunk, ReadPlan, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "AddResult", "ScanSpan", "Scanned", "add_file"
 # Chosen by benchmark (benches/bench_chunk_size.py): see README "Chunk size".
 DEFAULT_CHUNK_BYTES = 2 << 20
 # Most delta frames a chunk is decoded through (`thetastore.deltaDepth`): see README "Deltas".
-DEFAULT_DELTA_DEPTH = 4
+DEFAULT_DELTA_DEPTH = 1
 MAX_DELTA_DEPTH = 7  # the core refuses bases nested deeper than 8
 # A user-supplied low-rank predictor per tensor name: (rows, cols, rank, U f32 bytes, V f32 bytes).
 Factors = tuple[int, int, int, bytes, bytes]
@@ -41,6 +41,7 @@ class AddResult:
     reused_chunks: int
     new_bytes: int  # frame bytes written now
     reused_bytes: int  # raw bytes that were already stored
+    delta_chunks: int = 0  # new chunks stored as deltas
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ def add_file(
         else:
             todo.append(c)
     todo.sort()
-    deltas = _delta_plan(store, scanned, todo, base, factors or {}) if base is not None and max_depth > 0 else None
+    max_depth = min(max_depth, MAX_DELTA_DEPTH)
+    deltas = _delta_plan(store, scanned, todo, base, factors or {}, max_depth) if base is not None and max_depth > 0 else None
     if deltas is not None:
         coded = {c[3] for job in deltas.jobs for c in job[4]}
         todo = [c for c in todo if c[3] not in coded]
@@ -185,7 +187,7 @@ def add_file(
                     deltas.plan.packs,
                     store.read_object,
                     deltas.plan.native_bases(),
-                    min(max_depth, MAX_DELTA_DEPTH),
+                    max_depth,
                     path=path if scanned.buffers is None else None,
                     stamp=stamp,
                     buffers=scanned.buffers,
@@ -217,7 +219,16 @@ def add_file(
     placed = {w.object_id: (pack, w.offset) for w in written} if pack is not None and not rolled["packs"] else {}
     save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames, placed))
     reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
-    return AddResult(pointer, manifest, size, len(new), len(all_chunks) - len(new), sum(f.frame_len for f in new.values()), reused_raw)
+    return AddResult(
+        pointer,
+        manifest,
+        size,
+        len(new),
+        sum(1 for cid in all_chunks if cid not in new),
+        sum(f.frame_len for f in new.values()),
+        reused_raw,
+        sum(1 for f in new.values() if f.bases),
+    )
 
 
 @dataclass
@@ -230,9 +241,17 @@ class _Deltas:
     bytes: int
 
 
-def _delta_plan(store: GitStore, scanned: Scanned, todo: list[ScannedChunk], base: Pointer, factors: dict[str, Factors]) -> _Deltas | None:
+def _delta_plan(
+    store: GitStore, scanned: Scanned, todo: list[ScannedChunk], base: Pointer, factors: dict[str, Factors], max_depth: int
+) -> _Deltas | None:
     """Pair each tensor with new chunks with the same tensor (name, shape, dtype) of version
-    `base`. None when that version is not here (the add then stores whole frames)."""
+    `base`. None when that version is not here (the add then stores whole frames).
+
+    A chunk of the base version that is already `max_depth` deltas deep is replaced by the
+    whole frame its chain starts from (the same place of the tensor in an older version): the
+    new chunk is coded against that keyframe, one delta deep, rather than stored whole. A
+    chunk changed in every version (a training run's checkpoints) is so coded against the
+    keyframe, until a whole frame is smaller than the delta and the chain starts again."""
     from .errors import CorruptObject, ObjectNotFound
 
     try:
@@ -248,6 +267,25 @@ def _delta_plan(store: GitStore, scanned: Scanned, todo: list[ScannedChunk], bas
         if s.kind == "tensor":
             btensors.setdefault(s.name, (s, pos))
         pos += len(s.chunks)
+    planned = {c.chunk_id: c for c in [*bplan.chunks, *bplan.bases]}
+
+    def chain(cid: bytes) -> tuple[int, bytes]:
+        """A base chunk's depth and the chunk its chain starts from (the first base is the
+        same place's chunk in the version before; any other is a factors chunk)."""
+        depth = 0
+        while bframes[cid].bases and depth <= MAX_DELTA_DEPTH:
+            cid = bframes[cid].bases[0]
+            depth += 1
+        return depth, cid
+
+    def base_chunks(chunks: list[PlannedChunk]) -> list[PlannedChunk]:
+        out = []
+        for c in chunks:
+            depth, root = chain(c.chunk_id) if c.chunk_id in bframes else (0, c.chunk_id)
+            r = planned.get(root)
+            out.append(PlannedChunk(c.length, r.chunk_id, r.object_id, r.location) if depth >= max_depth and r is not None else c)
+        return out
+
     wanted = {c[3] for c in todo}
     jobs: list[Any] = []
     total = 0
@@ -264,7 +302,7 @@ def _delta_plan(store: GitStore, scanned: Scanned, todo: list[ScannedChunk], bas
         if not mine:
             continue
         taken.update(c[3] for c in mine)
-        bchunks = native_chunks(bplan.chunks[k : k + len(b.chunks)])
+        bchunks = native_chunks(base_chunks(bplan.chunks[k : k + len(b.chunks)]))
         f = factors.get(span.name)
         jobs.append((span.offset, span.length, span.codec_dtype, list(span.shape), mine, bchunks, f))
         total += sum(c[1] for c in mine)

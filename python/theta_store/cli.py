@@ -85,8 +85,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     with repo() as rp:
         reports = rp.add(args.paths, progress=args.progress, scanned=scanned, base=args.base, lora=args.lora)
     lines = [
-        f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}; new {human_size(r.new_bytes)} in {r.new_chunks} chunks, "
-        f"reused {human_size(r.reused_bytes)} in {r.reused_chunks} chunks"
+        f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}; new {human_size(r.new_bytes)} in {r.new_chunks} chunks"
+        f"{f' ({r.delta_chunks} as deltas)' if r.delta_chunks else ''}, reused {human_size(r.reused_bytes)} in {r.reused_chunks} chunks"
         for r in reports
     ]
     for r in reports:
@@ -127,6 +127,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             human_size(r["bytes"]),
             human_size(r["stored"]),
             f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-",
+            r["encoding"],
             r["codec"],
         ]
         for r in info["rows"]
@@ -135,7 +136,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"{info['path']}: {info['format']}, {info['tensors']} tensors, {human_size(info['size'])} stored as {human_size(info['stored'])}"
         f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
     )
-    _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "codec (per byte plane)"]))
+    _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "stored as", "codec (per byte plane)"]))
     return 0
 
 

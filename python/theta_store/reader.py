@@ -128,6 +128,13 @@ class CheckpointReader:
         data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases()))
         return data[start - first : end - first]
 
+    def raw_bytes(self, name: str) -> bytes:
+        """The bytes of tensor `name` as they lie in the file (its region, whatever its layout)."""
+        v = self._view(name)
+        if v.span is None:
+            raise ThetaStoreError(f"{self.path}: tensor {name!r} is stored inside the skeleton (compressed member); read the file")
+        return self._bytes(v.span)
+
     def _view(self, name: str) -> TensorView:
         try:
             return self._views[name]

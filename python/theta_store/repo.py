@@ -22,6 +22,7 @@ from . import remote as transport
 from .adapters import adapter_factors
 from .bases import base_version, delta_depth
 from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to, scan
+from .encodings import KINDS, chunk_kinds
 from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
@@ -43,6 +44,8 @@ class AddReport:
     reused_chunks: int
     new_bytes: int
     reused_bytes: int
+    delta_chunks: int = 0  # new chunks stored as deltas against the base version
+    base: str = ""  # the base version's manifest id (hex), if there was one
     tracked: bool = True  # a .gitattributes pattern gives the path our filter: clones get the checkpoint
 
 
@@ -132,6 +135,8 @@ class Repo:
                     r.reused_chunks,
                     r.new_bytes,
                     r.reused_bytes,
+                    r.delta_chunks,
+                    against.manifest_id.hex() if against is not None else "",
                 )
             )
         if stage:
@@ -372,10 +377,12 @@ class Repo:
         p = self.pointer(path, rev)
         m = load_manifest(self.store, p.manifest_id)
         frames = self.store.version_frames(p.manifest_id)
+        kinds = chunk_kinds(self.store, frames, (c for s in m.spans for c, _ in s.chunks))
         rows = []
         for s in m.spans:
             stored = sum(frames[c].frame_len for c, _ in s.chunks if c in frames)
             codecs = sorted({frames[c].planes for c, _ in s.chunks if c in frames})
+            used = {kinds[c] for c, _ in s.chunks if c in kinds}
             rows.append(
                 {
                     "name": s.name if s.kind == "tensor" else "(skeleton)",
@@ -387,6 +394,7 @@ class Repo:
                     "stored": stored,
                     "chunks": len(s.chunks),
                     "codec": ",".join(codecs),
+                    "encoding": "+".join(k for k in KINDS if k in used) or "plain",
                 }
             )
         unique = {c for s in m.spans for c, _ in s.chunks}
