@@ -27,7 +27,8 @@ v1 (a branch per scenario, so the previous version is always v1):
 measured after the commit, with no gc or repack for either tool: Git LFS's copy under .git/lfs,
 theta-store's packs, and the loose pointer, tree and commit objects of both count the same way.
 Each version checks out byte-exactly (BLAKE3 of the file) with `git status` clean. Peak RSS is
-that of `git add` under /usr/bin/time -v (git and the filter process it waits for).
+that of `git add` under /usr/bin/time -v (git and the filter process it waits for). The JSON also
+has `object_bytes`, the growth of .git/objects and .git/lfs/objects alone.
 
     python benches/bench_deltas.py                 # 100M model, 3 runs; ~10 min on 2 cores
     python benches/bench_deltas.py --quick         # 20M model, 1 run (smoke test)
@@ -82,10 +83,20 @@ def add_rss_mb(repo: Path) -> float:
 def commit_version(repo: Path, src: Path, message: str) -> dict[str, float]:
     """Copy `src` in, `git add` + `git commit`: the .git growth, the wall time and the peak RSS."""
     shutil.copy(src, repo / FILE)
-    before = dir_bytes(repo / ".git")
+    before, objects = dir_bytes(repo / ".git"), object_bytes(repo)
     rss: list[float] = []
     seconds = timed(lambda: (rss.append(add_rss_mb(repo)), sh(repo, "git", "commit", "-q", "-m", message)))
-    return {"bytes": dir_bytes(repo / ".git") - before, "add_commit_s": seconds, "peak_rss_mb": rss[0]}
+    return {
+        "bytes": dir_bytes(repo / ".git") - before,
+        "object_bytes": object_bytes(repo) - objects,
+        "add_commit_s": seconds,
+        "peak_rss_mb": rss[0],
+    }
+
+
+def object_bytes(repo: Path) -> int:
+    """The part of .git that is stored versions (git's objects, Git LFS's copies), without caches."""
+    return sum(dir_bytes(repo / ".git" / d) for d in ("objects", "lfs/objects") if (repo / ".git" / d).exists())
 
 
 def digest(path: Path) -> str:
@@ -231,6 +242,7 @@ def run_minilm(root: Path) -> dict[str, dict[str, float]]:
             check_out_exactly(repo, "main", digest(p2))
             row[f"{tool}_v1_bytes"] = first["bytes"]
             row[f"{tool}_v2_bytes"] = second["bytes"]
+            row[f"{tool}_v2_object_bytes"] = second["object_bytes"]
             row[f"{tool}_v2_ratio"] = second["bytes"] / raw
             row[f"{tool}_v2_add_commit_s"] = second["add_commit_s"]
             row[f"{tool}_v2_peak_rss_mb"] = second["peak_rss_mb"]
@@ -275,6 +287,7 @@ def run_chain(root: Path, v1: dict[str, np.ndarray], n: int, runs: int) -> dict[
         delta_add = median([r["add_commit_s"] for r in rows[1:]]) if n > 1 else float("nan")
         out[tool] = {
             "bytes_per_version": [r["bytes"] for r in rows],
+            "object_bytes_per_version": [r["object_bytes"] for r in rows],
             "add_commit_s_per_version": [r["add_commit_s"] for r in rows],
             "total_bytes": sum(r["bytes"] for r in rows),
             "first_add_commit_s": rows[0]["add_commit_s"],
