@@ -105,6 +105,10 @@ def test_demo_runs(tmp_path: Path) -> None:
     v = out["versions"]
     assert v[1]["stored"] < 50_000 and v[1]["pushed"] < 50_000  # one bias changed
     assert sum(x["stored"] for x in v) < 0.5 * sum(x["raw"] for x in v)
+    updates = {x["change"]: x for x in v}
+    for change in ("LoRA r=8 folded into 4 matrices", "1% of 3 matrices changed", "8 entries of one matrix changed"):
+        assert 0 < updates[change]["stored"] < updates[change]["raw"]  # measured, and less than the whole file
+    assert all(x["restores_exactly"] for x in v)
 
 
 def test_git_theta_store_alias(repo_dir: Path) -> None:

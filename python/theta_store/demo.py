@@ -40,6 +40,10 @@ def make_model(seed: int = 0, layers: int = 4, hidden: int = 256, vocab: int = 8
     return m
 
 
+# the updates a delta encoding should make cheap: their cost and exact restore are printed on their own
+LORA, SPARSE, FEW = "LoRA r=8 folded into 4 matrices", "1% of 3 matrices changed", "8 entries of one matrix changed"
+
+
 def versions(base: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
     rng = np.random.default_rng(1)
     v2 = dict(base)
@@ -61,7 +65,17 @@ def versions(base: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarra
         idx = rng.choice(w.size, w.size // 100, replace=False)
         w.flat[idx] += np.float32(1e-3)
         v4[name] = w
-    return [("initial weights", base), ("one bias changed", v2), ("LoRA r=8 folded into 4 matrices", v3), ("1% of 3 matrices changed", v4)]
+    v5 = dict(v4)
+    w = v5["encoder.layer.1.ffn.in.weight"].copy()
+    w.flat[rng.choice(w.size, 8, replace=False)] = (rng.standard_normal(8) * 0.02).astype(np.float32)
+    v5["encoder.layer.1.ffn.in.weight"] = w
+    return [
+        ("initial weights", base),
+        ("one bias changed", v2),
+        (LORA, v3),
+        (SPARSE, v4),
+        (FEW, v5),
+    ]
 
 
 def _git(cwd: str, *args: str) -> str:
@@ -97,28 +111,37 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
     digests: list[bytes] = []
     for i, (what, tensors) in enumerate(versions(make_model()), 1):
         save(path, tensors, {"format": "pt"})
-        before, remote_before = _du(os.path.join(repo, ".git", "objects")), _du(os.path.join(remote, "objects"))
+        before, remote_before = _du(os.path.join(repo, ".git")), _du(os.path.join(remote, "objects"))
         _git(repo, "add", ".gitattributes", "model.safetensors")
         _git(repo, "commit", "-q", "-m", f"v{i}: {what}")
         _git(repo, "tag", f"v{i}")
-        stored = _du(os.path.join(repo, ".git", "objects")) - before
+        stored = _du(os.path.join(repo, ".git")) - before
         _git(repo, "push", "-q", "origin", "main", f"v{i}")
         pushed = _du(os.path.join(remote, "objects")) - remote_before
         digests.append(_native.chunk_id(Path(path).read_bytes()))
         raw = os.path.getsize(path)
         rows.append({"version": f"v{i}", "change": what, "raw": raw, "stored": stored, "pushed": pushed})
-        say(f"  v{i} {what}: git add + commit stored {human_size(stored)}, git push sent {human_size(pushed)}")
+        say(
+            f"  v{i} {what}: git add + commit grew .git by {human_size(stored)} ({stored / raw:.1%} of the"
+            f" {human_size(raw)} file), git push sent {human_size(pushed)}"
+        )
     clone = os.path.join(work, "bob")
     cfg = [a for key, value in config_items() for a in ("--config", f"{key}={value}")]
     _git(work, "clone", "-q", *cfg, "file://" + remote, clone)
     cloned = os.path.join(clone, "model.safetensors")
     ok = _native.chunk_id(Path(cloned).read_bytes()) == digests[-1]
-    for i, digest in enumerate(digests, 1):
+    for i, (row, digest) in enumerate(zip(rows, digests, strict=True), 1):
         _git(clone, "checkout", "-q", f"v{i}")
-        ok = ok and _native.chunk_id(Path(cloned).read_bytes()) == digest
-        ok = ok and _git(clone, "status", "--porcelain") == ""
+        row["restores_exactly"] = _native.chunk_id(Path(cloned).read_bytes()) == digest and _git(clone, "status", "--porcelain") == ""
+        ok = ok and row["restores_exactly"]
     _git(clone, "checkout", "-q", "main")
     say(f"  cloned into {clone}; checked out v1..v{len(digests)}: " + ("byte-identical, git status clean" if ok else "MISMATCH"))
+    for r in rows:
+        if r["change"] in (LORA, SPARSE, FEW):
+            say(
+                f"  {r['change']}: {human_size(r['stored'])} in .git for a {human_size(r['raw'])} file, restores"
+                + (" byte-identically" if r["restores_exactly"] else " WRONG")
+            )
     with Repo(clone) as cloned_repo:
         fsck = cloned_repo.fsck(progress=False)
         status = cloned_repo.status()
@@ -136,15 +159,15 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
         print(json.dumps(out, indent=2))
     elif not quiet:
         print("\nstorage: what each version added to .git and sent by git push (Git LFS stores and sends the whole file)")
-        print(f"{'version':8} {'change':34} {'raw MB':>8} {'stored MB':>10} {'pushed MB':>10} {'Git LFS MB':>11}")
+        print(f"{'version':8} {'change':34} {'raw MB':>8} {'stored MB':>10} {'of raw':>7} {'pushed MB':>10} {'Git LFS MB':>11}")
         for r in rows:
             print(
-                f"{r['version']:8} {r['change']:34} {r['raw'] / 1e6:8.2f} {r['stored'] / 1e6:10.3f} "
+                f"{r['version']:8} {r['change']:34} {r['raw'] / 1e6:8.2f} {r['stored'] / 1e6:10.3f} {r['stored'] / r['raw']:7.1%} "
                 f"{r['pushed'] / 1e6:10.3f} {r['raw'] / 1e6:11.2f}"
             )
         print(
-            f"{'total':8} {'':34} {total_raw / 1e6:8.2f} {total_stored / 1e6:10.3f} {sum(r['pushed'] for r in rows) / 1e6:10.3f} "
-            f"{total_raw / 1e6:11.2f}"
+            f"{'total':8} {'':34} {total_raw / 1e6:8.2f} {total_stored / 1e6:10.3f} {total_stored / total_raw:7.1%} "
+            f"{sum(r['pushed'] for r in rows) / 1e6:10.3f} {total_raw / 1e6:11.2f}"
         )
         print(f"\nfsck of the clone: {'ok' if fsck['ok'] else fsck['problems']}")
     return 0 if ok and fsck["ok"] else 1
