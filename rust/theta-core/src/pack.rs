@@ -343,6 +343,33 @@ impl PackWriter {
         Ok(self.index.len() - 1)
     }
 
+    /// Append a small object compressed by zlib (trees, manifests: their names compress,
+    /// where frames do not). Returns its position.
+    pub fn append_deflated(&mut self, kind: Kind, data: &[u8]) -> Result<usize> {
+        use std::io::Write as _;
+        if !self.growable && self.index.len() as u32 >= self.expected {
+            return Err(Error::InvalidArgument(
+                "more objects than the pack header announced".into(),
+            ));
+        }
+        let mut head = Vec::with_capacity(16 + data.len() / 2);
+        entry_header(kind as u8, data.len() as u64, &mut head);
+        let mut z = flate2::write::ZlibEncoder::new(head, flate2::Compression::default());
+        let bytes = z
+            .write_all(data)
+            .and_then(|_| z.finish())
+            .map_err(io_err(&self.tmp_pack))?;
+        self.hasher.update(&bytes);
+        self.file
+            .write_all(&bytes)
+            .map_err(io_err(&self.tmp_pack))?;
+        self.index
+            .push((object_id(kind, data), crc32fast::hash(&bytes), self.offset));
+        self.offset += bytes.len() as u64;
+        self.flusher.wrote(bytes.len() as u64);
+        Ok(self.index.len() - 1)
+    }
+
     /// Set the object id of the entry appended at `pos` (appended without one).
     pub fn set_id(&mut self, pos: usize, id: ObjectId) {
         self.index[pos].0 = id;

@@ -133,7 +133,7 @@ impl PackSink {
     pub fn add_object(&mut self, kind: Kind, data: &[u8]) -> Result<Location> {
         let w = self.writer()?;
         let offset = w.offset();
-        w.append_stored(&StoredEntry::new(kind, data))?;
+        w.append_deflated(kind, data)?;
         Ok(Location { pack: 0, offset })
     }
 

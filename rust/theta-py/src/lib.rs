@@ -652,7 +652,7 @@ impl PackBuilder {
     /// tensor's chunks as restore_file takes them, and factors None or (rows, cols, rank, u, v)
     /// with u, v float32 bytes. The input is the file at `path` (with its scan's `stamp`) or
     /// `buffers`. `bases`: more chunks the bases' frames may name (their own bases).
-    #[pyo3(signature = (jobs, packs, read_object, bases=Vec::new(), max_depth=4, path=None, stamp=None, buffers=None, progress=None))]
+    #[pyo3(signature = (jobs, packs, read_object, bases=Vec::new(), max_depth=1, path=None, stamp=None, buffers=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn write_deltas(
         &self,
