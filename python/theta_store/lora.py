@@ -137,7 +137,7 @@ def extract_lora(
     stay large at any useful rank, and they are reported as they are.
 
     Example:
-        >>> import theta_store, tempfile, subprocess, json, numpy as np
+        >>> import theta_store, tempfile, subprocess, json, pathlib, numpy as np
         >>> d = tempfile.mkdtemp(); git = lambda *a: subprocess.run(["git", "-C", d, *a], check=True, capture_output=True)
         >>> _ = git("init", "-q"); _ = git("config", "user.email", "a@b"); _ = git("config", "user.name", "a")
         >>> rng = np.random.default_rng(0); w = rng.standard_normal((32, 16)).astype(np.float32)
@@ -151,7 +151,7 @@ def extract_lora(
         >>> r = theta_store.extract_lora(f"{d}/m.safetensors", "v1", "v2", rank=1, out=f"{d}/adapter")
         >>> [(m["module"], m["rank"], m["rel_error"] < 1e-6) for m in r["modules"]]
         [('q', 1, True)]
-        >>> json.load(open(f"{d}/adapter/adapter_config.json"))["target_modules"]
+        >>> json.loads(pathlib.Path(d, "adapter", "adapter_config.json").read_text())["target_modules"]
         ['q']
     """
     if rank is not None and rank < 1:
