@@ -278,3 +278,25 @@ def test_peft_loads_the_adapter(repo: tuple[Path, dict[str, Any], dict[str, Any]
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_factorize_big_matrix_randomized() -> None:
+    """Past the exact-SVD size the randomized SVD (fixed seed) still finds a folded low rank, the
+    same factors on every call, and rtol picks the rank."""
+    from theta_store.lora import _FULL_SVD_MAX, factorize
+
+    rng = np.random.default_rng(3)
+    m, n = _FULL_SVD_MAX + 200, _FULL_SVD_MAX + 100
+    d = (rng.standard_normal((m, 5)) @ rng.standard_normal((5, n))).astype(np.float32)
+    d += rng.standard_normal((m, n)).astype(np.float32) * 1e-4
+    b, a, err = factorize(d, 5, None)
+    assert b.shape == (m, 5) and a.shape == (5, n) and err < 1e-3
+    b2, a2, _ = factorize(d, 5, None)
+    assert np.array_equal(b, b2) and np.array_equal(a, a2)
+    b, a, err = factorize(d, None, 1e-2)
+    assert b.shape[1] == 5 and err <= 1e-2
+    _, _, err4 = factorize(d, 4, None)
+    assert err4 > 0.1  # one direction short: the error says so
+    d40 = (rng.standard_normal((m, 40)) @ rng.standard_normal((40, n))).astype(np.float32)
+    b, _, err = factorize(d40, None, 1e-5)  # past the first randomized guess (32): the search widens
+    assert b.shape[1] == 40 and err <= 1e-5
