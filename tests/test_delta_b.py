@@ -222,7 +222,7 @@ def test_cli_delta_and_extract_lora(repo: tuple[Path, dict[str, Any], dict[str, 
     v_row = next(line.split() for line in lines if line.strip().startswith("layers.0.v.weight"))
     assert v_row[1] in CHANGED and v_row[2] == "256x256" and v_row[3] == "0.009995"
     assert "layers.0.o.weight" not in out and "layers.0.o.weight" in ts(r, "delta", "v1", "v2", "--all").stdout
-    assert ts(r, "delta", "v1", "v1").stdout.startswith("model.safetensors: unchanged (same version ")
+    assert ts(r, "delta", "v1", "v1").stdout == "model.safetensors: unchanged (the same version)\n"
     js = json.loads(ts(r, "delta", "--json", "v1", "v2", "--", "model.safetensors").stdout)
     (f,) = js["files"]
     assert f["counts"]["unchanged"] == 2 and f["counts"]["added"] == 1

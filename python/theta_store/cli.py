@@ -373,40 +373,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_delta(args: argparse.Namespace) -> int:
     """`theta-store delta A B [-- PATH...]`: per file a summary line, then each changed tensor."""
-    from .deltas import delta
-    from .gitstore import GitStore
-    from .history import tree_pointers
+    from .repo import Repo
 
-    with GitStore(".") as store:
-        top = store.worktree
-        specs = [os.path.relpath(os.path.realpath(p), top).replace(os.sep, "/") for p in args.paths]
-        for rev in (args.base, args.rev):
-            if not store.has_revision(rev):
-                raise ThetaStoreError(
-                    f"{rev}: unknown revision (no branch, tag or commit of that name here)",
-                    hint="`git log --oneline --all` lists the commits",
-                )
-        old, new = tree_pointers(store, args.base, specs), tree_pointers(store, args.rev, specs)
-    if not old and not new:
-        where = " under " + " ".join(args.paths) if args.paths else ""
-        raise ThetaStoreError(
-            f"no theta-store checkpoints{where} in {args.base} or {args.rev}",
-            hint="`theta-store status` lists the tracked checkpoints; give a path that was added with theta-store",
-        )
     files, lines = [], []
-    for rel in sorted(set(old) | set(new)):
-        if rel not in new or rel not in old:
-            status = "removed" if rel not in new else "added"
-            files.append({"path": rel, "status": status, "tensors": []})
-            lines.append(f"{rel}: {status} in {args.rev if status == 'added' else args.base + '..' + args.rev}")
-            continue
-        if old[rel].manifest_id == new[rel].manifest_id:
-            files.append({"path": rel, "status": "unchanged", "tensors": []})
-            lines.append(f"{rel}: unchanged (same version {new[rel].manifest_id.hex()[:12]})")
-            continue
-        f, text = _file_delta(delta(os.path.join(top, rel), args.base, args.rev), args.all)
-        files.append(f)
-        lines += text
+    with Repo(args.C) as repo:
+        for rel, status in repo.delta_files(args.base, args.rev, args.paths):
+            if status != "changed":
+                files.append({"path": rel, "status": status, "tensors": []})
+                what = {"added": f"added in {args.rev}", "removed": f"removed in {args.rev}", "unchanged": "unchanged (the same version)"}
+                lines.append(f"{rel}: {what[status]}")
+                continue
+            f, text = _file_delta(repo.delta(os.path.join(repo.root, rel), args.base, args.rev), args.all)
+            files.append(f)
+            lines += text
     _out(args, {"base": args.base, "rev": args.rev, "files": files}, "\n".join(lines))
     return 0
 
@@ -450,7 +429,7 @@ LARGE_ERROR = 0.1  # a module's relative error above this is called out: the ada
 
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     """`theta-store extract-lora PATH --base A --rev B -o DIR`: a PEFT adapter of what changed."""
-    from .lora import extract_lora
+    from .repo import Repo
 
     bad_rank = args.rank is not None and args.rank < 1
     if bad_rank or (args.rtol is not None and not 0 < args.rtol < 1):
@@ -458,7 +437,10 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         print(f"theta-store: error: {what}: a rank is 1 or more, a relative tolerance between 0 and 1", file=sys.stderr)
         print("hint: --rank 16, or --rtol 1e-3 to choose each module's rank", file=sys.stderr)
         return 2
-    r = extract_lora(args.path, args.base, args.rev, rank=args.rank, rtol=args.rtol, out=args.out, modules=args.module, bias=args.bias)
+    with Repo(args.C) as repo:
+        r = repo.extract_lora(
+            args.path, args.base, args.rev, rank=args.rank, rtol=args.rtol, out=args.out, modules=args.module, bias=args.bias
+        )
     rows = [[m["module"], "x".join(map(str, m["shape"])), m["dtype"], str(m["rank"]), f"{m['rel_error']:.2e}"] for m in r["modules"]]
     lines = [_table(rows, ["module", "shape", "dtype", "rank", "rel error"])] if rows else []
     lines.append(
