@@ -17,9 +17,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .deltas import Delta, Deltas, delta
     from .errors import CorruptObject, FormatError, NotARepository, ObjectNotFound, PointerError, ThetaStoreError
     from .formats import Layout, TensorRegion, detect
     from .formats.safetensors import save as save_safetensors
+    from .lora import extract_lora
     from .manifest import Manifest
     from .pointer import Pointer
     from .reader import CheckpointReader, TensorSlice, open
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
 # Imported on first use (PEP 562): git runs `theta-store filter-process` for every command that
 # needs it, and numpy / dulwich imports would add ~0.1 s to each.
 _LAZY = {
+    "Delta": "deltas",
+    "Deltas": "deltas",
+    "delta": "deltas",
+    "extract_lora": "lora",
     "CorruptObject": "errors",
     "FormatError": "errors",
     "NotARepository": "errors",
@@ -66,6 +72,8 @@ __all__ = [
     "AddReport",
     "CheckpointReader",
     "CorruptObject",
+    "Delta",
+    "Deltas",
     "FormatError",
     "Layout",
     "Manifest",
@@ -78,7 +86,9 @@ __all__ = [
     "TensorSlice",
     "ThetaStoreError",
     "__version__",
+    "delta",
     "detect",
+    "extract_lora",
     "open",
     "save_safetensors",
 ]

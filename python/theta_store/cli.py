@@ -372,6 +372,118 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delta(args: argparse.Namespace) -> int:
+    """`theta-store delta A B [-- PATH...]`: per file a summary line, then each changed tensor."""
+    from .repo import Repo
+
+    files, lines = [], []
+    with Repo(args.C) as repo:
+        for rel, status in repo.delta_files(args.base, args.rev, args.paths):
+            if status != "changed":
+                files.append({"path": rel, "status": status, "tensors": []})
+                what = {"added": f"added in {args.rev}", "removed": f"removed in {args.rev}", "unchanged": "unchanged (the same version)"}
+                lines.append(f"{rel}: {what[status]}")
+                continue
+            f, text = _file_delta(repo.delta(os.path.join(repo.root, rel), args.base, args.rev), args.all)
+            files.append(f)
+            lines += text
+    _out(args, {"base": args.base, "rev": args.rev, "files": files}, "\n".join(lines))
+    return 0
+
+
+def _file_delta(deltas: Any, show_all: bool) -> tuple[dict[str, Any], list[str]]:
+    """One file's delta as JSON and as text (a summary line, then a table of the changed tensors)."""
+    with deltas:
+        counts: dict[str, int] = {}
+        rows, tensors, stored = [], [], 0
+        for name, t in deltas.items():
+            kind = t.kind
+            counts[kind] = counts.get(kind, 0) + 1
+            entry: dict[str, Any] = {"name": name, "kind": kind, "dtype": t.dtype, "shape": t.shape, "base_dtype": t.base_dtype}
+            entry["base_shape"] = t.base_shape
+            shape = "x".join(map(str, t.shape if t.shape is not None else t.base_shape or ())) or "-"
+            if kind == "unchanged":
+                if show_all:
+                    tensors.append(entry)
+                    rows.append([name, kind, shape, "0", "0", "0 B"])
+                continue
+            st = t.stats
+            stored += st["stored_bytes"]
+            entry["stats"] = st
+            tensors.append(entry)
+            frac, rel = st["fraction_changed"], st["rel_change"]
+            rows.append([name, kind, shape, f"{frac:.4g}", "-" if rel is None else f"{rel:.3g}", human_size(st["stored_bytes"])])
+        changed = sum(n for k, n in counts.items() if k != "unchanged")
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        head = f"{deltas.path}: {len(deltas)} tensors, {changed} changed ({parts}); new frames {human_size(stored)}"
+        text = [head]
+        if rows:
+            table = _table(rows, ["tensor", "kind", "shape", "changed", "rel change", "stored"])
+            text += ["  " + line for line in table.splitlines()]
+        info = {"path": deltas.path, "status": "changed", "counts": counts, "stored_bytes": stored, "tensors": tensors}
+        info["version"], info["base_version"] = deltas.version.hex(), deltas.base_version.hex()
+    return info, text
+
+
+LARGE_ERROR = 0.1  # a module's relative error above this is called out: the adapter misses much of the change
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    """`theta-store extract-lora PATH --base A --rev B -o DIR`: a PEFT adapter of what changed."""
+    from .repo import Repo
+
+    bad_rank = args.rank is not None and args.rank < 1
+    if bad_rank or (args.rtol is not None and not 0 < args.rtol < 1):
+        what = f"--rank {args.rank}" if bad_rank else f"--rtol {args.rtol}"
+        print(f"theta-store: error: {what}: a rank is 1 or more, a relative tolerance between 0 and 1", file=sys.stderr)
+        print("hint: --rank 16, or --rtol 1e-3 to choose each module's rank", file=sys.stderr)
+        return 2
+    with Repo(args.C) as repo:
+        r = repo.extract_lora(
+            args.path, args.base, args.rev, rank=args.rank, rtol=args.rtol, out=args.out, modules=args.module, bias=args.bias
+        )
+    rows = [[m["module"], "x".join(map(str, m["shape"])), m["dtype"], str(m["rank"]), f"{m['rel_error']:.2e}"] for m in r["modules"]]
+    lines = [_table(rows, ["module", "shape", "dtype", "rank", "rel error"])] if rows else []
+    lines.append(
+        f"wrote {r['adapter']} ({len(r['modules'])} modules, r={r['r']}"
+        + (f", {len(r['biases'])} biases" if r["biases"] else "")
+        + f", {human_size(os.path.getsize(r['adapter']))}) and {r['config']}"
+    )
+    if r["skipped"]:
+        lines.append(f"{len(r['skipped'])} changed tensors left out (--json lists them and why)")
+    big = [m["module"] for m in r["modules"] if m["rank"] * sum(m["shape"]) >= m["shape"][0] * m["shape"][1]]
+    if big:
+        lines.append(f"note: the factors of {', '.join(big)} are as big as the dense difference: a LoRA adapter saves nothing there")
+    if not r["modules"]:
+        lines.append(f"no changed 2-D weight between {args.base} and {args.rev}: the adapter is empty")
+    elif r["max_rel_error"] > LARGE_ERROR:
+        lines.append(
+            f"note: relative errors up to {r['max_rel_error']:.2g}: a low-rank adapter captures only part of this change"
+            " (a full fine-tune changes weights in every direction); a higher --rank or --rtol keeps more"
+        )
+    _out(args, r, "\n".join(lines))
+    return 0
+
+
+def _delta_verbs(verb: Any) -> None:
+    """The parsers of `delta` and `extract-lora` (`verb` as in build_parser)."""
+    sp = verb("delta", "what changed in checkpoints between two revisions, tensor by tensor", cmd_delta)
+    sp.add_argument("base", metavar="A", help="the base revision")
+    sp.add_argument("rev", metavar="B", help="the new revision")
+    sp.add_argument("paths", nargs="*", metavar="-- PATH", help="only these files (default: every checkpoint in A or B)")
+    sp.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    sp = verb("extract-lora", "write the changed 2-D weights between two revisions as a PEFT LoRA adapter", cmd_extract_lora)
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--base", required=True, metavar="A", help="the base model's revision")
+    sp.add_argument("--rev", default="HEAD", metavar="B", help="the fine-tuned revision (default HEAD)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=int, metavar="R", help="rank of every module (default 16)")
+    g.add_argument("--rtol", type=float, metavar="T", help="per module, the smallest rank with relative error <= T")
+    sp.add_argument("-o", "--out", required=True, metavar="DIR", help="the adapter folder to write")
+    sp.add_argument("--module", action="append", metavar="NAME", help="only this module (full name or last part; repeatable)")
+    sp.add_argument("--bias", action="store_true", help="also write the new values of changed biases")
+
+
 def cmd_filter_process(args: argparse.Namespace | None) -> int:
     from .filterproc import run
 
@@ -416,6 +528,8 @@ VERBS = (
     "push",
     "gc",
     "demo",
+    "delta",
+    "extract-lora",
 )
 PLUMBING = ("filter-process", "pre-push", "textconv", "merge-driver")
 
@@ -533,6 +647,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--prune", action="store_true", help="then run git gc --prune=now to free the space")
     sp = verb("demo", "run the built-in example in a temporary directory", cmd_demo)
     sp.add_argument("--dir", help="work in this (new or empty) directory instead of a temporary one")
+    _delta_verbs(verb)
 
     # plumbing that git calls
     def plumbing(name: str, fn: Any) -> argparse.ArgumentParser:

@@ -101,6 +101,15 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._views)
 
+    @property
+    def manifest_id(self) -> bytes:
+        return self._id
+
+    @property
+    def views(self) -> dict[str, TensorView]:
+        """Where each tensor lives (name -> TensorView), in the file's order."""
+        return self._views
+
     def metadata(self) -> dict[str, Any]:
         """Format metadata: safetensors' `__metadata__` dict, or the adapter's metadata."""
         meta = self.manifest.metadata
@@ -231,22 +240,32 @@ def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.
         ...     f.get_tensor("w")[1]
         array([3., 4., 5.], dtype=float32)
     """
+    store, rel = store_for(path, repo)
+    try:
+        return read_version(store, rel, rev)
+    except BaseException:
+        store.close()
+        raise
+
+
+def store_for(path: str | os.PathLike[str], repo: str | os.PathLike[str] | None) -> tuple[GitStore, str]:
+    """The store holding `path` and the path relative to its work tree (see `open` for `repo`)."""
     p = os.fspath(path)
     if repo is not None and not os.path.isabs(p):
         p = os.path.join(os.fspath(repo), p)
     store = GitStore(repo if repo is not None else os.path.dirname(os.path.abspath(p)))
-    try:
-        rel = os.path.relpath(os.path.realpath(p), store.worktree).replace(os.sep, "/")
-        data = store.read_path(rel, rev)
-        if not looks_like_pointer(data):
-            raise PointerError(f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer")
-        pointer = Pointer.parse(data, f"{rel} ({rev or 'index'})")
-        if store.version_commit(pointer.manifest_id) is None:
-            from .remote import ensure_versions
+    return store, os.path.relpath(os.path.realpath(p), store.worktree).replace(os.sep, "/")
 
-            ensure_versions(store, {pointer.manifest_id}, what=rel)
-        manifest = load_manifest(store, pointer.manifest_id)
-        return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer)
-    except BaseException:
-        store.close()
-        raise
+
+def read_version(store: GitStore, rel: str, rev: str | None) -> CheckpointReader:
+    """A reader of the version `rev` (None: the index) holds for `rel`; closing it closes `store`."""
+    data = store.read_path(rel, rev)
+    if not looks_like_pointer(data):
+        raise PointerError(f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer")
+    pointer = Pointer.parse(data, f"{rel} ({rev or 'index'})")
+    if store.version_commit(pointer.manifest_id) is None:
+        from .remote import ensure_versions
+
+        ensure_versions(store, {pointer.manifest_id}, what=rel)
+    manifest = load_manifest(store, pointer.manifest_id)
+    return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer)

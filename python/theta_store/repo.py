@@ -15,7 +15,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _native, install
 from . import remote as transport
@@ -29,6 +29,9 @@ from .history import pointer_writes, tree_pointers
 from .plan import REF_PREFIX, load_manifest, native_chunks, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 from .remote import ensure_versions
+
+if TYPE_CHECKING:
+    from .deltas import Deltas
 
 FSCK_BATCH = 16
 
@@ -501,6 +504,44 @@ class Repo:
                 except PointerError as e:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
         return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
+
+    # ---- deltas between revisions ----
+    def delta_files(self, base: str, rev: str, paths: Sequence[str] = ()) -> list[tuple[str, str]]:
+        """(path, status) of each checkpoint in revision `base` or `rev`, under `paths` if given:
+        "added", "removed", "unchanged" (the same version) or "changed" (`delta` tells how)."""
+        for r in (base, rev):
+            if not self.store.has_revision(r):
+                raise ObjectNotFound(
+                    f"{r}: unknown revision (no branch, tag or commit of that name here)",
+                    hint="`git log --oneline --all` lists the commits",
+                )
+        specs = [self.relpath(p) for p in paths]
+        old, new = tree_pointers(self.store, base, specs), tree_pointers(self.store, rev, specs)
+        if not old and not new:
+            where = " under " + " ".join(paths) if paths else ""
+            raise ObjectNotFound(
+                f"no theta-store checkpoints{where} in {base} or {rev}",
+                hint="`theta-store status` lists the tracked checkpoints; give a path that was added with theta-store",
+            )
+        out = []
+        for rel in sorted(set(old) | set(new)):
+            if rel not in old or rel not in new:
+                out.append((rel, "added" if rel not in old else "removed"))
+            else:
+                out.append((rel, "unchanged" if old[rel].manifest_id == new[rel].manifest_id else "changed"))
+        return out
+
+    def delta(self, path: str, base: str, rev: str) -> Deltas:
+        """`theta_store.delta` of `path` (relative to the current directory) in this repository."""
+        from .deltas import delta
+
+        return delta(os.path.join(self.root, self.relpath(path)), base, rev, repo=self.root)
+
+    def extract_lora(self, path: str, base: str, rev: str, **options: Any) -> dict[str, Any]:
+        """`theta_store.extract_lora` of `path` (relative to the current directory) in this repository."""
+        from .lora import extract_lora
+
+        return extract_lora(os.path.join(self.root, self.relpath(path)), base, rev, repo=self.root, **options)
 
 
 def file_blake3(path: str) -> bytes:

@@ -1,0 +1,393 @@
+"""What changed in a checkpoint between two revisions, tensor by tensor: `theta_store.delta`.
+
+    with theta_store.delta("model.safetensors", "v1", "v2") as d:
+        for name, t in d.items():
+            if t.kind != "unchanged":
+                print(name, t.kind, t.stats["rel_change"])
+
+Building the mapping reads the two manifests only: a tensor whose chunk ids are equal in both
+versions is "unchanged" without reading its data. `kind` reads the frame headers of a changed
+tensor's new chunks (how the store encoded it); `dense()`, `indices`, `values` and `stats` read
+both tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import ObjectNotFound, ThetaStoreError
+from .gitstore import GitStore, StoredFrame
+from .reader import CheckpointReader, TensorView, numpy_dtype, read_version, store_for
+
+KINDS = ("unchanged", "added", "removed", "reshaped", "bits", "sparse", "low-rank", "dense")
+REL_THRESHOLD = 1e-6  # of `stats["fraction_changed_at"]`: |new - base| > REL_THRESHOLD * |base|
+_FLOAT64 = ("F32", "F64")
+_FLOAT32 = ("F16", "BF16", "F8_E4M3", "F8_E5M2")
+_INTEGER = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL")
+# What a frame header's "kind" says about the tensor it belongs to; a header without "kind" is a
+# frame stored whole.
+_FRAME_KINDS = {"plain": "dense", "xor": "bits", "diff": "bits", "sparse": "sparse", "low-rank": "low-rank"}
+
+
+class _Pair:
+    """The two versions a delta compares, sharing one store; frame tables are read once, on demand."""
+
+    def __init__(self, store: GitStore, old: CheckpointReader, new: CheckpointReader) -> None:
+        self.store = store
+        self.old = old
+        self.new = new
+        self.old_chunks = old.manifest.chunk_ids()
+        self._frames: dict[bytes, StoredFrame] | None = None
+        self._info: dict[bytes, dict[str, Any]] = {}
+
+    @property
+    def frames(self) -> dict[bytes, StoredFrame]:
+        """The new version's frames table: chunk id -> stored frame."""
+        if self._frames is None:
+            self._frames = self.store.version_frames(self.new.manifest_id)
+        return self._frames
+
+    def frame_info(self, cid: bytes) -> dict[str, Any]:
+        """The header of a chunk's frame in the new version (reads the frame object)."""
+        if cid not in self._info:
+            f = self.frames.get(cid)
+            if f is None:
+                raise ObjectNotFound(f"{self.new.path}: chunk {cid.hex()[:16]} has no frame in version {self.new.manifest_id.hex()[:16]}")
+            self._info[cid] = _native.frame_info(self.store.read_object(f.object_id))
+        return self._info[cid]
+
+    def read_chunk(self, cid: bytes) -> bytes:
+        f = self.frames.get(cid)
+        if f is None:
+            raise ObjectNotFound(f"{self.new.path}: chunk {cid.hex()[:16]} has no frame in version {self.new.manifest_id.hex()[:16]}")
+        return _native.decode_frame(self.store.read_object(f.object_id))
+
+
+def _chunks(view: TensorView | None) -> tuple[bytes, ...] | None:
+    """The ids of the chunks holding a tensor's bytes (None: not knowable from the manifest)."""
+    if view is None or view.span is None:
+        return None
+    if view.stride is None:
+        return tuple(cid for cid, _ in view.span.chunks)
+    # A torch view: only the chunks its elements fall in, so a sibling view's change is not its own.
+    itemsize = numpy_dtype(view.dtype).itemsize
+    count = math.prod(view.shape)
+    lo = view.storage_offset * itemsize
+    hi = (view.storage_offset + sum((d - 1) * s for d, s in zip(view.shape, view.stride, strict=True)) + 1) * itemsize if count else lo
+    out, pos = [], 0
+    for cid, n in view.span.chunks:
+        if pos < hi and pos + n > lo:
+            out.append(cid)
+        pos += n
+    return tuple(out)
+
+
+def _dense_dtype(dtype: str) -> np.dtype[Any]:
+    if dtype in _FLOAT64:
+        return np.dtype(np.float64)
+    if dtype in _FLOAT32:
+        return np.dtype(np.float32)
+    if dtype in _INTEGER:
+        return np.dtype(np.int64)
+    raise ThetaStoreError(f"{dtype} is not a numeric dtype: a difference of its values means nothing", hint="compare the bytes instead")
+
+
+def _bits(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The bit patterns of an array, flat, as unsigned integers of its item size."""
+    return np.ascontiguousarray(a).reshape(-1).view(f"u{a.dtype.itemsize}")
+
+
+class Delta:
+    """How one tensor changed from the base revision to the new one.
+
+    Attributes:
+        name: the tensor's name.
+        kind: "unchanged" (equal chunk ids, nothing read), "added", "removed", "reshaped" (shape or
+            dtype changed), or for a changed tensor how the store holds the new version: "bits"
+            (bit-level XOR/difference against the base), "sparse", "low-rank" (factors plus an exact
+            residual) or "dense" (stored whole).
+        shape, dtype: of the new tensor (None if removed); base_shape, base_dtype: of the base one
+            (None if added).
+    """
+
+    def __init__(self, pair: _Pair, name: str, old: TensorView | None, new: TensorView | None) -> None:
+        self._pair = pair
+        self.name = name
+        self._old = old
+        self._new = new
+        self.shape = new.shape if new is not None else None
+        self.dtype = new.dtype if new is not None else None
+        self.base_shape = old.shape if old is not None else None
+        self.base_dtype = old.dtype if old is not None else None
+        self._old_chunks = _chunks(old)
+        self._new_chunks = _chunks(new)
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.shape if self.shape is not None else self.base_shape or ())) or "scalar"
+        return f"<Delta {self.name!r} {self.kind} {self.dtype or self.base_dtype} {shape}>"
+
+    @property
+    def _structural(self) -> str | None:
+        """The kind known from the manifests alone, or None for a changed tensor."""
+        old, new = self._old, self._new
+        if old is None:
+            return "added"
+        if new is None:
+            return "removed"
+        if old.shape != new.shape or old.dtype != new.dtype:
+            return "reshaped"
+        if self._old_chunks is not None and self._old_chunks == self._new_chunks:
+            return "unchanged"
+        return None
+
+    @cached_property
+    def kind(self) -> str:
+        return self._structural or self._stored[0]
+
+    @cached_property
+    def _stored(self) -> tuple[str, bytes | None]:
+        """(kind, factors chunk id) of a changed tensor, from the headers of its new frames."""
+        fresh = [cid for cid in dict.fromkeys(self._new_chunks or ()) if cid not in self._pair.old_chunks]
+        return stored_kind([self._pair.frame_info(cid) for cid in fresh])
+
+    # ---- data ----
+    def _arrays(self) -> tuple[np.ndarray[Any, Any] | None, np.ndarray[Any, Any] | None]:
+        return self.base(), self.new()
+
+    def base(self) -> np.ndarray[Any, Any] | None:
+        """The base tensor (None if added), as `theta_store.open(...).get_tensor` gives it."""
+        return self._pair.old.get_tensor(self.name) if self._old is not None else None
+
+    def new(self) -> np.ndarray[Any, Any] | None:
+        """The new tensor (None if removed), as `theta_store.open(...).get_tensor` gives it."""
+        return self._pair.new.get_tensor(self.name) if self._new is not None else None
+
+    def dense(self) -> np.ndarray[Any, Any]:
+        """new - base as a numpy array of the tensor's shape.
+
+        float64 for F32/F64 tensors (for F32 every difference is exact unless the two values
+        differ in magnitude by more than 2^29; F64 differences are rounded once), float32 for
+        16-bit and 8-bit floats (exact for BF16 unless magnitudes differ by more than 2^16),
+        int64 for integer and bool tensors. An added tensor's delta is the tensor, a removed
+        one's its negation (the missing side counts as zeros). Raises ThetaStoreError for a
+        reshaped tensor (no element-wise difference) or a non-numeric dtype.
+        """
+        if self.kind == "reshaped":
+            raise ThetaStoreError(
+                f"{self._pair.new.path}: {self.name} changed shape or dtype ({self.base_dtype} {list(self.base_shape or ())} ->"
+                f" {self.dtype} {list(self.shape or ())}): it has no element-wise delta",
+                hint="read both versions with theta_store.open",
+            )
+        return self._diff(*self._arrays())
+
+    def _diff(self, old: np.ndarray[Any, Any] | None, new: np.ndarray[Any, Any] | None) -> np.ndarray[Any, Any]:
+        dt = _dense_dtype(self.dtype or self.base_dtype or "")
+        if new is None:
+            assert old is not None
+            neg: np.ndarray[Any, Any] = -old.astype(dt)
+            return neg
+        if old is None:
+            return new.astype(dt)
+        diff: np.ndarray[Any, Any] = new.astype(dt) - old.astype(dt)
+        return diff
+
+    @cached_property
+    def _changed(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        if self.kind == "unchanged":
+            dt = _dense_dtype(self.dtype or "")
+            return np.zeros(0, np.int64), np.zeros(0, dt)
+        old, new = self._arrays()
+        d = self.dense().reshape(-1) if self.kind == "reshaped" else self._diff(old, new).reshape(-1)
+        if old is None or new is None:
+            return np.arange(d.size, dtype=np.int64), d
+        idx = np.flatnonzero(_bits(old) != _bits(new)).astype(np.int64)
+        return idx, d[idx]
+
+    @property
+    def indices(self) -> np.ndarray[Any, Any]:
+        """Flat (C-order) positions, int64, where the new tensor's bits differ from the base's
+        (every position of an added or removed tensor). -0.0 vs 0.0 and NaN payloads count."""
+        return self._changed[0]
+
+    @property
+    def values(self) -> np.ndarray[Any, Any]:
+        """new - base at `indices`, in `dense()`'s dtype."""
+        return self._changed[1]
+
+    @cached_property
+    def factors(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """(U, V) as float32 arrays, U rows x rank and V rank x cols, of a stored low-rank delta
+        (new ~ base + U @ V; the store keeps the exact residual too); None for other kinds."""
+        if self.kind != "low-rank":
+            return None
+        fid = self._stored[1]
+        parse = getattr(_native, "parse_factors", None)
+        if fid is None or parse is None:
+            return None
+        rows, cols, rank, u, v = parse(self._pair.read_chunk(fid))
+        return (np.frombuffer(u, "<f4").reshape(rows, rank).copy(), np.frombuffer(v, "<f4").reshape(rank, cols).copy())
+
+    @cached_property
+    def stats(self) -> dict[str, Any]:
+        """Statistics of the change, computed in float64 (reads both tensors, except stored_bytes).
+
+        numel; changed (elements whose bits differ); fraction_changed; fraction_changed_at (the
+        fraction where |new - base| > 1e-6 * |base|, so rounding-level noise on large weights
+        does not count); norm_delta (Frobenius norm of new - base); norm_base; rel_change
+        (norm_delta / norm_base, None if the base is all zeros); cosine (between base and new
+        flattened, None if either is all zeros); max_abs_delta; stored_bytes (frame bytes of the
+        new tensor's chunks that the base version does not have, factors included); rank (of a
+        stored low-rank delta, else None). For a reshaped tensor only numel, changed,
+        fraction_changed, norm_base and stored_bytes are filled (the rest are None).
+        """
+        out: dict[str, Any] = {"stored_bytes": self.stored_bytes, "rank": None}
+        factors = self.factors
+        if factors is not None:
+            out["rank"] = int(factors[0].shape[1])
+        old, new = self._arrays() if self.kind != "unchanged" else (self.base(), None)
+        if self.kind == "unchanged":
+            new = old
+        ref = new if new is not None else old
+        assert ref is not None
+        numel = int(ref.size)
+        nb = float(np.linalg.norm(old.astype(np.float64).reshape(-1))) if old is not None else 0.0
+        out.update(numel=numel, norm_base=nb)
+        if self.kind == "reshaped":
+            out.update(changed=numel, fraction_changed=1.0 if numel else 0.0)
+            out.update(dict.fromkeys(("fraction_changed_at", "norm_delta", "rel_change", "cosine", "max_abs_delta")))
+            return out
+        d = self._diff(old, new).astype(np.float64).reshape(-1)
+        changed = numel if old is None or new is None else int(np.count_nonzero(_bits(old) != _bits(new)))
+        base = old.astype(np.float64).reshape(-1) if old is not None else np.zeros_like(d)
+        nd = float(np.linalg.norm(d))
+        nn = float(np.linalg.norm(new.astype(np.float64).reshape(-1))) if new is not None else 0.0
+        out.update(
+            changed=changed,
+            fraction_changed=changed / numel if numel else 0.0,
+            fraction_changed_at=int(np.count_nonzero(np.abs(d) > REL_THRESHOLD * np.abs(base))) / numel if numel else 0.0,
+            norm_delta=nd,
+            rel_change=nd / nb if nb else (0.0 if nd == 0 else None),
+            cosine=float(np.dot(base, base + d) / (nb * nn)) if nb and nn else None,
+            max_abs_delta=float(np.max(np.abs(d))) if d.size else 0.0,
+        )
+        return out
+
+    @cached_property
+    def stored_bytes(self) -> int:
+        """Frame bytes of the new tensor's chunks (and low-rank factors) the base version lacks."""
+        if self.kind in ("unchanged", "removed"):
+            return 0
+        fresh = {cid for cid in self._new_chunks or () if cid not in self._pair.old_chunks}
+        if self.kind == "low-rank" and self._stored[1] is not None and self._stored[1] not in self._pair.old_chunks:
+            fresh.add(self._stored[1])
+        frames = self._pair.frames
+        return sum(frames[cid].frame_len for cid in fresh if cid in frames)
+
+
+def stored_kind(infos: list[Mapping[str, Any]]) -> tuple[str, bytes | None]:
+    """(kind, factors chunk id) of a changed tensor from the frame headers of its new chunks.
+
+    The one place that reads what the core's delta frames say: "kind" ("plain", "xor", "diff",
+    "sparse", "low-rank") and "bases" (a low-rank frame's second base is its factors chunk).
+    A header without "kind" is a frame stored whole. One low-rank chunk makes the tensor
+    "low-rank"; all-sparse chunks make it "sparse"; any other delta chunk makes it "bits".
+    """
+    kinds = [_FRAME_KINDS.get(str(i.get("kind", "plain")), "bits") for i in infos]
+    if "low-rank" in kinds:
+        first = next(i for i, k in zip(infos, kinds, strict=True) if k == "low-rank")
+        bases = list(first.get("bases") or [])
+        return "low-rank", bytes(bases[1]) if len(bases) > 1 else None
+    if kinds and all(k == "sparse" for k in kinds):
+        return "sparse", None
+    if any(k != "dense" for k in kinds):
+        return "bits", None
+    return "dense", None
+
+
+class Deltas(dict[str, Delta]):
+    """`{name: Delta}` of one file between two revisions, in the new file's order (removed
+    tensors last). Holds the repository open: use it as a context manager, or call close()."""
+
+    def __init__(self, pair: _Pair, path: str, base: str, rev: str) -> None:
+        super().__init__()
+        self._pair = pair
+        self.path = path
+        self.base = base
+        self.rev = rev
+        old, new = pair.old.views, pair.new.views
+        for name, view in new.items():
+            self[name] = Delta(pair, name, old.get(name), view)
+        for name, view in old.items():
+            if name not in new:
+                self[name] = Delta(pair, name, view, None)
+
+    @property
+    def base_version(self) -> bytes:
+        return self._pair.old.manifest_id
+
+    @property
+    def version(self) -> bytes:
+        return self._pair.new.manifest_id
+
+    def metadata(self) -> dict[str, Any]:
+        """The new version's format metadata (safetensors' `__metadata__`)."""
+        return self._pair.new.metadata()
+
+    def close(self) -> None:
+        self._pair.store.close()
+
+    def __enter__(self) -> Deltas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def delta(path: str | os.PathLike[str], a: str, b: str, *, repo: str | os.PathLike[str] | None = None) -> Deltas:
+    """`{name: Delta}`: how the checkpoint at `path` changed from revision `a` to revision `b`.
+
+    `a` and `b` are any git revisions (commits, branches, tags, `HEAD~2`); a relative `path` is
+    taken relative to `repo` when given, else to the current directory. Only the two manifests
+    are read here; each Delta reads data when asked (see Delta). Raises ObjectNotFound naming the
+    path and revision for an unknown revision or a file missing from it, PointerError for a file
+    that is not a theta-store pointer there.
+
+    Example:
+        >>> import theta_store, tempfile, subprocess, numpy as np
+        >>> d = tempfile.mkdtemp(); git = lambda *a: subprocess.run(["git", "-C", d, *a], check=True, capture_output=True)
+        >>> _ = git("init", "-q"); _ = git("config", "user.email", "a@b"); _ = git("config", "user.name", "a")
+        >>> w = np.zeros((4, 4), np.float32)
+        >>> theta_store.save_safetensors(f"{d}/m.safetensors", {"w": w, "b": np.ones(4, np.float32)})
+        >>> with theta_store.Repo(d) as r:
+        ...     _ = r.add([f"{d}/m.safetensors"])
+        >>> _ = git("commit", "-qm", "v1"); _ = git("tag", "v1")
+        >>> w[1, 2] = 0.5
+        >>> theta_store.save_safetensors(f"{d}/m.safetensors", {"w": w, "b": np.ones(4, np.float32)})
+        >>> with theta_store.Repo(d) as r:
+        ...     _ = r.add([f"{d}/m.safetensors"])
+        >>> _ = git("commit", "-qm", "v2")
+        >>> with theta_store.delta(f"{d}/m.safetensors", "v1", "HEAD") as deltas:
+        ...     print(deltas["b"].kind, deltas["w"].indices, deltas["w"].values, deltas["w"].stats["changed"])
+        unchanged [6] [0.5] 1
+    """
+    store, rel = store_for(path, repo)
+    try:
+        readers = []
+        for rev in (a, b):
+            if not store.has_revision(rev):
+                raise ObjectNotFound(
+                    f"{rel}: revision {rev!r} is unknown here (no branch, tag or commit of that name)",
+                    hint="`git log --oneline --all` lists the commits; `git fetch` brings a remote's branches",
+                )
+            readers.append(read_version(store, rel, rev))
+        return Deltas(_Pair(store, readers[0], readers[1]), rel, a, b)
+    except BaseException:
+        store.close()
+        raise
