@@ -63,9 +63,7 @@ def parse_spec(spec: str) -> LossySpec:
         raise InvalidArgument(f"--lossy {spec!r}: {m[1]} out of range", hint=hint) from None
 
 
-def apply_lossy(
-    store: GitStore, scanned: Scanned, base: Pointer, spec: LossySpec
-) -> tuple[dict[str, Factors], dict[str, dict[str, Any]]]:
+def apply_lossy(store: GitStore, scanned: Scanned, base: Pointer, spec: LossySpec) -> tuple[dict[str, Factors], dict[str, dict[str, Any]]]:
     """Rewrite the changed 2-D float tensors of the file `scanned` describes as base + low-rank
     approximation (in place, atomically: a copy renamed over it). Returns the factors per tensor
     (for the add) and what the manifest records per tensor ({"method", "rank", "rel_err"}).

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _native, install
 from . import remote as transport
-from .adapters import adapter_factors
 from .bases import base_version, delta_depth
 from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to, scan
 from .encodings import KINDS, chunk_kinds
@@ -114,6 +113,8 @@ class Repo:
             if lora is not None:
                 if scanned is None or scanned.path != path:
                     scanned = scan(path, chunk_bytes, progress)
+                from .lora import adapter_factors  # numpy-heavy: only when asked
+
                 factors = adapter_factors(lora, {s.name: s.shape for s in scanned.spans if not s.opaque})
             r = add_file(
                 self.store,
