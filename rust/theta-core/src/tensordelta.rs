@@ -6,6 +6,8 @@ use crate::delta;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::frame::{self, ChunkId};
+use crate::lowrank;
+use crate::sparse;
 
 /// One chunk of the tensor: where it is in the tensor, and its id and its base's id.
 #[derive(Debug, Clone)]
@@ -50,7 +52,8 @@ pub struct TensorDelta {
     pub extra: Vec<(ChunkId, Vec<u8>, Vec<u8>)>,
 }
 
-/// Code the job's chunks, each as the smallest frame.
+/// Code the job's chunks, each as the smallest frame; a tensor whose change is low-rank (or with
+/// user factors) may code its chunks against a factors chunk, returned in `extra`.
 pub fn encode_tensor(job: &TensorJob) -> Result<TensorDelta> {
     if job.new.len() != job.base.len() {
         return Err(Error::InvalidArgument(format!(
@@ -59,37 +62,181 @@ pub fn encode_tensor(job: &TensorJob) -> Result<TensorDelta> {
             job.base.len()
         )));
     }
-    let mut frames = Vec::with_capacity(job.chunks.len());
     for c in job.chunks {
-        let (a, b) = (c.offset as usize, (c.offset + c.len) as usize);
-        if b > job.new.len() {
+        let b = c.offset.checked_add(c.len);
+        if b.is_none_or(|b| b > job.new.len() as u64) {
             return Err(Error::InvalidArgument(format!(
-                "chunk at {a}..{b} is past the tensor's {} bytes",
+                "chunk at {}+{} is past the tensor's {} bytes",
+                c.offset,
+                c.len,
                 job.new.len()
             )));
         }
-        let mut out = Vec::new();
-        let plain = frame::encode_frame_into(&job.new[a..b], job.dtype, &c.id, &mut out);
-        let len = delta::encode_delta_into(
-            &job.new[a..b],
-            &job.base[a..b],
-            &c.base,
-            job.dtype,
-            &c.id,
-            plain,
-            &mut out,
-        )?
-        .unwrap_or_else(|| frame::encode_frame_into(&job.new[a..b], job.dtype, &c.id, &mut out));
-        out.truncate(len);
-        frames.push(out);
     }
-    Ok(TensorDelta {
+    let frames = job
+        .chunks
+        .iter()
+        .map(|c| {
+            let (a, b) = (c.offset as usize, (c.offset + c.len) as usize);
+            encode_chunk(&job.new[a..b], &job.base[a..b], &c.base, job.dtype, &c.id)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut best = TensorDelta {
         frames,
         extra: Vec::new(),
+    };
+    if let Some(lr) = lowrank::encode_tensor_lowrank(job, &best.frames)? {
+        best = lr;
+    }
+    Ok(best)
+}
+
+/// Chunks up to this size try every candidate in full; larger ones pick from samples.
+const SMALL_CHUNK: usize = 256 * 1024;
+/// Size and count of the samples a large chunk's codec is picked on.
+const SAMPLE: usize = 64 * 1024;
+const SAMPLES: usize = 3;
+
+/// Which frame a chunk gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    Plain,
+    Bits(delta::Delta),
+    Sparse,
+}
+
+/// The smallest frame of one chunk against its base chunk: plain, XOR, difference or sparse.
+/// A large chunk is decided on a few samples and coded in full only with the winner.
+pub fn encode_chunk(
+    new: &[u8],
+    base: &[u8],
+    base_id: &ChunkId,
+    dtype: DType,
+    id: &ChunkId,
+) -> Result<Vec<u8>> {
+    let elem = frame::plane_count(dtype, new.len());
+    let elems = new.len() / elem.max(1);
+    // Sparse pays while a changed element costs less than about a quarter of the chunk's share.
+    let sparse_limit = elems / 4;
+    let candidates = [
+        Choice::Plain,
+        Choice::Bits(delta::Delta::Xor),
+        Choice::Bits(delta::Delta::Diff),
+    ];
+    let mut out = Vec::new();
+    if new.len() <= SMALL_CHUNK {
+        let mut best: Option<Vec<u8>> = None;
+        for c in candidates.into_iter().chain([Choice::Sparse]) {
+            if let Some(len) = encode_as(c, new, base, base_id, dtype, id, sparse_limit, &mut out)?
+            {
+                if best.as_ref().is_none_or(|b| len < b.len()) {
+                    out.truncate(len);
+                    best = Some(std::mem::take(&mut out));
+                }
+            }
+        }
+        return Ok(best.expect("the plain frame always codes"));
+    }
+    // Samples spread over the chunk, element-aligned (SAMPLE is a multiple of every size).
+    let step = (new.len() - SAMPLE) / (SAMPLES - 1) / 8 * 8;
+    let at: Vec<usize> = (0..SAMPLES).map(|k| k * step).collect();
+    let pick = |src: &[u8]| -> Vec<u8> {
+        at.iter()
+            .flat_map(|&a| src[a..a + SAMPLE].iter().copied())
+            .collect()
+    };
+    let (sn, sb) = (pick(new), pick(base));
+    let changed = sparse::changed(&sn, &sb, elem, sn.len() / elem / 4);
+    let mut scores: Vec<(usize, Choice)> = Vec::new();
+    for c in candidates {
+        if let Some(len) = encode_as(c, &sn, &sb, base_id, dtype, id, 0, &mut out)? {
+            scores.push((len, c));
+        }
+    }
+    if changed.is_some() {
+        // Few changed in the samples: sparse is tried in full (it stops once too many changed).
+        if let Some(len) = encode_as(
+            Choice::Sparse,
+            new,
+            base,
+            base_id,
+            dtype,
+            id,
+            sparse_limit,
+            &mut out,
+        )? {
+            let scale = sn.len() as f64 / new.len() as f64;
+            scores.push(((len as f64 * scale) as usize, Choice::Sparse));
+            if scores.iter().all(|s| s.0 >= (len as f64 * scale) as usize) {
+                out.truncate(len);
+                return Ok(out);
+            }
+        }
+    }
+    let winner = scores.iter().min_by_key(|s| s.0).expect("candidates").1;
+    let len = encode_as(
+        winner,
+        new,
+        base,
+        base_id,
+        dtype,
+        id,
+        sparse_limit,
+        &mut out,
+    )?
+    .expect("plain and bit-level deltas always code");
+    out.truncate(len);
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_as(
+    c: Choice,
+    new: &[u8],
+    base: &[u8],
+    base_id: &ChunkId,
+    dtype: DType,
+    id: &ChunkId,
+    sparse_limit: usize,
+    out: &mut Vec<u8>,
+) -> Result<Option<usize>> {
+    Ok(match c {
+        Choice::Plain => Some(frame::encode_frame_into(new, dtype, id, out)),
+        Choice::Bits(kind) => Some(delta::encode_delta_with(
+            kind, new, base, base_id, dtype, id, out,
+        )?),
+        Choice::Sparse => {
+            sparse::encode_sparse_into(new, base, base_id, dtype, id, sparse_limit, out)?
+        }
     })
 }
 
 /// Every codec a frame with bases may use, for the read path.
 pub fn codecs() -> &'static [&'static dyn frame::BaseCodec] {
-    &delta::CODECS
+    static ALL: [&dyn frame::BaseCodec; 10] = [
+        delta::CODECS[0],
+        delta::CODECS[1],
+        delta::CODECS[2],
+        delta::CODECS[3],
+        delta::CODECS[4],
+        delta::CODECS[5],
+        delta::CODECS[6],
+        delta::CODECS[7],
+        &sparse::Sparse,
+        &lowrank::LowRank,
+    ];
+    &ALL
+}
+
+/// The kind of delta a frame's codec byte names: "plain", "xor", "diff", "sparse", "low-rank"
+/// (or "unknown").
+pub fn codec_kind(codec: u8) -> &'static str {
+    match codec {
+        frame::CODEC_PLANES => "plain",
+        delta::CODEC_XOR => "xor",
+        16..=19 | 21..=23 => "diff",
+        sparse::CODEC_SPARSE => "sparse",
+        lowrank::CODEC_LOWRANK => "low-rank",
+        _ => "unknown",
+    }
 }
