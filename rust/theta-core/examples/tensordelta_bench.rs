@@ -211,6 +211,7 @@ fn main() {
             factors: None,
         };
         let (mut enc_d, mut enc_p, mut dec_d, mut dec_p) = (vec![], vec![], vec![], vec![]);
+        let mut enc_x = vec![];
         let mut d = None;
         let mut plain = Vec::new();
         let known: HashMap<ChunkId, Vec<u8>> = cs
@@ -238,6 +239,23 @@ fn main() {
                 .collect::<Vec<_>>();
             enc_p.push(n / (cpu_secs() - t) / 1e6);
             let t = cpu_secs();
+            let mut buf = Vec::new();
+            for c in &cs {
+                let a = c.offset as usize;
+                let r = a..a + c.len as usize;
+                theta_core::delta::encode_delta_with(
+                    theta_core::delta::Delta::Diff,
+                    &new[r.clone()],
+                    &base[r],
+                    &c.base,
+                    dtype,
+                    &c.id,
+                    &mut buf,
+                )
+                .unwrap();
+            }
+            enc_x.push(n / (cpu_secs() - t) / 1e6);
+            let t = cpu_secs();
             let got = tensordelta::encode_tensor(&job).unwrap();
             enc_d.push(n / (cpu_secs() - t) / 1e6);
             let mut out = vec![0u8; CHUNK];
@@ -262,6 +280,7 @@ fn main() {
         let d = d.unwrap();
         check(&job, &d);
         let ps: usize = plain.iter().map(|f| f.len()).sum();
+        println!("  the difference alone: {:.0} MB/s", median(enc_x));
         println!(
             "fine-tune {}: delta {:.4} of raw (plain {:.4}); encode {:.0} MB/s (plain {:.0}, ratio {:.2}); decode {:.0} MB/s (plain {:.0}) [{}]",
             dtype.name(),

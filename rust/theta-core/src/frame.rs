@@ -22,7 +22,7 @@
 //! Its codec byte names how the decoded planes (a residual of the raw length) and the bases'
 //! bytes make the chunk ([`BaseCodec`] is the seam; [`crate::delta`] has the bit-level deltas).
 //!
-//! Format 3 with a *payload codec* (codec byte >= 32: [`crate::sparse`], [`crate::lowrank`]):
+//! Format 3 with a *payload codec* (codec byte 32..=63: [`crate::sparse`], [`crate::lowrank`]):
 //! the frame holds S codec-defined sections instead of planes of the raw length, each coded like
 //! a plane (raw / zstd-1 / rANS, smallest), with its decoded length in the table:
 //! ```text
@@ -53,8 +53,9 @@ pub const CODEC_PLANES: u8 = 1;
 pub const HEADER_LEN: usize = 48;
 /// Most base chunks one frame may name (a bound on what a hostile header can make us fetch).
 pub const MAX_BASES: usize = 16;
-/// Codec bytes from here on are payload codecs: their frames hold sections, not planes.
+/// Codec bytes 32..=63 are payload codecs: their frames hold sections, not planes.
 pub const CODEC_PAYLOAD_MIN: u8 = 32;
+pub const CODEC_PAYLOAD_MAX: u8 = 63;
 /// Most sections a payload frame may have.
 pub const MAX_SECTIONS: usize = 16;
 /// The decoded sections of a payload frame add up to at most `2 * raw_len + SECTION_SLACK`.
@@ -121,7 +122,7 @@ impl FrameInfo {
 
 /// Whether frames of codec byte `codec` hold sections (see the module doc).
 pub fn is_payload_codec(codec: u8) -> bool {
-    codec >= CODEC_PAYLOAD_MIN
+    (CODEC_PAYLOAD_MIN..=CODEC_PAYLOAD_MAX).contains(&codec)
 }
 
 /// Header length (up to the plane table) of a frame with `bases` base ids.
@@ -144,7 +145,7 @@ pub trait BaseCodec: Sync {
             self.code()
         )))
     }
-    /// For a payload codec (code >= [`CODEC_PAYLOAD_MIN`]): write the chunk into `out` from the
+    /// For a payload codec (code in [`CODEC_PAYLOAD_MIN`]..=[`CODEC_PAYLOAD_MAX`]): write the chunk into `out` from the
     /// frame's decoded sections and the bases' bytes (`dtype` is the frame's).
     fn decode_payload(
         &self,
@@ -488,6 +489,18 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     // Extrapolate the sample's stream bits to the plane (table and states are per plane).
     let sample_stream = ans::estimate_stream_bits(&sample_hist);
     let predicted = ((sample_stream as u128 * n as u128 / sample.len() as u128) >> 19) as usize;
+    // A nearly constant plane (the high bytes of a delta's residual): zstd codes it about as
+    // small as rANS, many times faster; rANS is still tried when zstd falls short.
+    if n > sample.len() && predicted * 64 < n {
+        let got = with_zstd(plane, |z| {
+            z.filter(|z| z.len() <= predicted + predicted / 4 + 64)
+                .map(|z| out.extend_from_slice(z))
+                .is_some()
+        });
+        if got {
+            return PlaneMode::Zstd;
+        }
+    }
     let mut mode = PlaneMode::Raw;
     let mut sample_best = sample.len();
     let mut best_len = n;
@@ -906,7 +919,7 @@ pub fn encode_payload_frame_into(
     {
         return Err(Error::InvalidArgument(format!(
             "a payload frame needs 1 to {MAX_BASES} bases, 1 to {MAX_SECTIONS} sections and a \
-             codec >= {CODEC_PAYLOAD_MIN}"
+             codec in {CODEC_PAYLOAD_MIN}..={CODEC_PAYLOAD_MAX}"
         )));
     }
     let head = header_len(bases.len());

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::frame::{self, ChunkId};
 use crate::lowrank;
 use crate::sparse;
+use std::cell::RefCell;
 
 /// One chunk of the tensor: where it is in the tensor, and its id and its base's id.
 #[derive(Debug, Clone)]
@@ -94,8 +95,8 @@ pub fn encode_tensor(job: &TensorJob) -> Result<TensorDelta> {
 /// Chunks up to this size try every candidate in full; larger ones pick from samples.
 const SMALL_CHUNK: usize = 256 * 1024;
 /// Size and count of the samples a large chunk's codec is picked on.
-const SAMPLE: usize = 64 * 1024;
-const SAMPLES: usize = 3;
+const SAMPLE: usize = 32 * 1024;
+const SAMPLES: usize = 2;
 
 /// Which frame a chunk gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,15 +124,47 @@ pub fn encode_chunk(
         Choice::Bits(delta::Delta::Xor),
         Choice::Bits(delta::Delta::Diff),
     ];
-    let mut out = Vec::new();
+    SCRATCH.with(|cell| {
+        let mut out = cell.borrow_mut();
+        choose(
+            new,
+            base,
+            base_id,
+            dtype,
+            id,
+            elem,
+            sparse_limit,
+            &candidates,
+            &mut out,
+        )
+    })
+}
+
+thread_local! {
+    /// The frame being coded (kept from chunk to chunk: a fresh buffer costs page faults).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static SAMPLE_NEW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static SAMPLE_BASE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn choose(
+    new: &[u8],
+    base: &[u8],
+    base_id: &ChunkId,
+    dtype: DType,
+    id: &ChunkId,
+    elem: usize,
+    sparse_limit: usize,
+    candidates: &[Choice],
+    out: &mut Vec<u8>,
+) -> Result<Vec<u8>> {
     if new.len() <= SMALL_CHUNK {
         let mut best: Option<Vec<u8>> = None;
-        for c in candidates.into_iter().chain([Choice::Sparse]) {
-            if let Some(len) = encode_as(c, new, base, base_id, dtype, id, sparse_limit, &mut out)?
-            {
+        for &c in candidates.iter().chain(&[Choice::Sparse]) {
+            if let Some(len) = encode_as(c, new, base, base_id, dtype, id, sparse_limit, out)? {
                 if best.as_ref().is_none_or(|b| len < b.len()) {
-                    out.truncate(len);
-                    best = Some(std::mem::take(&mut out));
+                    best = Some(out[..len].to_vec());
                 }
             }
         }
@@ -140,53 +173,58 @@ pub fn encode_chunk(
     // Samples spread over the chunk, element-aligned (SAMPLE is a multiple of every size).
     let step = (new.len() - SAMPLE) / (SAMPLES - 1) / 8 * 8;
     let at: Vec<usize> = (0..SAMPLES).map(|k| k * step).collect();
-    let pick = |src: &[u8]| -> Vec<u8> {
-        at.iter()
-            .flat_map(|&a| src[a..a + SAMPLE].iter().copied())
-            .collect()
-    };
-    let (sn, sb) = (pick(new), pick(base));
-    let changed = sparse::changed(&sn, &sb, elem, sn.len() / elem / 4);
-    let mut scores: Vec<(usize, Choice)> = Vec::new();
-    for c in candidates {
-        if let Some(len) = encode_as(c, &sn, &sb, base_id, dtype, id, 0, &mut out)? {
-            scores.push((len, c));
+    let pick = |src: &[u8], dst: &mut Vec<u8>| {
+        dst.clear();
+        for &a in &at {
+            dst.extend_from_slice(&src[a..a + SAMPLE]);
         }
-    }
-    if changed.is_some() {
+    };
+    let mut sn = SAMPLE_NEW.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let mut sb = SAMPLE_BASE.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    pick(new, &mut sn);
+    pick(base, &mut sb);
+    let scored = score_samples(&sn, &sb, base_id, dtype, id, elem, candidates, out);
+    SAMPLE_NEW.with(|c| *c.borrow_mut() = sn);
+    SAMPLE_BASE.with(|c| *c.borrow_mut() = sb);
+    let (mut scores, few_changed) = scored?;
+    let scale = (SAMPLES * SAMPLE) as f64 / new.len() as f64;
+    if few_changed {
         // Few changed in the samples: sparse is tried in full (it stops once too many changed).
-        if let Some(len) = encode_as(
-            Choice::Sparse,
-            new,
-            base,
-            base_id,
-            dtype,
-            id,
-            sparse_limit,
-            &mut out,
-        )? {
-            let scale = sn.len() as f64 / new.len() as f64;
-            scores.push(((len as f64 * scale) as usize, Choice::Sparse));
-            if scores.iter().all(|s| s.0 >= (len as f64 * scale) as usize) {
-                out.truncate(len);
-                return Ok(out);
+        let sparse = Choice::Sparse;
+        if let Some(len) = encode_as(sparse, new, base, base_id, dtype, id, sparse_limit, out)? {
+            let scaled = (len as f64 * scale) as usize;
+            if scores.iter().all(|s| s.0 >= scaled) {
+                return Ok(out[..len].to_vec());
             }
+            scores.push((scaled, sparse));
         }
     }
     let winner = scores.iter().min_by_key(|s| s.0).expect("candidates").1;
-    let len = encode_as(
-        winner,
-        new,
-        base,
-        base_id,
-        dtype,
-        id,
-        sparse_limit,
-        &mut out,
-    )?
-    .expect("plain and bit-level deltas always code");
-    out.truncate(len);
-    Ok(out)
+    let len = encode_as(winner, new, base, base_id, dtype, id, sparse_limit, out)?
+        .expect("plain and bit-level deltas always code");
+    Ok(out[..len].to_vec())
+}
+
+/// The candidates' frame sizes on the samples, and whether few of the samples' elements changed.
+#[allow(clippy::too_many_arguments)]
+fn score_samples(
+    sn: &[u8],
+    sb: &[u8],
+    base_id: &ChunkId,
+    dtype: DType,
+    id: &ChunkId,
+    elem: usize,
+    candidates: &[Choice],
+    out: &mut Vec<u8>,
+) -> Result<(Vec<(usize, Choice)>, bool)> {
+    let few = sparse::changed(sn, sb, elem, sn.len() / elem / 4).is_some();
+    let mut scores = Vec::new();
+    for &c in candidates {
+        if let Some(len) = encode_as(c, sn, sb, base_id, dtype, id, 0, out)? {
+            scores.push((len, c));
+        }
+    }
+    Ok((scores, few))
 }
 
 #[allow(clippy::too_many_arguments)]
