@@ -1066,6 +1066,21 @@ pub fn decode_frame_with(
     let info = decode_frame_unverified_with(frame, out, resolve, codecs)?;
     let got = chunk_id(out);
     if got != info.id {
+        // Only on failure: name a base whose bytes are not what its id says (a corrupt base or
+        // factors chunk), since the frame itself may be intact.
+        for (k, b) in info.bases.iter().enumerate() {
+            if let Ok(bytes) = resolve(b) {
+                let h = chunk_id(&bytes);
+                if h != *b {
+                    return Err(Error::CorruptFrame(format!(
+                        "base {k} of the frame of {}: chunk {} hashes to {}",
+                        hex(&info.id),
+                        hex(b),
+                        hex(&h)
+                    )));
+                }
+            }
+        }
         return Err(Error::CorruptFrame(format!(
             "decoded bytes hash to {} but the frame says {}",
             hex(&got),
