@@ -2,6 +2,7 @@
 //! write path (which finds the bases and appends frames) and the delta codecs (which pick, per
 //! chunk, the smallest of the plain frame and the deltas they know).
 
+use crate::ans;
 use crate::delta;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -205,26 +206,52 @@ fn choose(
     Ok(out[..len].to_vec())
 }
 
-/// The candidates' frame sizes on the samples, and whether few of the samples' elements changed.
+/// The candidates' estimated frame sizes on the samples (order-0 information content of each
+/// plane: the coders are run only on the winner), and whether few of the samples' elements
+/// changed.
 #[allow(clippy::too_many_arguments)]
 fn score_samples(
     sn: &[u8],
     sb: &[u8],
-    base_id: &ChunkId,
+    _base_id: &ChunkId,
     dtype: DType,
-    id: &ChunkId,
+    _id: &ChunkId,
     elem: usize,
     candidates: &[Choice],
     out: &mut Vec<u8>,
 ) -> Result<(Vec<(usize, Choice)>, bool)> {
     let few = sparse::changed(sn, sb, elem, sn.len() / elem / 4).is_some();
+    let mut resid = vec![0u8; sn.len()];
     let mut scores = Vec::new();
     for &c in candidates {
-        if let Some(len) = encode_as(c, sn, sb, base_id, dtype, id, 0, out)? {
-            scores.push((len, c));
-        }
+        let data: &[u8] = match c {
+            Choice::Plain => sn,
+            Choice::Bits(delta::Delta::Xor) => {
+                for ((r, a), b) in resid.iter_mut().zip(sn).zip(sb) {
+                    *r = a ^ b;
+                }
+                &resid
+            }
+            Choice::Bits(delta::Delta::Diff) => {
+                delta::zigzag_residual(dtype, sn, sb, &mut resid);
+                &resid
+            }
+            Choice::Sparse => continue,
+        };
+        scores.push((estimate(data, dtype, out), c));
     }
     Ok((scores, few))
+}
+
+/// Estimated coded size of `data`'s byte planes (each at most raw).
+fn estimate(data: &[u8], dtype: DType, planes: &mut Vec<u8>) -> usize {
+    planes.resize(data.len(), 0);
+    frame::split_into_planes(data, dtype, &mut planes[..data.len()]);
+    let p = frame::plane_count(dtype, data.len());
+    let n = data.len() / p;
+    (0..p)
+        .map(|j| ans::estimate_len(&ans::histogram(&planes[j * n..(j + 1) * n])).min(n))
+        .sum()
 }
 
 #[allow(clippy::too_many_arguments)]
