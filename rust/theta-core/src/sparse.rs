@@ -4,9 +4,11 @@
 //! A payload frame (see [`crate::frame`]) with one base, the base chunk, and these sections:
 //! ```text
 //! section  content
-//! 0        value kind (0: new XOR base, 1: the new values), then one LEB128 varint per changed
-//!          element: its index minus the previous changed index minus one (the first: its index)
-//! 1..=K    the values of the changed elements, in order, split into K byte planes as format 2
+//! 0        value kind: 0 = new XOR base, 1 = the new values (one byte)
+//! 1..=G    per changed element, its index minus the previous changed index minus one (the
+//!          first: its index), as G-byte LE integers split into G byte planes (low bytes first),
+//!          G = 1..=4 the fewest bytes that hold the largest gap
+//! G+1..    the values of the changed elements, in order, split into K byte planes as format 2
 //!          splits the dtype (floats rotated); K = the element size, or 1 when the chunk is not
 //!          whole elements (then elements are bytes)
 //! ```
@@ -83,19 +85,22 @@ pub fn encode_sparse_into(
     let Some(idx) = changed(new, base, elem, limit) else {
         return Ok(None);
     };
-    let mut pos = Vec::with_capacity(1 + idx.len() * 2);
-    pos.push(VALUES_XOR);
-    let mut prev: i64 = -1;
-    for &e in &idx {
-        let mut g = (e as i64 - prev - 1) as u64;
-        prev = e as i64;
-        while g >= 0x80 {
-            pos.push(g as u8 | 0x80);
-            g >>= 7;
-        }
-        pos.push(g as u8);
+    if new.len() / elem > u32::MAX as usize {
+        return Ok(None);
     }
     let n = idx.len();
+    let mut gaps = vec![0u8; 4 * n];
+    let mut prev: i64 = -1;
+    let mut widest = 0u32;
+    for (k, &e) in idx.iter().enumerate() {
+        let g = (e as i64 - prev - 1) as u32;
+        prev = e as i64;
+        widest |= g;
+        for b in 0..4 {
+            gaps[b * n + k] = (g >> (8 * b)) as u8;
+        }
+    }
+    let g_planes = (4 - widest.leading_zeros() as usize / 8).max(1);
     let mut xor = vec![0u8; n * elem];
     let mut raw = vec![0u8; n * elem];
     for (k, &e) in idx.iter().enumerate() {
@@ -107,17 +112,15 @@ pub fn encode_sparse_into(
     }
     let mut best: Option<Vec<u8>> = None;
     for (kind, vals) in [(VALUES_XOR, &xor), (VALUES_NEW, &raw)] {
-        pos[0] = kind;
+        let kind = [kind];
         let mut planes = vec![0u8; vals.len()];
         frame::split_into_planes(vals, vdt, &mut planes);
-        let mut secs: Vec<&[u8]> = vec![&pos];
-        if elem == 1 {
-            secs.push(&planes);
-        } else {
-            secs.extend(planes.chunks(n.max(1)).take(elem));
-            while secs.len() < 1 + elem {
-                secs.push(&[]);
-            }
+        let mut secs: Vec<&[u8]> = vec![&kind];
+        for b in 0..g_planes {
+            secs.push(&gaps[b * n..(b + 1) * n]);
+        }
+        for j in 0..elem {
+            secs.push(&planes[j * n..(j + 1) * n]);
         }
         let mut f = Vec::new();
         frame::encode_payload_frame_into(
@@ -162,51 +165,34 @@ impl BaseCodec for Sparse {
             )));
         }
         let (elem, vdt) = element(dtype, out.len());
-        if sections.len() != 1 + elem {
+        let g_planes = sections.len().wrapping_sub(1 + elem);
+        if !(1..=4).contains(&g_planes) || sections[0].len() != 1 {
             return Err(bad(format!(
-                "{} sections, expected {}",
+                "{} sections, expected {} to {}",
                 sections.len(),
-                1 + elem
+                2 + elem,
+                5 + elem
             )));
         }
-        let (&kind, gaps) = sections[0]
-            .split_first()
-            .ok_or_else(|| bad("empty index list".into()))?;
+        let kind = sections[0][0];
         if kind != VALUES_XOR && kind != VALUES_NEW {
             return Err(bad(format!("unknown value kind {kind}")));
         }
         let count = sections[1].len();
         if sections[1..].iter().any(|s| s.len() != count) {
-            return Err(bad("value planes of different lengths".into()));
+            return Err(bad("index and value planes of different lengths".into()));
         }
         let mut vals = vec![0u8; count * elem];
-        frame::merge_from_planes(&sections[1..], vdt, &mut vals)?;
+        frame::merge_from_planes(&sections[1 + g_planes..], vdt, &mut vals)?;
         out.copy_from_slice(base);
         let elems = (out.len() / elem) as u64;
         let mut next: u64 = 0; // the smallest index the next entry may have
-        let mut k = 0usize;
-        let mut it = gaps.iter();
-        while let Some(&b0) = it.next() {
-            let mut g = (b0 & 0x7f) as u64;
-            let mut shift = 7;
-            let mut b = b0;
-            while b & 0x80 != 0 {
-                b = *it
-                    .next()
-                    .ok_or_else(|| bad("index list truncated".into()))?;
-                if shift > 56 {
-                    return Err(bad("index gap overflows".into()));
-                }
-                g |= ((b & 0x7f) as u64) << shift;
-                shift += 7;
-            }
+        for k in 0..count {
+            let g = (0..g_planes).fold(0u64, |g, b| g | (sections[1 + b][k] as u64) << (8 * b));
             let e = next
                 .checked_add(g)
                 .filter(|&e| e < elems)
                 .ok_or_else(|| bad(format!("index past the chunk's {elems} elements")))?;
-            if k >= count {
-                return Err(bad(format!("more indices than the {count} values")));
-            }
             let a = e as usize * elem;
             let v = &vals[k * elem..(k + 1) * elem];
             if kind == VALUES_XOR {
@@ -216,11 +202,7 @@ impl BaseCodec for Sparse {
             } else {
                 out[a..a + elem].copy_from_slice(v);
             }
-            k += 1;
             next = e + 1;
-        }
-        if k != count {
-            return Err(bad(format!("{k} indices for {count} values")));
         }
         Ok(())
     }
