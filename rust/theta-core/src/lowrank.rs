@@ -53,6 +53,8 @@ const OVERSAMPLE: usize = 8;
 const TEST_RANK: usize = 8;
 const TEST_ROWS: usize = 256;
 const TEST_ENERGY: f64 = 0.5;
+/// Time the automatic rank search may spend trying ranks after the first.
+const RANK_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 /// Seed of the test matrices (fixed: the same factors on every run).
 const SEED: u64 = 0x7e7a_5eed_0f5a_1d00;
 
@@ -792,7 +794,12 @@ pub(crate) fn encode_tensor_lowrank(
     let size = job.dtype.size() as u64;
     let plain_total: usize = plain.iter().map(|f| f.len()).sum();
     let mut best: Option<(usize, TensorDelta)> = None;
+    let started = std::time::Instant::now();
     for f in candidates {
+        // The ranks are tried best guess first: past the budget, what was found is kept.
+        if best.is_some() && started.elapsed() > RANK_BUDGET {
+            break;
+        }
         let raw = factors_bytes(&f);
         let fid = frame::chunk_id(&raw);
         let fframe = frame::encode_frame_with_id(&raw, DType::F32, &fid);

@@ -1,6 +1,13 @@
 //! One changed tensor coded against the same tensor in an earlier version: the seam between the
 //! write path (which finds the bases and appends frames) and the delta codecs (which pick, per
 //! chunk, the smallest of the plain frame and the deltas they know).
+//!
+//! Per chunk: plain, XOR, zigzag difference ([`crate::delta`]) or sparse ([`crate::sparse`]).
+//! A chunk over 256 KiB is decided on two 32 KiB samples (the planes' order-0 information
+//! content ranks plain / XOR / difference; sparse is coded in full when the samples show few
+//! changes) and only the winner is coded in full. Per tensor: a float matrix whose change looks
+//! low-rank (or with user factors) also tries [`crate::lowrank`] at a few ranks, and keeps it
+//! when factors + frames cost less than the frames without.
 
 use crate::ans;
 use crate::delta;
@@ -184,7 +191,7 @@ fn choose(
     let mut sb = SAMPLE_BASE.with(|c| std::mem::take(&mut *c.borrow_mut()));
     pick(new, &mut sn);
     pick(base, &mut sb);
-    let scored = score_samples(&sn, &sb, base_id, dtype, id, elem, candidates, out);
+    let scored = score_samples(&sn, &sb, dtype, elem, candidates, out);
     SAMPLE_NEW.with(|c| *c.borrow_mut() = sn);
     SAMPLE_BASE.with(|c| *c.borrow_mut() = sb);
     let (mut scores, few_changed) = scored?;
@@ -213,9 +220,7 @@ fn choose(
 fn score_samples(
     sn: &[u8],
     sb: &[u8],
-    _base_id: &ChunkId,
     dtype: DType,
-    _id: &ChunkId,
     elem: usize,
     candidates: &[Choice],
     out: &mut Vec<u8>,
