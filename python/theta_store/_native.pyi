@@ -16,6 +16,8 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "frame_info",
+    "lowrank_factors",
+    "parse_factors",
     "read_chunks",
     "receive_content",
     "restore_file",
@@ -161,3 +163,12 @@ def receive_content(
     in_path: str, worktree: str | None, spill_dir: str | None, head_max: int = 1025, compare: bool = True
 ) -> tuple[int, bytes, bytes, str | None]: ...
 def _raise_core_error(kind: str) -> None: ...
+def lowrank_factors(
+    new: Buffer,
+    base: Buffer,
+    dtype: str,
+    shape: Sequence[int],
+    rank: int | None = None,
+    rtol: float | None = None,
+) -> tuple[bytes, bytes, float]: ...
+def parse_factors(raw: Buffer) -> tuple[int, int, int, bytes, bytes]: ...

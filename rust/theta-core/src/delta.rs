@@ -197,8 +197,22 @@ fn undiff1(out: &mut [u8], base: &[u8]) {
     undiff1_::<false>(out, base)
 }
 
+/// `out = zigzag(new - base)` per element of `dtype` (whole elements of 2, 4 or 8 bytes),
+/// rotated right by one bit for floats: the residual of codecs 17-19 and 21-23.
+pub(crate) fn zigzag_residual(dtype: DType, new: &[u8], base: &[u8], out: &mut [u8]) {
+    match (dtype.size(), dtype.rotates()) {
+        (2, false) => diff2::<false>(new, base, out),
+        (2, true) => diff2::<true>(new, base, out),
+        (4, false) => diff4::<false>(new, base, out),
+        (4, true) => diff4::<true>(new, base, out),
+        (8, false) => diff8::<false>(new, base, out),
+        (8, true) => diff8::<true>(new, base, out),
+        _ => diff1(new, base, out),
+    }
+}
+
 /// The diff codec a chunk of `len` bytes of `dtype` uses (the frame's plane count decides).
-fn diff_codec(dtype: DType, len: usize) -> Diff {
+pub(crate) fn diff_codec(dtype: DType, len: usize) -> Diff {
     let elem = dtype.size();
     if elem > 1 && len.is_multiple_of(elem) {
         Diff {

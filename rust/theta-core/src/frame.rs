@@ -22,6 +22,20 @@
 //! Its codec byte names how the decoded planes (a residual of the raw length) and the bases'
 //! bytes make the chunk ([`BaseCodec`] is the seam; [`crate::delta`] has the bit-level deltas).
 //!
+//! Format 3 with a *payload codec* (codec byte 32..=63: [`crate::sparse`], [`crate::lowrank`]):
+//! the frame holds S codec-defined sections instead of planes of the raw length, each coded like
+//! a plane (raw / zstd-1 / rANS, smallest), with its decoded length in the table:
+//! ```text
+//! 7       1     section count S (1..=16)
+//! 49+32B  17*S  per section: mode, decoded length u64 LE, stored length u64 LE
+//! 49+32B+17S    the section payloads, in order
+//! ```
+//! The decoded sections add up to at most twice the raw length plus 4 KiB (a hostile header
+//! cannot make the reader allocate more than a chunk's worth).
+//!
+//! Codec bytes: 1 byte planes (format 2); 2 XOR, 16-19 and 21-23 zigzag differences (see
+//! [`crate::delta`]); 32 sparse ([`crate::sparse`]); 33 lossless low-rank ([`crate::lowrank`]).
+//!
 //! Plane `j` holds byte `j` (little-endian) of every element; multi-byte floats are rotated left by
 //! one bit first, so the top plane is the exponent. Decoding always re-hashes and compares.
 
@@ -39,6 +53,13 @@ pub const CODEC_PLANES: u8 = 1;
 pub const HEADER_LEN: usize = 48;
 /// Most base chunks one frame may name (a bound on what a hostile header can make us fetch).
 pub const MAX_BASES: usize = 16;
+/// Codec bytes 32..=63 are payload codecs: their frames hold sections, not planes.
+pub const CODEC_PAYLOAD_MIN: u8 = 32;
+pub const CODEC_PAYLOAD_MAX: u8 = 63;
+/// Most sections a payload frame may have.
+pub const MAX_SECTIONS: usize = 16;
+/// The decoded sections of a payload frame add up to at most `2 * raw_len + SECTION_SLACK`.
+pub const SECTION_SLACK: u64 = 4096;
 
 pub type ChunkId = [u8; 32];
 
@@ -59,7 +80,10 @@ pub struct FrameInfo {
     pub id: ChunkId,
     /// Base chunks the frame is decoded against (format 3; empty in format 2).
     pub bases: Vec<ChunkId>,
+    /// Per plane (or section, for a payload codec): mode and stored length.
     pub planes: Vec<(PlaneMode, u64)>,
+    /// Per section of a payload codec's frame: its decoded length (empty for plane frames).
+    pub sections: Vec<u64>,
 }
 
 impl FrameInfo {
@@ -76,11 +100,29 @@ impl FrameInfo {
         header_len(self.bases.len())
     }
 
+    /// Whether the frame holds a payload codec's sections rather than planes.
+    pub fn is_payload(&self) -> bool {
+        is_payload_codec(self.codec)
+    }
+
+    fn entry_len(&self) -> usize {
+        if self.is_payload() {
+            17
+        } else {
+            9
+        }
+    }
+
     pub fn stored_len(&self) -> u64 {
         self.table_at() as u64
-            + 9 * self.planes.len() as u64
+            + (self.entry_len() * self.planes.len()) as u64
             + self.planes.iter().map(|p| p.1).sum::<u64>()
     }
+}
+
+/// Whether frames of codec byte `codec` hold sections (see the module doc).
+pub fn is_payload_codec(codec: u8) -> bool {
+    (CODEC_PAYLOAD_MIN..=CODEC_PAYLOAD_MAX).contains(&codec)
 }
 
 /// Header length (up to the plane table) of a frame with `bases` base ids.
@@ -97,7 +139,26 @@ pub trait BaseCodec: Sync {
     /// The codec byte of the frames it decodes (not [`CODEC_PLANES`]).
     fn code(&self) -> u8;
     /// Turn `out`, which holds the decoded residual, into the chunk, given the bases' bytes.
-    fn decode(&self, bases: &[&[u8]], out: &mut [u8]) -> Result<()>;
+    fn decode(&self, _bases: &[&[u8]], _out: &mut [u8]) -> Result<()> {
+        Err(Error::CorruptFrame(format!(
+            "codec {} has no residual form",
+            self.code()
+        )))
+    }
+    /// For a payload codec (code in [`CODEC_PAYLOAD_MIN`]..=[`CODEC_PAYLOAD_MAX`]): write the chunk into `out` from the
+    /// frame's decoded sections and the bases' bytes (`dtype` is the frame's).
+    fn decode_payload(
+        &self,
+        _sections: &[&[u8]],
+        _dtype: DType,
+        _bases: &[&[u8]],
+        _out: &mut [u8],
+    ) -> Result<()> {
+        Err(Error::CorruptFrame(format!(
+            "codec {} has no payload form",
+            self.code()
+        )))
+    }
 }
 
 /// Resolves a base chunk id to the chunk's raw bytes.
@@ -428,6 +489,18 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     // Extrapolate the sample's stream bits to the plane (table and states are per plane).
     let sample_stream = ans::estimate_stream_bits(&sample_hist);
     let predicted = ((sample_stream as u128 * n as u128 / sample.len() as u128) >> 19) as usize;
+    // A nearly constant plane (the high bytes of a delta's residual): zstd codes it about as
+    // small as rANS, many times faster; rANS is still tried when zstd falls short.
+    if n > sample.len() && predicted * 64 < n {
+        let got = with_zstd(plane, |z| {
+            z.filter(|z| z.len() <= predicted + predicted / 4 + 64)
+                .map(|z| out.extend_from_slice(z))
+                .is_some()
+        });
+        if got {
+            return PlaneMode::Zstd;
+        }
+    }
     let mut mode = PlaneMode::Raw;
     let mut sample_best = sample.len();
     let mut best_len = n;
@@ -692,6 +765,9 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
     }
     let head = header_len(bases.len());
     let dtype = DType::from_code(frame[6]).map_err(|e| bad(e.to_string()))?;
+    if is_payload_codec(codec) {
+        return section_info(frame, codec, dtype, bases, head);
+    }
     let p = frame[7] as usize;
     if !(p == 1 || (p == dtype.size() && p > 1)) {
         return Err(bad(format!(
@@ -745,7 +821,233 @@ pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
         id,
         bases,
         planes,
+        sections: Vec::new(),
     })
+}
+
+/// The rest of [`frame_info`] for a payload codec's frame (base ids already read).
+fn section_info(
+    frame: &[u8],
+    codec: u8,
+    dtype: DType,
+    bases: Vec<ChunkId>,
+    head: usize,
+) -> Result<FrameInfo> {
+    let bad = |what: String| Error::CorruptFrame(what);
+    let s = frame[7] as usize;
+    if s == 0 || s > MAX_SECTIONS {
+        return Err(bad(format!("section count {s} is not 1..={MAX_SECTIONS}")));
+    }
+    let raw_len = u64::from_le_bytes(frame[8..16].try_into().unwrap());
+    if raw_len > 1 << 30 {
+        return Err(bad(format!(
+            "raw length {raw_len} exceeds the 1 GiB chunk limit"
+        )));
+    }
+    let id: ChunkId = frame[16..48].try_into().unwrap();
+    let table_end = head + 17 * s;
+    if frame.len() < table_end {
+        return Err(bad("section table truncated".into()));
+    }
+    let mut planes = Vec::with_capacity(s);
+    let mut sections = Vec::with_capacity(s);
+    let mut total: u64 = table_end as u64;
+    let mut decoded: u64 = 0;
+    for j in 0..s {
+        let at = head + 17 * j;
+        let mode = match frame[at] {
+            0 => PlaneMode::Raw,
+            1 => PlaneMode::Zstd,
+            2 => PlaneMode::Rans,
+            m => return Err(bad(format!("section {j}: unknown mode {m}"))),
+        };
+        let dec = u64::from_le_bytes(frame[at + 1..at + 9].try_into().unwrap());
+        let len = u64::from_le_bytes(frame[at + 9..at + 17].try_into().unwrap());
+        if mode == PlaneMode::Raw && len != dec {
+            return Err(bad(format!(
+                "section {j}: raw section of {len} bytes, expected {dec}"
+            )));
+        }
+        decoded = decoded
+            .checked_add(dec)
+            .ok_or_else(|| bad("section lengths overflow".into()))?;
+        total = total
+            .checked_add(len)
+            .ok_or_else(|| bad("section lengths overflow".into()))?;
+        planes.push((mode, len));
+        sections.push(dec);
+    }
+    if decoded > 2 * raw_len + SECTION_SLACK {
+        return Err(bad(format!(
+            "sections decode to {decoded} bytes, too many for a chunk of {raw_len}"
+        )));
+    }
+    if total != frame.len() as u64 {
+        return Err(bad(format!(
+            "section lengths add up to {total} bytes but the frame has {}",
+            frame.len()
+        )));
+    }
+    Ok(FrameInfo {
+        codec,
+        dtype,
+        raw_len,
+        id,
+        bases,
+        planes,
+        sections,
+    })
+}
+
+/// Encode a payload codec's frame of chunk `id` (`raw_len` bytes of `dtype`) from its sections
+/// into `out`, each section coded like a plane; the frame is `out[..len]`.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_payload_frame_into(
+    sections: &[&[u8]],
+    raw_len: u64,
+    dtype: DType,
+    id: &ChunkId,
+    codec: u8,
+    bases: &[ChunkId],
+    out: &mut Vec<u8>,
+) -> Result<usize> {
+    if bases.is_empty()
+        || bases.len() > MAX_BASES
+        || !is_payload_codec(codec)
+        || sections.is_empty()
+        || sections.len() > MAX_SECTIONS
+    {
+        return Err(Error::InvalidArgument(format!(
+            "a payload frame needs 1 to {MAX_BASES} bases, 1 to {MAX_SECTIONS} sections and a \
+             codec in {CODEC_PAYLOAD_MIN}..={CODEC_PAYLOAD_MAX}"
+        )));
+    }
+    let head = header_len(bases.len());
+    out.clear();
+    out.resize(head + 17 * sections.len(), 0);
+    out[..4].copy_from_slice(&MAGIC);
+    out[4] = VERSION_BASES;
+    out[5] = codec;
+    out[6] = dtype as u8;
+    out[7] = sections.len() as u8;
+    out[8..16].copy_from_slice(&raw_len.to_le_bytes());
+    out[16..HEADER_LEN].copy_from_slice(id);
+    out[HEADER_LEN] = bases.len() as u8;
+    for (k, b) in bases.iter().enumerate() {
+        out[HEADER_LEN + 1 + 32 * k..HEADER_LEN + 33 + 32 * k].copy_from_slice(b);
+    }
+    for (j, sec) in sections.iter().enumerate() {
+        let start = out.len();
+        let mode = code_plane(sec, out);
+        if mode == PlaneMode::Raw {
+            out.extend_from_slice(sec);
+        }
+        let len = out.len() - start;
+        let at = head + 17 * j;
+        out[at] = mode as u8;
+        out[at + 1..at + 9].copy_from_slice(&(sec.len() as u64).to_le_bytes());
+        out[at + 9..at + 17].copy_from_slice(&(len as u64).to_le_bytes());
+    }
+    Ok(out.len())
+}
+
+/// Planes a chunk of `len` bytes of `dtype` is split into (as format 2 splits it).
+pub fn plane_count(dtype: DType, len: usize) -> usize {
+    let elem = dtype.size();
+    if elem > 1 && len.is_multiple_of(elem) {
+        elem
+    } else {
+        1
+    }
+}
+
+/// Split `data` into [`plane_count`] byte planes as format 2 does (floats rotated left by one
+/// bit), plane `j` at `planes[j * n..(j + 1) * n]`; `planes` is `data.len()` bytes.
+pub fn split_into_planes(data: &[u8], dtype: DType, planes: &mut [u8]) {
+    let p = plane_count(dtype, data.len());
+    if p == 1 {
+        planes.copy_from_slice(data);
+    } else {
+        split_planes(data, dtype, p, planes);
+    }
+}
+
+/// Inverse of [`split_into_planes`]: `planes` has [`plane_count`] slices of `out.len() / p` bytes.
+pub fn merge_from_planes(planes: &[&[u8]], dtype: DType, out: &mut [u8]) -> Result<()> {
+    let p = plane_count(dtype, out.len());
+    if planes.len() != p || planes.iter().any(|x| x.len() != out.len() / p) {
+        return Err(Error::CorruptFrame(format!(
+            "{} planes do not make {} bytes of {}",
+            planes.len(),
+            out.len(),
+            dtype.name()
+        )));
+    }
+    merge_planes(planes, dtype, out);
+    Ok(())
+}
+
+thread_local! {
+    /// Decoded sections of a payload frame.
+    static SECTIONS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Decode the sections of a payload frame and hand them to its codec.
+fn decode_sections(
+    frame: &[u8],
+    info: &FrameInfo,
+    out: &mut [u8],
+    resolve: BaseResolver,
+    codecs: &[&dyn BaseCodec],
+) -> Result<()> {
+    if out.len() as u64 != info.raw_len {
+        return Err(Error::CorruptFrame(format!(
+            "frame holds {} bytes but {} were expected",
+            info.raw_len,
+            out.len()
+        )));
+    }
+    let codec = codecs
+        .iter()
+        .find(|c| c.code() == info.codec)
+        .ok_or_else(|| Error::CorruptFrame(format!("unknown codec {}", info.codec)))?;
+    // Taken out of the thread-local so that a codec may decode frames itself meanwhile.
+    let mut buf = SECTIONS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let total: u64 = info.sections.iter().sum();
+    buf.clear();
+    buf.resize(total as usize, 0);
+    let result = (|| {
+        let mut pos = info.table_at() + 17 * info.planes.len();
+        let mut rest = &mut buf[..];
+        let mut secs: Vec<&[u8]> = Vec::with_capacity(info.planes.len());
+        for (j, (&(mode, len), &dec)) in info.planes.iter().zip(&info.sections).enumerate() {
+            let src = &frame[pos..pos + len as usize];
+            pos += len as usize;
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(dec as usize);
+            rest = tail;
+            match mode {
+                PlaneMode::Raw => dst.copy_from_slice(src),
+                PlaneMode::Rans => ans::decode(src, dst)
+                    .map_err(|e| Error::CorruptFrame(format!("section {j}: {e}")))?,
+                PlaneMode::Zstd => {
+                    let got = unzstd(src, dst)
+                        .map_err(|e| Error::CorruptFrame(format!("section {j}: zstd: {e}")))?;
+                    if got != dst.len() {
+                        return Err(Error::CorruptFrame(format!(
+                            "section {j}: zstd gave {got} bytes, expected {}",
+                            dst.len()
+                        )));
+                    }
+                }
+            }
+            secs.push(dst);
+        }
+        let bases = info.bases.iter().map(resolve).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[u8]> = bases.iter().map(|b| &b[..]).collect();
+        codec.decode_payload(&secs, info.dtype, &refs, out)
+    })();
+    SECTIONS.with(|c| *c.borrow_mut() = buf);
+    result
 }
 
 /// Decode a frame into `out` (which must be exactly the raw length) and verify its BLAKE3.
@@ -764,6 +1066,21 @@ pub fn decode_frame_with(
     let info = decode_frame_unverified_with(frame, out, resolve, codecs)?;
     let got = chunk_id(out);
     if got != info.id {
+        // Only on failure: name a base whose bytes are not what its id says (a corrupt base or
+        // factors chunk), since the frame itself may be intact.
+        for (k, b) in info.bases.iter().enumerate() {
+            if let Ok(bytes) = resolve(b) {
+                let h = chunk_id(&bytes);
+                if h != *b {
+                    return Err(Error::CorruptFrame(format!(
+                        "base {k} of the frame of {}: chunk {} hashes to {}",
+                        hex(&info.id),
+                        hex(b),
+                        hex(&h)
+                    )));
+                }
+            }
+        }
         return Err(Error::CorruptFrame(format!(
             "decoded bytes hash to {} but the frame says {}",
             hex(&got),
@@ -786,6 +1103,11 @@ pub fn decode_frame_unverified_with(
     resolve: BaseResolver,
     codecs: &[&dyn BaseCodec],
 ) -> Result<FrameInfo> {
+    let info = frame_info(frame)?;
+    if info.is_payload() {
+        decode_sections(frame, &info, out, resolve, codecs)?;
+        return Ok(info);
+    }
     let info = decode_planes(frame, out)?;
     if info.bases.is_empty() {
         return Ok(info);

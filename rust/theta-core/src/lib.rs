@@ -2,6 +2,8 @@
 //!
 //! - [`frame`]: chunk ids (BLAKE3) and frames (byte planes + rANS / zstd / raw per plane).
 //! - [`delta`]: bit-level deltas (XOR, zigzag integer difference) against a base chunk.
+//! - [`sparse`]: sparse deltas (changed positions and values) against a base chunk.
+//! - [`lowrank`]: lossless low-rank deltas (factors + exact residual), deterministic SVD.
 //! - [`ans`]: the order-0 rANS coder used on float exponent planes.
 //! - [`cdc`]: content-defined chunking for opaque bytes.
 //! - [`mapped`]: read-only mappings of the file being added, safe if it is cut short meanwhile.
@@ -18,11 +20,13 @@ pub mod delta;
 pub mod dtype;
 pub mod error;
 pub mod frame;
+pub mod lowrank;
 pub mod mapped;
 pub mod pack;
 pub mod pipeline;
 pub mod pktline;
 pub mod sha1x16;
+pub mod sparse;
 pub mod store;
 pub mod tensordelta;
 

@@ -265,3 +265,582 @@ fn a_corrupt_residual_a_missing_base_and_bad_lengths_are_errors() {
     let e = delta::encode_delta_frame(new, &base[4..], &chunk_id(base), DType::F32).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 }
+
+// ---- whole tensors through `tensordelta::encode_tensor`: sparse, low-rank, everything changed ----
+
+use std::collections::HashMap;
+use theta_core::lowrank::{self, f16_to_f32, f32_to_bf16, f32_to_f16};
+use theta_core::tensordelta::{self, DeltaChunk, Factors, TensorDelta, TensorJob};
+
+/// Element `v` as `dtype`'s little-endian bytes (integers scaled).
+fn put(dtype: DType, v: f64, out: &mut Vec<u8>) {
+    match dtype {
+        DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+        DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+        DType::F16 => out.extend_from_slice(&f32_to_f16(v as f32).to_le_bytes()),
+        DType::BF16 => out.extend_from_slice(&f32_to_bf16(v as f32).to_le_bytes()),
+        DType::I32 => out.extend_from_slice(&((v * 1e6) as i32).to_le_bytes()),
+        _ => unreachable!(),
+    }
+}
+
+fn get(dtype: DType, b: &[u8], k: usize) -> f64 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes(b[4 * k..4 * k + 4].try_into().unwrap()) as f64,
+        DType::F64 => f64::from_le_bytes(b[8 * k..8 * k + 8].try_into().unwrap()),
+        DType::F16 => f16_to_f32(u16::from_le_bytes([b[2 * k], b[2 * k + 1]])) as f64,
+        DType::BF16 => {
+            f32::from_bits((u16::from_le_bytes([b[2 * k], b[2 * k + 1]]) as u32) << 16) as f64
+        }
+        DType::I32 => i32::from_le_bytes(b[4 * k..4 * k + 4].try_into().unwrap()) as f64 / 1e6,
+        _ => unreachable!(),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum TensorChange {
+    /// This many elements set to new values.
+    Few(usize),
+    /// A rank-`r` update folded in (in the dtype's arithmetic), plus `noise` elements nudged.
+    LowRank(usize, usize),
+    /// Every element moved a little (a fine-tune).
+    All,
+}
+
+fn tensor_change() -> impl Strategy<Value = TensorChange> {
+    prop_oneof![
+        (1usize..60).prop_map(TensorChange::Few),
+        (1usize..5, 0usize..20).prop_map(|(r, n)| TensorChange::LowRank(r, n)),
+        Just(TensorChange::All),
+    ]
+}
+
+struct Case {
+    dtype: DType,
+    base: Vec<u8>,
+    new: Vec<u8>,
+    chunks: Vec<DeltaChunk>,
+}
+
+fn make_case(
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    chunk_elems: usize,
+    change: &TensorChange,
+    seed: u64,
+) -> Case {
+    let mut g = Normal(seed | 1);
+    let n = rows * cols;
+    let w: Vec<f64> = (0..n).map(|_| g.sample() * 0.02).collect();
+    let mut base = Vec::new();
+    for &v in &w {
+        put(dtype, v, &mut base);
+    }
+    let mut nw: Vec<f64> = (0..n).map(|k| get(dtype, &base, k)).collect();
+    match change {
+        TensorChange::Few(c) => {
+            for _ in 0..*c {
+                let k = (g.uniform() * n as f64) as usize % n;
+                nw[k] = g.sample() * 0.02;
+            }
+        }
+        TensorChange::LowRank(r, noise) => {
+            let a: Vec<f64> = (0..rows * r).map(|_| g.sample() * 0.01).collect();
+            let b: Vec<f64> = (0..r * cols).map(|_| g.sample() * 0.01).collect();
+            for i in 0..rows {
+                for j in 0..cols {
+                    let mut p = 0f32;
+                    for k in 0..*r {
+                        p += (a[i * r + k] * b[k * cols + j]) as f32;
+                    }
+                    nw[i * cols + j] += p as f64;
+                }
+            }
+            for _ in 0..*noise {
+                let k = (g.uniform() * n as f64) as usize % n;
+                nw[k] *= 1.0 + 1e-3;
+            }
+        }
+        TensorChange::All => {
+            for v in nw.iter_mut() {
+                *v += g.sample() * 2e-5;
+            }
+        }
+    }
+    let mut new = Vec::new();
+    for &v in &nw {
+        put(dtype, v, &mut new);
+    }
+    let size = dtype.size();
+    let chunks = (0..n)
+        .step_by(chunk_elems)
+        .map(|e| {
+            let (a, b) = (e * size, ((e + chunk_elems).min(n)) * size);
+            DeltaChunk {
+                offset: a as u64,
+                len: (b - a) as u64,
+                id: chunk_id(&new[a..b]),
+                base: chunk_id(&base[a..b]),
+            }
+        })
+        .filter(|c| c.id != c.base)
+        .collect();
+    Case {
+        dtype,
+        base,
+        new,
+        chunks,
+    }
+}
+
+/// Every base a tensor's frames may name: its base chunks and the extra (factors) chunks.
+fn known(case: &Case, d: &TensorDelta) -> HashMap<ChunkId, Vec<u8>> {
+    let mut k = HashMap::new();
+    for c in &case.chunks {
+        let a = c.offset as usize;
+        k.insert(c.base, case.base[a..a + c.len as usize].to_vec());
+    }
+    for (id, raw, frame) in &d.extra {
+        assert_eq!(*id, chunk_id(raw));
+        assert_eq!(frame::decode_frame(frame).unwrap().0, *raw);
+        k.insert(*id, raw.clone());
+    }
+    k
+}
+
+fn decode_all(case: &Case, d: &TensorDelta, bases: &HashMap<ChunkId, Vec<u8>>) -> Result<()> {
+    let resolve = |id: &ChunkId| -> Result<Vec<u8>> {
+        bases
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(frame::hex(id)))
+    };
+    for (c, f) in case.chunks.iter().zip(&d.frames) {
+        let mut out = vec![0u8; c.len as usize];
+        frame::decode_frame_with(f, &mut out, &resolve, tensordelta::codecs())?;
+        let a = c.offset as usize;
+        assert_eq!(
+            out,
+            case.new[a..a + c.len as usize],
+            "decoded to other bytes"
+        );
+    }
+    Ok(())
+}
+
+fn job<'a>(case: &'a Case, shape: &'a [u64], factors: Option<&'a Factors>) -> TensorJob<'a> {
+    TensorJob {
+        new: &case.new,
+        base: &case.base,
+        dtype: case.dtype,
+        shape,
+        chunks: &case.chunks,
+        factors,
+    }
+}
+
+fn tensor_dtype() -> impl Strategy<Value = DType> {
+    prop_oneof![
+        Just(DType::F16),
+        Just(DType::BF16),
+        Just(DType::F32),
+        Just(DType::F64),
+        Just(DType::I32)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Every chunk's frame decodes, with its bases resolved, to exactly the new chunk, and the
+    /// tensor never costs more than its chunks' plain frames.
+    #[test]
+    fn every_kind_of_change_round_trips_through_encode_tensor(
+        dtype in tensor_dtype(),
+        rows in 48usize..120,
+        cols in 64usize..100,
+        chunk_elems in 700usize..6000,
+        change in tensor_change(),
+        seed in any::<u64>(),
+    ) {
+        let case = make_case(dtype, rows, cols, chunk_elems, &change, seed);
+        let shape = [rows as u64, cols as u64];
+        let d = tensordelta::encode_tensor(&job(&case, &shape, None)).unwrap();
+        prop_assert_eq!(d.frames.len(), case.chunks.len());
+        let bases = known(&case, &d);
+        decode_all(&case, &d, &bases).unwrap();
+        let plain: usize = case
+            .chunks
+            .iter()
+            .map(|c| {
+                let a = c.offset as usize;
+                frame::encode_frame(&case.new[a..a + c.len as usize], dtype).len()
+            })
+            .sum();
+        let stored: usize = d.frames.iter().map(|f| f.len()).sum::<usize>()
+            + d.extra.iter().map(|e| e.2.len()).sum::<usize>();
+        prop_assert!(stored <= plain, "{} > plain {}", stored, plain);
+    }
+
+    /// Any byte of a sparse or low-rank frame changed: an error or the same bytes, never a panic
+    /// or other bytes.
+    #[test]
+    fn a_corrupt_payload_frame_never_decodes_to_other_bytes(
+        lowrank in any::<bool>(),
+        at in any::<usize>(),
+        flip in 1u8..=255,
+    ) {
+        let (case, d) = if lowrank { lowrank_case() } else { sparse_case() };
+        let bases = known(&case, &d);
+        let k = at % d.frames.len();
+        let mut frames = d.frames.clone();
+        let n = frames[k].len();
+        frames[k][(at / 7) % n] ^= flip;
+        let bad = TensorDelta { frames, extra: d.extra.clone() };
+        // decode_all asserts that whatever decodes is the new chunk.
+        let _ = decode_all(&case, &bad, &bases);
+    }
+}
+
+fn lowrank_case() -> (Case, TensorDelta) {
+    let case = make_case(DType::F32, 160, 200, 9000, &TensorChange::LowRank(3, 5), 7);
+    let shape = [160, 200];
+    let d = tensordelta::encode_tensor(&job(&case, &shape, None)).unwrap();
+    (case, d)
+}
+
+fn sparse_case() -> (Case, TensorDelta) {
+    let case = make_case(DType::BF16, 100, 100, 4000, &TensorChange::Few(30), 9);
+    let shape = [100, 100];
+    let d = tensordelta::encode_tensor(&job(&case, &shape, None)).unwrap();
+    (case, d)
+}
+
+fn kinds(d: &TensorDelta) -> Vec<&'static str> {
+    d.frames
+        .iter()
+        .map(|f| tensordelta::codec_kind(frame::frame_info(f).unwrap().codec))
+        .collect()
+}
+
+#[test]
+fn a_folded_low_rank_update_codes_as_factors_and_a_small_residual() {
+    let (case, d) = lowrank_case();
+    assert!(kinds(&d).contains(&"low-rank"), "{:?}", kinds(&d));
+    assert_eq!(d.extra.len(), 1);
+    let stored: usize = d.frames.iter().map(|f| f.len()).sum::<usize>() + d.extra[0].2.len();
+    let bits = case
+        .chunks
+        .iter()
+        .map(|c| {
+            let a = c.offset as usize;
+            let r = a..a + c.len as usize;
+            tensordelta::encode_chunk(
+                &case.new[r.clone()],
+                &case.base[r],
+                &c.base,
+                DType::F32,
+                &c.id,
+            )
+            .unwrap()
+            .len()
+        })
+        .sum::<usize>();
+    assert!(
+        stored * 3 < bits,
+        "low-rank {stored} against bit-level {bits}"
+    );
+    decode_all(&case, &d, &known(&case, &d)).unwrap();
+    // The true factors given as the predictor: exact too.
+    let f = lowrank::parse_factors(&d.extra[0].1).unwrap().to_factors();
+    let shape = [160, 200];
+    let d2 = tensordelta::encode_tensor(&job(&case, &shape, Some(&f))).unwrap();
+    decode_all(&case, &d2, &known(&case, &d2)).unwrap();
+    // Factors of another shape are refused.
+    let wrong = Factors { rows: 10, ..f };
+    let e = tensordelta::encode_tensor(&job(&case, &shape, Some(&wrong)))
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+}
+
+#[test]
+fn a_few_changed_elements_code_as_sparse() {
+    // The last chunk is small: an XOR frame may beat its sparse frame by a few bytes.
+    let (_, d) = sparse_case();
+    assert_eq!(kinds(&d)[..2], ["sparse", "sparse"], "{:?}", kinds(&d));
+    let stored: usize = d.frames.iter().map(|f| f.len()).sum();
+    assert!(
+        stored < 30 * 12 + 3 * 250,
+        "{stored} bytes for 30 changed elements"
+    );
+}
+
+/// A corrupt factors chunk, base chunk, residual or index list: an error that names what is
+/// wrong, never other bytes.
+#[test]
+fn corrupt_factors_bases_residuals_and_index_lists_are_named() {
+    for (case, d) in [lowrank_case(), sparse_case()] {
+        let good = known(&case, &d);
+        // Each base (the factors chunk included) corrupted in turn.
+        for id in good.keys() {
+            let mut bad = good.clone();
+            let b = bad.get_mut(id).unwrap();
+            let n = b.len();
+            b[n / 2] ^= 0x41;
+            b[n - 3] ^= 0x41;
+            let e = decode_all(&case, &d, &bad).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&frame::hex(id)) || msg.contains("factors chunk"),
+                "{msg}"
+            );
+        }
+        // The last byte of each frame: the last section (residual or value plane).
+        for k in 0..d.frames.len() {
+            let mut frames = d.frames.clone();
+            *frames[k].last_mut().unwrap() ^= 0x10;
+            let bad = TensorDelta {
+                frames,
+                extra: d.extra.clone(),
+            };
+            let e = decode_all(&case, &bad, &good).unwrap_err();
+            assert!(matches!(e, Error::CorruptFrame(_)), "{e}");
+        }
+    }
+    // A sparse frame's index list (its first section, stored raw when this small).
+    let (case, d) = sparse_case();
+    let f = &d.frames[0];
+    let info = frame::frame_info(f).unwrap();
+    let first = 49 + 32 * info.bases.len() + 17 * info.planes.len();
+    for at in [first + 1, first + 2, first + 5] {
+        let mut frames = d.frames.clone();
+        frames[0][at] ^= 0x80;
+        let bad = TensorDelta {
+            frames,
+            extra: d.extra.clone(),
+        };
+        let e = decode_all(&case, &bad, &known(&case, &d)).unwrap_err();
+        assert!(matches!(e, Error::CorruptFrame(_)), "{e}");
+    }
+}
+
+/// Hostile payload headers: counts, lengths and offsets out of range are errors, found before
+/// anything is allocated by them.
+#[test]
+fn hostile_payload_headers_are_errors() {
+    let (case, d) = lowrank_case();
+    let f = d
+        .frames
+        .iter()
+        .find(|f| frame::frame_info(f).unwrap().codec == lowrank::CODEC_LOWRANK)
+        .unwrap();
+    let info = frame::frame_info(f).unwrap();
+    let table = 49 + 32 * info.bases.len();
+    let mut tries: Vec<Vec<u8>> = Vec::new();
+    for s in [0u8, 17, 255] {
+        let mut g = f.clone();
+        g[7] = s;
+        tries.push(g);
+    }
+    // A section's decoded length huge, or past twice the raw length.
+    for dec in [u64::MAX, 1 << 40, 3 * info.raw_len] {
+        let mut g = f.clone();
+        g[table + 1..table + 9].copy_from_slice(&dec.to_le_bytes());
+        tries.push(g);
+    }
+    // A stored length that overflows the sum.
+    let mut g = f.clone();
+    g[table + 9..table + 17].copy_from_slice(&u64::MAX.to_le_bytes());
+    tries.push(g);
+    // A raw length of 2^40.
+    let mut g = f.clone();
+    g[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    tries.push(g);
+    for g in &tries {
+        assert!(frame::frame_info(g).is_err());
+        assert!(frame::decode_frame(g).is_err());
+    }
+    // The element offset (section 0, raw) past the matrix.
+    let at = table + 17 * info.planes.len();
+    assert_eq!(info.planes[0].0, frame::PlaneMode::Raw);
+    let mut g = f.clone();
+    g[at..at + 8].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+    let frames: Vec<Vec<u8>> = d
+        .frames
+        .iter()
+        .map(|x| if x == f { g.clone() } else { x.clone() })
+        .collect();
+    let bad = TensorDelta {
+        frames,
+        extra: d.extra.clone(),
+    };
+    let e = decode_all(&case, &bad, &known(&case, &d)).unwrap_err();
+    assert!(e.to_string().contains("past the"), "{e}");
+    // A factors chunk claiming a huge rank is refused by its length check.
+    let mut raw = d.extra[0].1.clone();
+    raw[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(lowrank::parse_factors(&raw).is_err());
+    raw[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(lowrank::parse_factors(&raw).is_err());
+}
+
+/// The factors are the same bits with one thread or two.
+#[test]
+fn factors_do_not_depend_on_the_thread_count() {
+    let case = make_case(
+        DType::F32,
+        300,
+        257,
+        100_000,
+        &TensorChange::LowRank(4, 50),
+        11,
+    );
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let l = lowrank::lossy_lowrank(
+                    &case.new,
+                    &case.base,
+                    DType::F32,
+                    &[300, 257],
+                    lowrank::LossyTarget::Rank(6),
+                )
+                .unwrap();
+                let d = tensordelta::encode_tensor(&job(&case, &[300, 257], None)).unwrap();
+                (l.factors, l.recon, d.extra[0].1.clone())
+            })
+    };
+    assert_eq!(run(1), run(2));
+}
+
+/// The lossy helper: its reconstruction codes against its factors with an all-zero residual,
+/// and the error it reports is the one achieved.
+#[test]
+fn lossy_factors_give_their_reconstruction_exactly() {
+    for dtype in [DType::F32, DType::BF16] {
+        let case = make_case(dtype, 128, 96, 100_000, &TensorChange::LowRank(2, 0), 3);
+        let shape = [128u64, 96];
+        for target in [
+            lowrank::LossyTarget::Rank(2),
+            lowrank::LossyTarget::Rtol(1e-2),
+        ] {
+            let l = lowrank::lossy_lowrank(&case.new, &case.base, dtype, &shape, target).unwrap();
+            // bf16 rounds an update this small coarsely: only its error is checked.
+            if dtype == DType::F32 {
+                assert!(l.rel_err < 1e-3, "{target:?}: {}", l.rel_err);
+                assert_eq!(l.rank, 2, "{target:?}");
+            }
+            let mut recon = vec![0u8; case.base.len()];
+            let f = lowrank::parse_factors(&l.factors).unwrap();
+            lowrank::reconstruct(&case.base, dtype, 0, &f, &mut recon).unwrap();
+            assert_eq!(recon, l.recon);
+            let (n2, e2) = (0..128 * 96).fold((0f64, 0f64), |(n2, e2), k| {
+                let d = get(dtype, &case.new, k) - get(dtype, &case.base, k);
+                let e = get(dtype, &l.recon, k) - get(dtype, &case.new, k);
+                (n2 + d * d, e2 + e * e)
+            });
+            assert!(((e2 / n2).sqrt() - l.rel_err).abs() < 1e-9);
+        }
+        let e = lowrank::lossy_lowrank(
+            &case.new,
+            &case.base,
+            dtype,
+            &[128 * 96],
+            lowrank::LossyTarget::Rank(2),
+        );
+        assert!(matches!(e, Err(Error::InvalidArgument(_))));
+    }
+}
+
+/// The reconstruction, computed independently: f64 products summed in order from +0.0, then
+/// the dtype's own addition and rounding.
+#[test]
+fn the_reconstruction_is_the_documented_arithmetic() {
+    let (rows, cols, r) = (3usize, 5usize, 2usize);
+    let u: Vec<f32> = vec![1.0e-3, -3.5e-4, 7.25e-1, 1.0, -2.0e-8, 3.0e-3];
+    let v: Vec<f32> = vec![0.1, -0.2, 0.3, 1.0e-7, 5.0, -1.5, 2.5e-3, 0.0, -0.0, 1.0e9];
+    let f = Factors {
+        rows,
+        cols,
+        rank: r,
+        u: u.clone(),
+        v: v.clone(),
+    };
+    let raw = lowrank::factors_bytes(&f);
+    let view = lowrank::parse_factors(&raw).unwrap();
+    let base32: Vec<f32> = (0..15).map(|k| (k as f32 - 7.0) * 0.0123).collect();
+    let p = |e: usize| {
+        let (i, j) = (e / cols, e % cols);
+        let mut p = 0.0f64;
+        for k in 0..r {
+            p += u[i * r + k] as f64 * v[k * cols + j] as f64;
+        }
+        p
+    };
+    for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        let mut base = Vec::new();
+        for &b in &base32 {
+            put(dtype, b as f64, &mut base);
+        }
+        // Every start inside the matrix (chunks need not start on a row).
+        for first in 0..15usize {
+            let len = (15 - first) * dtype.size();
+            let b = &base[first * dtype.size()..];
+            let mut out = vec![0u8; len];
+            lowrank::reconstruct(b, dtype, first as u64, &view, &mut out).unwrap();
+            for e in first..15 {
+                let k = e - first;
+                let want: Vec<u8> = match dtype {
+                    DType::F32 => (get(dtype, b, k) as f32 + p(e) as f32)
+                        .to_le_bytes()
+                        .to_vec(),
+                    DType::F64 => (get(dtype, b, k) + p(e)).to_le_bytes().to_vec(),
+                    DType::BF16 => f32_to_bf16(get(dtype, b, k) as f32 + p(e) as f32)
+                        .to_le_bytes()
+                        .to_vec(),
+                    _ => f32_to_f16(get(dtype, b, k) as f32 + p(e) as f32)
+                        .to_le_bytes()
+                        .to_vec(),
+                };
+                let s = dtype.size();
+                assert_eq!(
+                    out[k * s..(k + 1) * s],
+                    want[..],
+                    "{dtype:?} element {e} from {first}"
+                );
+            }
+        }
+        // Past the matrix: an error.
+        let mut out = vec![0u8; 2 * dtype.size()];
+        let e = lowrank::reconstruct(&base[..2 * dtype.size()], dtype, 14, &view, &mut out);
+        assert!(e.is_err());
+    }
+    // A value whose products round differently with a fused multiply-add: p = u*v + u*v summed
+    // from 0 in f64 and only then narrowed, with a known answer.
+    let f = Factors {
+        rows: 1,
+        cols: 1,
+        rank: 2,
+        u: vec![1.0 + f32::EPSILON, 1.0],
+        v: vec![1.0 - f32::EPSILON, -1.0],
+    };
+    let raw = lowrank::factors_bytes(&f);
+    let mut out = [0u8; 4];
+    lowrank::reconstruct(
+        &1.0f32.to_le_bytes(),
+        DType::F32,
+        0,
+        &lowrank::parse_factors(&raw).unwrap(),
+        &mut out,
+    )
+    .unwrap();
+    // (1+e)(1-e) - 1 = -e^2 exactly in f64; as f32 it is -2^-46; 1 + that rounds to 1 - 2^-24?
+    let p = (1.0 + f32::EPSILON as f64) * (1.0 - f32::EPSILON as f64) - 1.0;
+    assert_eq!(p, -(f32::EPSILON as f64).powi(2));
+    assert_eq!(f32::from_le_bytes(out), 1.0f32 + p as f32);
+}

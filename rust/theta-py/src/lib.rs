@@ -219,6 +219,7 @@ fn frame_info<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<
     let d = PyDict::new(py);
     d.set_item("version", info.version())?;
     d.set_item("codec", info.codec)?;
+    d.set_item("kind", theta_core::tensordelta::codec_kind(info.codec))?;
     let bases: Vec<Bound<'py, PyBytes>> = info.bases.iter().map(|b| PyBytes::new(py, b)).collect();
     d.set_item("bases", bases)?;
     d.set_item("dtype", info.dtype.name())?;
@@ -1048,8 +1049,65 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_objects, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_chunk_len, m)?)?;
     m.add_function(wrap_pyfunction!(_raise_core_error, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_factors, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_factors, m)?)?;
     m.add_class::<PyHasher>()?;
     m.add_class::<PackBuilder>()?;
     m.add_class::<WrittenFrame>()?;
     Ok(())
+}
+
+// ---- low-rank deltas (helpers for `--lossy low-rank` and the delta API) ----
+
+/// Factors of the change from `base` to `new` (a float matrix of `shape`) at `rank`, or at the
+/// smallest rank within `rtol` (relative Frobenius error of the change): (factors chunk bytes,
+/// the reconstruction `base + U @ V` as the dtype's bytes, the relative error achieved).
+#[pyfunction]
+#[pyo3(signature = (new, base, dtype, shape, rank=None, rtol=None))]
+fn lowrank_factors<'py>(
+    py: Python<'py>,
+    new: &Bound<'py, PyAny>,
+    base: &Bound<'py, PyAny>,
+    dtype: &str,
+    shape: Vec<u64>,
+    rank: Option<usize>,
+    rtol: Option<f64>,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, f64)> {
+    let dt = self::dtype(dtype)?;
+    let target = match (rank, rtol) {
+        (Some(r), None) => theta_core::lowrank::LossyTarget::Rank(r),
+        (None, Some(t)) => theta_core::lowrank::LossyTarget::Rtol(t),
+        _ => return Err(PyValueError::new_err("give exactly one of rank and rtol")),
+    };
+    let got = with_bytes(py, new, |py, n| {
+        with_bytes(py, base, |py, b| {
+            py.detach(|| theta_core::lowrank::lossy_lowrank(n, b, dt, &shape, target))
+        })
+    })??
+    .map_err(to_py)?;
+    Ok((
+        PyBytes::new(py, &got.factors),
+        PyBytes::new(py, &got.recon),
+        got.rel_err,
+    ))
+}
+
+/// rows, cols, rank, U's bytes, V's bytes.
+type ParsedFactors<'py> = (
+    usize,
+    usize,
+    usize,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+);
+
+/// A factors chunk's raw bytes: (rows, cols, rank, U as rows x rank f32 LE, V as rank x cols).
+#[pyfunction]
+fn parse_factors<'py>(py: Python<'py>, raw: &Bound<'py, PyAny>) -> PyResult<ParsedFactors<'py>> {
+    let (rows, cols, rank, u, v) = with_bytes(py, raw, |_, r| {
+        theta_core::lowrank::parse_factors(r)
+            .map(|f| (f.rows, f.cols, f.rank, f.u.to_vec(), f.v.to_vec()))
+    })?
+    .map_err(to_py)?;
+    Ok((rows, cols, rank, PyBytes::new(py, &u), PyBytes::new(py, &v)))
 }
