@@ -113,7 +113,18 @@ def test_kinds_dense_indices_stats(repo: tuple[Path, dict[str, Any], dict[str, A
             o64, n64 = old.reshape(-1).astype(np.float64), new.reshape(-1).astype(np.float64)
             cos = np.dot(o64, n64) / np.linalg.norm(o64) / np.linalg.norm(n64)
             assert s["cosine"] == pytest.approx(cos, rel=1e-9)
-            assert 0 < s["stored_bytes"] <= old.nbytes + 4096 and s["rank"] is None
+            assert 0 < s["stored_bytes"] <= old.nbytes + 4096
+        # What the store chose: the folded rank-4 update as factors, the 1% change as positions.
+        q = d["layers.0.q.weight"]
+        assert (q.kind, q.stats["rank"]) == ("low-rank", 4), (q.kind, q.stats["rank"])
+        assert q.factors is not None
+        u, w = q.factors
+        assert u.shape == (v1["layers.0.q.weight"].shape[0], 4) and w.shape == (4, v1["layers.0.q.weight"].shape[1])
+        dq = q.dense()
+        assert np.linalg.norm(u.astype(np.float64) @ w - dq) <= 1e-3 * np.linalg.norm(dq)
+        assert q.stats["stored_bytes"] < v1["layers.0.q.weight"].nbytes / 4
+        assert d["layers.0.v.weight"].kind == "sparse" and d["layers.0.v.weight"].stats["rank"] is None
+        assert d["layers.0.v.weight"].factors is None
         v = d["layers.0.v.weight"].stats
         assert v["changed"] == v1["layers.0.v.weight"].size // 100
         assert v["fraction_changed"] == pytest.approx(0.01, abs=1e-4) and v["fraction_changed_at"] == v["fraction_changed"]
