@@ -216,3 +216,97 @@ def test_damaged_base_is_named_never_wrong_bytes(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "corrupt" in r.stderr.lower() or "hash" in r.stderr.lower(), r.stderr
     assert (repo / "m.safetensors").read_bytes() == b"placeholder"
+
+
+def _added_bytes(repo: Path, rev_path: str, base_rev_path: str) -> int:
+    """Frame bytes of the version at `rev_path` that the version at `base_rev_path` does not have."""
+    new, old = version_frames(repo, rev_path), version_frames(repo, base_rev_path)
+    return sum(f.frame_len for c, f in new.items() if c not in old)
+
+
+def test_lora_adapter_predicts_the_change(tmp_path: Path) -> None:
+    """`add --lora DIR` with the PEFT adapter that was folded in stores about the adapter's size,
+    exactly; a wrong adapter is refused naming the module."""
+    repo = new_repo(tmp_path / "r")
+    rng = np.random.default_rng(11)
+    t = model(rng, layers=2)
+    save(repo / "m.safetensors", t)
+    commit(repo, "v1")
+    r, alpha = 8, 16
+    a = (rng.standard_normal((r, COLS)) * 0.01).astype(np.float32)
+    b = (rng.standard_normal((ROWS, r)) * 0.01).astype(np.float32)
+    t2 = dict(t)
+    t2["layers.0.weight"] = (t["layers.0.weight"] + np.float32(alpha / r) * (b @ a)).astype(np.float32)
+    want = save(repo / "m.safetensors", t2)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    theta_store.save_safetensors(
+        str(adapter / "adapter_model.safetensors"),
+        {"base_model.model.layers.0.lora_A.weight": a, "base_model.model.layers.0.lora_B.weight": b},
+    )
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["0"]}))
+    ts(repo, "add", "--lora", str(adapter), "m.safetensors")
+    added = _added_bytes(repo, ":m.safetensors", "HEAD:m.safetensors")
+    factors = (a.nbytes + b.nbytes) * 1.05
+    assert added < factors + 40_000, (added, factors)
+    info = json.loads(ts(repo, "show", "--json", ":m.safetensors").stdout)
+    assert {row["name"]: row["encoding"] for row in info["rows"]}["layers.0.weight"] == "low-rank"
+    commit(repo, "v2")
+    with theta_store.delta("m.safetensors", "HEAD~1", "HEAD", repo=repo) as d:
+        factors = d["layers.0.weight"].factors
+    assert factors is not None
+    assert np.array_equal(factors[0], b * np.float32(alpha / r)) and np.array_equal(factors[1], a)  # the adapter's, not an SVD's
+    (repo / "m.safetensors").unlink()
+    g(repo, "checkout", "--", "m.safetensors")
+    assert hashlib.sha256((repo / "m.safetensors").read_bytes()).hexdigest() == want
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha}))
+    theta_store.save_safetensors(
+        str(adapter / "adapter_model.safetensors"),
+        {"base_model.model.nope.lora_A.weight": a, "base_model.model.nope.lora_B.weight": b},
+    )
+    bad = ts(repo, "add", "--lora", str(adapter), "m.safetensors", ok=False)
+    assert bad.returncode == 1 and "nope" in bad.stderr and "adapter_model.safetensors" in bad.stderr, bad.stderr
+
+
+def test_lossy_low_rank_is_opt_in_recorded_and_clean(tmp_path: Path) -> None:
+    """`add --lossy low-rank:rank=4` stores the change as factors alone, rewrites the file to
+    exactly what is stored (git status clean, restore byte-identical to the rewritten file), and
+    show names the tensor as an approximation."""
+    repo = new_repo(tmp_path / "r")
+    rng = np.random.default_rng(13)
+    t = model(rng, layers=2)
+    save(repo / "m.safetensors", t)
+    commit(repo, "v1")
+    t2 = dict(t)
+    update = (rng.standard_normal((ROWS, 4)) @ rng.standard_normal((4, COLS))).astype(np.float32) * np.float32(1e-3)
+    noise = rng.standard_normal((ROWS, COLS)).astype(np.float32) * np.float32(1e-6)
+    t2["layers.0.weight"] = (t["layers.0.weight"] + update + noise).astype(np.float32)
+    original = save(repo / "m.safetensors", t2)
+    out = ts(repo, "add", "--lossy", "low-rank:rank=4", "m.safetensors").stdout
+    assert "approximated" in out, out
+    rewritten = hashlib.sha256((repo / "m.safetensors").read_bytes()).hexdigest()
+    assert rewritten != original
+    with theta_store.open(repo / "m.safetensors", rev=None, repo=repo) as f:
+        got = f.get_tensor("layers.0.weight")
+        assert np.array_equal(f.get_tensor("layers.1.weight"), t["layers.1.weight"])  # unchanged tensors stay exact
+    err = np.linalg.norm(got.astype(np.float64) - t2["layers.0.weight"]) / np.linalg.norm(update.astype(np.float64))
+    assert err < 0.05, err
+    assert _added_bytes(repo, ":m.safetensors", "HEAD:m.safetensors") < 4 * (ROWS + COLS) * 4 + 40_000
+    info = json.loads(ts(repo, "show", "--json", ":m.safetensors").stdout)
+    assert info["lossy"]["layers.0.weight"]["rank"] == 4, info["lossy"]
+    assert "lossy" in ts(repo, "show", ":m.safetensors").stdout
+    commit(repo, "v2")
+    assert g(repo, "status", "--porcelain").stdout == ""
+    (repo / "m.safetensors").unlink()
+    g(repo, "checkout", "--", "m.safetensors")
+    assert hashlib.sha256((repo / "m.safetensors").read_bytes()).hexdigest() == rewritten
+    for spec in ("low-rank", "low-rank:rank=0", "svd:rank=4", "low-rank:rtol=2"):
+        bad = ts(repo, "add", "--lossy", spec, "m.safetensors", ok=False)
+        assert "--lossy" in bad.stderr and bad.returncode in (1, 2), bad.stderr
+
+
+def test_lossy_needs_a_base(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "r")
+    save(repo / "m.safetensors", model(np.random.default_rng(0), layers=1))
+    bad = ts(repo, "add", "--lossy", "low-rank:rank=4", "m.safetensors", ok=False)
+    assert "earlier version" in bad.stderr and "m.safetensors" in bad.stderr, bad.stderr

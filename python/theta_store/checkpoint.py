@@ -126,13 +126,15 @@ def add_file(
     base: Pointer | None = None,
     max_depth: int = DEFAULT_DELTA_DEPTH,
     factors: dict[str, Factors] | None = None,
+    lossy: dict[str, dict[str, Any]] | None = None,
 ) -> AddResult:
     """Store the file at `path` and return its pointer. Nothing is changed if anything fails.
     `scanned`: the file's scan, if it was done already (with this path and chunk size).
     `base`: an earlier version of the file (usually the one in HEAD): each tensor that changed but
     kept its name, shape and dtype is coded against its chunks there, chunk by chunk as the
     smallest of the plain frame and the deltas, at most `max_depth` deltas deep (0: no deltas).
-    `factors`: low-rank predictors of the change per tensor name (a LoRA adapter's)."""
+    `factors`: low-rank predictors of the change per tensor name (a LoRA adapter's).
+    `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy)."""
     from .gitstore import StoredFrame, remove_stale, with_bases
 
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
@@ -155,7 +157,7 @@ def add_file(
         )
         for c in chunks:
             all_chunks.setdefault(c[3], c)
-    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note)
+    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}))
     mbytes = manifest.to_bytes()
     manifest_id = _native.chunk_id(mbytes)
 

@@ -83,9 +83,11 @@ def cmd_add(args: argparse.Namespace) -> int:
     from .repo import report_dict
 
     with repo() as rp:
-        reports = rp.add(args.paths, progress=args.progress, scanned=scanned, base=args.base, lora=args.lora)
+        reports = rp.add(args.paths, progress=args.progress, scanned=scanned, base=args.base, lora=args.lora, lossy=args.lossy)
     lines = [
-        f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}; new {human_size(r.new_bytes)} in {r.new_chunks} chunks"
+        f"{r.path}: {r.format}, {r.tensors} tensors, {human_size(r.size)}"
+        f"{f' ({len(r.lossy)} tensors approximated, the file rewritten to match)' if r.lossy else ''}"
+        f"; new {human_size(r.new_bytes)} in {r.new_chunks} chunks"
         f"{f' ({r.delta_chunks} as deltas)' if r.delta_chunks else ''}, reused {human_size(r.reused_bytes)} in {r.reused_chunks} chunks"
         for r in reports
     ]
@@ -127,7 +129,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             human_size(r["bytes"]),
             human_size(r["stored"]),
             f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-",
-            r["encoding"],
+            r["encoding"] + (f" (lossy, r={r['lossy']['rank']}, err {r['lossy']['rel_err']:.1e})" if r["lossy"] else ""),
             r["codec"],
         ]
         for r in info["rows"]
@@ -136,6 +138,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"{info['path']}: {info['format']}, {info['tensors']} tensors, {human_size(info['size'])} stored as {human_size(info['stored'])}"
         f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
     )
+    if info["lossy"]:
+        head += (
+            f"lossy: {len(info['lossy'])} tensors are low-rank approximations of what was added (theta-store add --lossy);"
+            " the others are byte-exact\n"
+        )
     _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "stored as", "codec (per byte plane)"]))
     return 0
 
@@ -587,6 +594,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--base", metavar="REV", help="code changed tensors against the file's version in REV (default: HEAD)")
     sp.add_argument("--lora", metavar="DIR", help="a PEFT adapter folded into the checkpoint: its factors predict the change")
+    sp.add_argument(
+        "--lossy",
+        metavar="low-rank:rtol=T|low-rank:rank=R",
+        help="store changed matrices as low-rank approximations (not exact: the file is rewritten to what is stored)",
+    )
     sp = verb("restore", "rebuild checkpoints byte-exactly from their pointers (PATH: a file, a directory or a pathspec)", cmd_restore)
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.add_argument("--source", "-s", metavar="REV", help="take pointers from this commit instead of the index")

@@ -54,6 +54,8 @@ class Manifest:
     spans: list[SpanEntry]
     metadata: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # Tensors stored as approximations (`add --lossy`): name -> {"method", "rank", "rel_err"}.
+    lossy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tensors(self) -> list[SpanEntry]:
@@ -73,6 +75,8 @@ class Manifest:
             "metadata": self.metadata,
             "note": self.note,
         }
+        if self.lossy:  # absent when empty: a lossless manifest keeps the bytes (and id) it always had
+            obj["lossy"] = self.lossy
         return bytes(msgpack.packb(_sorted(obj), use_bin_type=True))
 
     @classmethod
@@ -113,6 +117,7 @@ class Manifest:
                 spans,
                 obj.get("metadata", {}),
                 obj.get("note", ""),
+                dict(obj.get("lossy") or {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
             raise CorruptObject(f"{where}: cannot read manifest: {e}") from None

@@ -14,17 +14,18 @@ import mmap
 import os
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _native, install
 from . import remote as transport
 from .bases import base_version, delta_depth
-from .checkpoint import DEFAULT_CHUNK_BYTES, Scanned, add_file, restore_to, scan
+from .checkpoint import DEFAULT_CHUNK_BYTES, Factors, Scanned, add_file, restore_to, scan
 from .encodings import KINDS, chunk_kinds
-from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
+from .errors import CorruptObject, InvalidArgument, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
+from .lossy import apply_lossy, parse_spec
 from .plan import REF_PREFIX, load_manifest, native_chunks, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 from .remote import ensure_versions
@@ -48,6 +49,7 @@ class AddReport:
     reused_bytes: int
     delta_chunks: int = 0  # new chunks stored as deltas against the base version
     base: str = ""  # the base version's manifest id (hex), if there was one
+    lossy: dict[str, dict[str, Any]] = field(default_factory=dict)  # tensors stored as approximations
     tracked: bool = True  # a .gitattributes pattern gives the path our filter: clones get the checkpoint
 
 
@@ -97,25 +99,44 @@ class Repo:
         scanned: Scanned | None = None,
         base: str | None = None,
         lora: str | os.PathLike[str] | None = None,
+        lossy: str | None = None,
     ) -> list[AddReport]:
         """Store each checkpoint and stage its pointer in the Git index. `scanned`: the scan of
         one of them, done already (`checkpoint.scan`). Changed tensors are stored as deltas
         against the file's version in HEAD, or in revision `base`; `lora`: a PEFT adapter
-        folder whose updates were folded into the checkpoint (its factors predict the change)."""
+        folder whose updates were folded into the checkpoint (its factors predict the change);
+        `lossy`: "low-rank:rtol=T" or "low-rank:rank=R" stores each changed 2-D float tensor as
+        the base plus a low-rank approximation, rewriting the file to match (lossy.py)."""
         reports = []
         depth = delta_depth(self.store)
+        spec = parse_spec(lossy) if lossy is not None else None
         for path in paths:
             rel = self.relpath(path)
             if not os.path.isfile(path):
                 raise ObjectNotFound(f"{path}: no such file")
             against = base_version(self.store, rel, base) if depth else None
-            factors = None
+            factors: dict[str, Factors] = {}
+            approximated: dict[str, dict[str, Any]] = {}
+            if (lora is not None or spec is not None) and against is None:
+                flag = "--lora" if lora is not None else "--lossy"
+                raise InvalidArgument(
+                    f"{rel}: {flag} needs an earlier version of the file to code against, and {base or 'HEAD'} has none"
+                    + ("" if depth else " (thetastore.deltaDepth is 0)"),
+                    hint="commit the base model first, or name one with --base REV",
+                )
             if lora is not None:
                 if scanned is None or scanned.path != path:
                     scanned = scan(path, chunk_bytes, progress)
                 from .lora import adapter_factors  # numpy-heavy: only when asked
 
                 factors = adapter_factors(lora, {s.name: s.shape for s in scanned.spans if not s.opaque})
+            if spec is not None and against is not None:
+                if scanned is None or scanned.path != path:
+                    scanned = scan(path, chunk_bytes, progress)
+                lossy_factors, approximated = apply_lossy(self.store, scanned, against, spec)
+                factors.update(lossy_factors)
+                if approximated:
+                    scanned = scan(path, chunk_bytes, progress)  # the file was rewritten
             r = add_file(
                 self.store,
                 path,
@@ -125,6 +146,7 @@ class Repo:
                 base=against,
                 max_depth=depth,
                 factors=factors,
+                lossy=approximated,
             )
             if stage:
                 self.store.stage_blob(rel, r.pointer.to_bytes())
@@ -141,6 +163,7 @@ class Repo:
                     r.reused_bytes,
                     r.delta_chunks,
                     against.manifest_id.hex() if against is not None else "",
+                    approximated,
                 )
             )
         if stage:
@@ -399,6 +422,7 @@ class Repo:
                     "chunks": len(s.chunks),
                     "codec": ",".join(codecs),
                     "encoding": "+".join(k for k in KINDS if k in used) or "plain",
+                    "lossy": m.lossy.get(s.name) if s.kind == "tensor" else None,
                 }
             )
         unique = {c for s in m.spans for c, _ in s.chunks}
@@ -412,6 +436,7 @@ class Repo:
             "stored": sum(frames[c].frame_len for c in unique if c in frames),
             "rows": rows,
             "note": m.note,
+            "lossy": m.lossy,
         }
 
     def stats(self) -> dict[str, Any]:
