@@ -844,3 +844,39 @@ fn the_reconstruction_is_the_documented_arithmetic() {
     assert_eq!(p, -(f32::EPSILON as f64).powi(2));
     assert_eq!(f32::from_le_bytes(out), 1.0f32 + p as f32);
 }
+
+/// Chunks over 256 KiB are decided on samples: a fine-tune picks a bit-level delta, a few
+/// changes pick sparse (even where the samples saw none), an unchanged chunk codes tiny; all exact.
+#[test]
+fn large_chunks_pick_their_codec_from_samples() {
+    let (base, new) = fine_tuned();
+    let id = chunk_id(&new);
+    let bid = chunk_id(&base);
+    let f = tensordelta::encode_chunk(&new, &base, &bid, DType::F32, &id).unwrap();
+    let kind = tensordelta::codec_kind(frame::frame_info(&f).unwrap().codec);
+    assert!(kind == "diff" || kind == "xor", "{kind}");
+    assert!(f.len() < new.len() * 3 / 4);
+    assert_eq!(decode_with_codecs(&f, &base), new);
+    // A few changes, all between the two samples (the start and the end of the chunk).
+    let mut few = base.clone();
+    for k in 0..40 {
+        few[200_000 + k * 4096 + 1] ^= 0x5a;
+    }
+    let f = tensordelta::encode_chunk(&few, &base, &bid, DType::F32, &chunk_id(&few)).unwrap();
+    assert_eq!(
+        tensordelta::codec_kind(frame::frame_info(&f).unwrap().codec),
+        "sparse"
+    );
+    assert!(f.len() < 1000, "{} bytes", f.len());
+    assert_eq!(decode_with_codecs(&f, &base), few);
+    let f = tensordelta::encode_chunk(&base, &base, &bid, DType::F32, &bid).unwrap();
+    assert!(f.len() < 1024, "unchanged: {} bytes", f.len());
+    assert_eq!(decode_with_codecs(&f, &base), base);
+}
+
+fn decode_with_codecs(f: &[u8], base: &[u8]) -> Vec<u8> {
+    let info = frame::frame_info(f).unwrap();
+    let mut out = vec![0u8; info.raw_len as usize];
+    frame::decode_frame_with(f, &mut out, &resolver(base), tensordelta::codecs()).unwrap();
+    out
+}
