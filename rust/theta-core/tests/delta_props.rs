@@ -820,8 +820,8 @@ fn the_reconstruction_is_the_documented_arithmetic() {
         let e = lowrank::reconstruct(&base[..2 * dtype.size()], dtype, 14, &view, &mut out);
         assert!(e.is_err());
     }
-    // A value whose products round differently with a fused multiply-add: p = u*v + u*v summed
-    // from 0 in f64 and only then narrowed, with a known answer.
+    // Products taken in f64, summed from +0.0, narrowed only at the end: (1+e)(1-e) - 1 is
+    // exactly -e^2 there (f32 products would give 0), and 1 + that rounds back to 1.
     let f = Factors {
         rows: 1,
         cols: 1,
@@ -839,10 +839,22 @@ fn the_reconstruction_is_the_documented_arithmetic() {
         &mut out,
     )
     .unwrap();
-    // (1+e)(1-e) - 1 = -e^2 exactly in f64; as f32 it is -2^-46; 1 + that rounds to 1 - 2^-24?
     let p = (1.0 + f32::EPSILON as f64) * (1.0 - f32::EPSILON as f64) - 1.0;
     assert_eq!(p, -(f32::EPSILON as f64).powi(2));
-    assert_eq!(f32::from_le_bytes(out), 1.0f32 + p as f32);
+    assert_eq!(p as f32, -(2f32.powi(-46)));
+    assert_eq!(f32::from_le_bytes(out), 1.0f32);
+    // The sum starts at +0.0: a -0.0 product leaves +0.0, so a -0.0 weight becomes +0.0.
+    let f = Factors {
+        rows: 1,
+        cols: 1,
+        rank: 1,
+        u: vec![1.0],
+        v: vec![-0.0],
+    };
+    let raw = lowrank::factors_bytes(&f);
+    let view = lowrank::parse_factors(&raw).unwrap();
+    lowrank::reconstruct(&(-0.0f32).to_le_bytes(), DType::F32, 0, &view, &mut out).unwrap();
+    assert_eq!(u32::from_le_bytes(out), 0);
 }
 
 /// Chunks over 256 KiB are decided on samples: a fine-tune picks a bit-level delta, a few
