@@ -319,6 +319,10 @@ fn main() {
         }
         let d = d.unwrap();
         check(&job, &d);
+        if std::env::var_os("PLANES").is_some() {
+            let i = frame::frame_info(&d.frames[3]).unwrap();
+            println!("  planes of a frame: {:?}", i.planes);
+        }
         let ps: usize = plain.iter().map(|f| f.len()).sum();
         println!("  the difference alone: {:.0} MB/s", median(enc_x));
         println!(

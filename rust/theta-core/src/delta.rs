@@ -254,29 +254,30 @@ pub fn encode_delta_with(
     }
     RESIDUAL.with(|r| {
         let mut r = r.borrow_mut();
-        r.clear();
+        // Every byte is written below, so what the buffer held need not be cleared.
         r.resize(new.len(), 0);
+        let r = &mut r[..new.len()];
         let code = match kind {
             Delta::Xor => {
                 r.copy_from_slice(new);
-                xor_into(&mut r, base);
+                xor_into(r, base);
                 CODEC_XOR
             }
             Delta::Diff => {
                 let c = diff_codec(dtype, new.len());
                 match (c.elem, c.rot) {
-                    (2, false) => diff2::<false>(new, base, &mut r),
-                    (2, true) => diff2::<true>(new, base, &mut r),
-                    (4, false) => diff4::<false>(new, base, &mut r),
-                    (4, true) => diff4::<true>(new, base, &mut r),
-                    (8, false) => diff8::<false>(new, base, &mut r),
-                    (8, true) => diff8::<true>(new, base, &mut r),
-                    _ => diff1(new, base, &mut r),
+                    (2, false) => diff2::<false>(new, base, r),
+                    (2, true) => diff2::<true>(new, base, r),
+                    (4, false) => diff4::<false>(new, base, r),
+                    (4, true) => diff4::<true>(new, base, r),
+                    (8, false) => diff8::<false>(new, base, r),
+                    (8, true) => diff8::<true>(new, base, r),
+                    _ => diff1(new, base, r),
                 }
                 c.code()
             }
         };
-        frame::encode_frame_with_bases_into(&r, dtype, id, code, &[*base_id], out)
+        frame::encode_frame_with_bases_into(r, dtype, id, code, &[*base_id], out)
     })
 }
 

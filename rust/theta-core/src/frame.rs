@@ -462,6 +462,10 @@ fn merge_planes(planes: &[&[u8]], dtype: DType, out: &mut [u8]) {
 
 /// A plane is entropy-coded only if the estimate is below this percentage of its raw size.
 const MIN_RANS_GAIN_PERCENT: usize = 98;
+/// The same for the residual of a delta: its near-random planes are the bulk of a fine-tune's
+/// delta, where a rANS pass that saves a few percent would cost a third of the coding and
+/// decoding time.
+const MIN_RANS_GAIN_PERCENT_DELTA: usize = 95;
 
 /// Encode one plane, appending the smallest of raw, rANS and zstd-1 to `out`.
 ///
@@ -477,7 +481,7 @@ const MIN_RANS_GAIN_PERCENT: usize = 98;
 ///   and run on the whole plane only then: a larger probe costs much more than it finds.
 ///
 /// A plane that stays raw is not copied: `out` is left as it was and the caller places the plane.
-fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
+fn code_plane(plane: &[u8], out: &mut Vec<u8>, gain_percent: usize) -> PlaneMode {
     let n = plane.len();
     let start = out.len();
     if n < MIN_CODED_PLANE {
@@ -506,7 +510,7 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     let mut best_len = n;
     // rANS costs a pass over the plane: only worth it where it saves at least 2% (exponent
     // planes save most of their size, random mantissa planes next to nothing).
-    if predicted * 100 < n * MIN_RANS_GAIN_PERCENT {
+    if predicted * 100 < n * gain_percent {
         let hist = if sample.len() == n {
             sample_hist
         } else {
@@ -526,8 +530,14 @@ fn code_plane(plane: &[u8], out: &mut Vec<u8>) -> PlaneMode {
     }
     // Tried even where order-0 coding finds nothing: repeated blocks of noise are zstd's case.
     let probe = &sample[..sample.len().min(ZSTD_PROBE)];
+    // A delta's planes ask zstd for the same gain as rANS (format 2: any gain).
+    let zstd_percent = if gain_percent == MIN_RANS_GAIN_PERCENT {
+        100
+    } else {
+        gain_percent
+    };
     let zstd_sample_wins = with_zstd(probe, |z| {
-        z.is_some_and(|z| z.len() * sample.len() < sample_best * probe.len())
+        z.is_some_and(|z| z.len() * sample.len() * 100 < sample_best * probe.len() * zstd_percent)
     });
     if zstd_sample_wins {
         with_zstd(plane, |z| {
@@ -684,11 +694,16 @@ fn encode_based_into(
         out[at + 1..at + 9].copy_from_slice(&(len as u64).to_le_bytes());
     };
     let n = data.len() / p;
+    let gain = if bases.is_empty() {
+        MIN_RANS_GAIN_PERCENT
+    } else {
+        MIN_RANS_GAIN_PERCENT_DELTA
+    };
     PLANES.with(|cell| {
         let mut coded = cell.borrow_mut();
         coded.clear();
         if p == 1 {
-            let mode = code_plane(data, &mut coded);
+            let mode = code_plane(data, &mut coded, gain);
             let src = if mode == PlaneMode::Raw {
                 data
             } else {
@@ -704,7 +719,7 @@ fn encode_based_into(
         for j in 0..p {
             let at = table + j * n;
             coded.clear();
-            let mode = code_plane(&out[at..at + n], &mut coded);
+            let mode = code_plane(&out[at..at + n], &mut coded, gain);
             let len = if mode == PlaneMode::Raw {
                 if end != at {
                     out.copy_within(at..at + n, end);
@@ -938,7 +953,7 @@ pub fn encode_payload_frame_into(
     }
     for (j, sec) in sections.iter().enumerate() {
         let start = out.len();
-        let mode = code_plane(sec, out);
+        let mode = code_plane(sec, out, MIN_RANS_GAIN_PERCENT_DELTA);
         if mode == PlaneMode::Raw {
             out.extend_from_slice(sec);
         }

@@ -76,7 +76,8 @@ pub fn matrix_view(dtype: DType, shape: &[u64], len: usize) -> Option<(usize, us
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
     let n = rows.checked_mul(cols)?;
-    if rows < 2 || cols < 2 || n < MIN_ELEMS || n.checked_mul(dtype.size())? != len {
+    let wide = rows.max(cols) > u32::MAX as usize;
+    if wide || rows < 2 || cols < 2 || n < MIN_ELEMS || n.checked_mul(dtype.size())? != len {
         return None;
     }
     Some((rows, cols))
@@ -903,7 +904,10 @@ pub fn lossy_lowrank(
                 if tol.is_nan() || tol < 0.0 {
                     return Err(Error::InvalidArgument(format!("rtol {tol} is not >= 0")));
                 }
-                let mut l = (64 + OVERSAMPLE).min(full);
+                // The sketch grows until the error is reached, up to a rank of 256 (the small
+                // eigenproblem is cubic in the sketch's width): past it, rank 256 and its error.
+                let cap = full.min(256 + OVERSAMPLE);
+                let mut l = (64 + OVERSAMPLE).min(cap);
                 loop {
                     let s = sketch(&d, rows, cols, l, 2);
                     let keep = if l == full { l } else { l - OVERSAMPLE };
@@ -916,10 +920,10 @@ pub fn lossy_lowrank(
                         }
                         left -= sg * sg;
                     }
-                    if left <= tol * tol * norm2 || l == full {
+                    if left <= tol * tol * norm2 || l == cap {
                         break factors_of(&s, &d, rows, cols, r);
                     }
-                    l = (2 * l).min(full);
+                    l = (2 * l).min(cap);
                 }
             }
         }
@@ -969,6 +973,7 @@ fn view_any(dtype: DType, shape: &[u64], len: usize) -> Result<(usize, usize)> {
         Some(cols)
             if dtype.rotates()
                 && shape.len() >= 2
+                && rows.max(cols) <= u32::MAX as usize
                 && rows.checked_mul(cols).and_then(|n| n.checked_mul(dtype.size()))
                     == Some(len) =>
         {

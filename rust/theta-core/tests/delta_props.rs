@@ -820,8 +820,8 @@ fn the_reconstruction_is_the_documented_arithmetic() {
         let e = lowrank::reconstruct(&base[..2 * dtype.size()], dtype, 14, &view, &mut out);
         assert!(e.is_err());
     }
-    // A value whose products round differently with a fused multiply-add: p = u*v + u*v summed
-    // from 0 in f64 and only then narrowed, with a known answer.
+    // Products taken in f64, summed from +0.0, narrowed only at the end: (1+e)(1-e) - 1 is
+    // exactly -e^2 there (f32 products would give 0), and 1 + that rounds back to 1.
     let f = Factors {
         rows: 1,
         cols: 1,
@@ -839,8 +839,56 @@ fn the_reconstruction_is_the_documented_arithmetic() {
         &mut out,
     )
     .unwrap();
-    // (1+e)(1-e) - 1 = -e^2 exactly in f64; as f32 it is -2^-46; 1 + that rounds to 1 - 2^-24?
     let p = (1.0 + f32::EPSILON as f64) * (1.0 - f32::EPSILON as f64) - 1.0;
     assert_eq!(p, -(f32::EPSILON as f64).powi(2));
-    assert_eq!(f32::from_le_bytes(out), 1.0f32 + p as f32);
+    assert_eq!(p as f32, -(2f32.powi(-46)));
+    assert_eq!(f32::from_le_bytes(out), 1.0f32);
+    // The sum starts at +0.0: a -0.0 product leaves +0.0, so a -0.0 weight becomes +0.0.
+    let f = Factors {
+        rows: 1,
+        cols: 1,
+        rank: 1,
+        u: vec![1.0],
+        v: vec![-0.0],
+    };
+    let raw = lowrank::factors_bytes(&f);
+    let view = lowrank::parse_factors(&raw).unwrap();
+    lowrank::reconstruct(&(-0.0f32).to_le_bytes(), DType::F32, 0, &view, &mut out).unwrap();
+    assert_eq!(u32::from_le_bytes(out), 0);
+}
+
+/// Chunks over 256 KiB are decided on samples: a fine-tune picks a bit-level delta, a few
+/// changes pick sparse (even where the samples saw none), an unchanged chunk codes tiny; all exact.
+#[test]
+fn large_chunks_pick_their_codec_from_samples() {
+    let (base, new) = fine_tuned();
+    let id = chunk_id(&new);
+    let bid = chunk_id(&base);
+    let f = tensordelta::encode_chunk(&new, &base, &bid, DType::F32, &id).unwrap();
+    let kind = tensordelta::codec_kind(frame::frame_info(&f).unwrap().codec);
+    assert!(kind == "diff" || kind == "xor", "{kind}");
+    assert!(f.len() < new.len() * 3 / 4);
+    assert_eq!(decode_with_codecs(&f, &base), new);
+    // A few changes, all between the two samples (the start and the end of the chunk).
+    let mut few = base.clone();
+    for k in 0..40 {
+        few[200_000 + k * 4096 + 1] ^= 0x5a;
+    }
+    let f = tensordelta::encode_chunk(&few, &base, &bid, DType::F32, &chunk_id(&few)).unwrap();
+    assert_eq!(
+        tensordelta::codec_kind(frame::frame_info(&f).unwrap().codec),
+        "sparse"
+    );
+    assert!(f.len() < 1000, "{} bytes", f.len());
+    assert_eq!(decode_with_codecs(&f, &base), few);
+    let f = tensordelta::encode_chunk(&base, &base, &bid, DType::F32, &bid).unwrap();
+    assert!(f.len() < 1024, "unchanged: {} bytes", f.len());
+    assert_eq!(decode_with_codecs(&f, &base), base);
+}
+
+fn decode_with_codecs(f: &[u8], base: &[u8]) -> Vec<u8> {
+    let info = frame::frame_info(f).unwrap();
+    let mut out = vec![0u8; info.raw_len as usize];
+    frame::decode_frame_with(f, &mut out, &resolver(base), tensordelta::codecs()).unwrap();
+    out
 }
