@@ -13,6 +13,8 @@ v1 (a branch per scenario, so the previous version is always v1):
 - S3  1% of the entries of 3 matrices (layer 2's intermediate and output dense, layer 3's key)
       set to new values drawn from the weights' own distribution, N(0, 0.02^2).
 - S4  one bias vector changed (layer 0's output dense bias + 1e-3).
+- S2 again through `theta-store add --lora ADAPTER` with S2's true factors as a PEFT adapter, and
+      `theta_store.extract_lora` of S2 at rank 8 (the largest relative error of the 4 modules).
 - MiniLM fine-tune: v1 = the real all-MiniLM-L6-v2 weights (fp32, and converted to bf16), v2 =
       every float tensor perturbed by N(0, (1e-3 std)^2), std being that tensor's (bf16: both
       versions are the fp32 ones rounded, as from fp32 master weights); growth of v2 / raw
@@ -38,6 +40,7 @@ has `object_bytes`, the growth of .git/objects and .git/lfs/objects alone.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -116,6 +119,22 @@ def check_out_exactly(repo: Path, rev: str, want: str) -> None:
 # --- inputs -------------------------------------------------------------------------------------
 
 
+# The S2 updates as a PEFT adapter would hold them: module -> (lora_A (r x in), lora_B (out x r)).
+S2_ADAPTER: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def write_adapter(folder: Path) -> None:
+    """S2's updates as a PEFT adapter folder (scaling 1: lora_alpha = r), for `add --lora`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in S2_ADAPTER.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    save_safetensors(str(folder / "adapter_model.safetensors"), tensors)
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": sorted({m.rsplit(".", 1)[1] for m in S2_ADAPTER})}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
 def scenario_models(m: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """S2, S3 and S4 as changes to v1 (arrays not changed are shared with v1)."""
     layers = sum(1 for k in m if k.endswith("attention.self.query.weight"))
@@ -131,6 +150,7 @@ def scenario_models(m: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]
         scale = np.float32(np.sqrt(1e-2 * np.linalg.norm(w) / np.linalg.norm(a @ b)))
         a, b = a * scale, b * scale
         s2[name] = w + a @ b
+        S2_ADAPTER[name.removesuffix(".weight")] = (b, a)
     s3 = dict(m)
     two, three = min(2, layers - 1), min(3, layers - 1)
     for name in (
@@ -220,10 +240,64 @@ def run_scenarios(root: Path, files: dict[str, Path], digests: dict[str, str], o
                 continue
             sh(repo, "git", "checkout", "-q", "-b", s.lower(), "v1")
             out[f"{s}/{tool}"] = commit_version(repo, files[s], s)
+        if tool == "theta" and "S2" in only:
+            out["S2-extract/theta"] = extract_errors(repo, root)
+            out["S2-lora/theta"] = add_with_lora(root, files, digests)
         for s in ["S1", *[s for s in only if s != "S1"]]:
             check_out_exactly(repo, "v1" if s == "S1" else s.lower(), digests[s])
         shutil.rmtree(repo)
     return out
+
+
+def add_with_lora(root: Path, files: dict[str, Path], digests: dict[str, str]) -> dict[str, float]:
+    """S2 again, in a repository of its own (v1, then S2 through `theta-store add --lora` with the
+    true factors): what S2 costs when the user hands over the adapter."""
+    adapter = root / "s2-adapter"
+    write_adapter(adapter)
+    repo = new_repo(root, "s2-lora", "theta")
+    commit_version(repo, files["S1"], "v1")
+    shutil.copy(files["S2"], repo / FILE)
+    before, objects = dir_bytes(repo / ".git"), object_bytes(repo)
+    seconds = timed(
+        lambda: (sh(repo, "theta-store", "-q", "add", "--lora", str(adapter), FILE), sh(repo, "git", "commit", "-q", "-m", "S2 lora"))
+    )
+    out = {
+        "bytes": dir_bytes(repo / ".git") - before,
+        "object_bytes": object_bytes(repo) - objects,
+        "add_commit_s": seconds,
+        "peak_rss_mb": 0.0,
+    }
+    check_out_exactly(repo, "HEAD~1", digests["S1"])
+    check_out_exactly(repo, "main", digests["S2"])
+    shutil.rmtree(repo)
+    return out
+
+
+def extract_errors(repo: Path, root: Path) -> dict[str, float]:
+    """extract_lora of S2 at rank 8: per module, the error against the update that was folded in
+    (||B'A' - A@B|| / ||A@B||, A@B in f64) and the error extract_lora reports (against the stored
+    change new - base, which also holds the fp32 rounding of the fold); the largest of each."""
+    from safetensors.numpy import load_file
+
+    import theta_store
+
+    out = root / "s2-extracted"
+    seconds = timed(lambda: theta_store.extract_lora(str(repo / FILE), base="v1", rev="s2", rank=8, out=str(out), repo=str(repo)))
+    report = theta_store.extract_lora(str(repo / FILE), base="v1", rev="s2", rank=8, out=str(out), repo=str(repo))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    true_errors = []
+    for module, (a, b) in S2_ADAPTER.items():
+        want = b.astype(np.float64) @ a.astype(np.float64)
+        lb, la = got[f"base_model.model.{module}.lora_B.weight"], got[f"base_model.model.{module}.lora_A.weight"]
+        true_errors.append(float(np.linalg.norm(lb.astype(np.float64) @ la.astype(np.float64) - want) / np.linalg.norm(want)))
+    reported = [m["rel_error"] for m in report["modules"]]
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "modules": float(len(reported)),
+        "max_error_vs_update": max(true_errors),
+        "max_rel_error": max(reported) if reported else float("nan"),
+        "seconds": seconds,
+    }
 
 
 def run_minilm(root: Path) -> dict[str, dict[str, float]]:
@@ -327,6 +401,8 @@ def print_table(res: dict[str, Any], runs: int) -> None:
     for s, label in labels.items():
         if f"{s}/theta" in sc:
             row(label, sc[f"{s}/theta"], sc[f"{s}/lfs"])
+        if s == "S2" and "S2-lora/theta" in sc:
+            row("S2 with add --lora (true factors)", sc["S2-lora/theta"], sc["S2/lfs"])
     for dtype, m in res.get("minilm", {}).items():
         row(
             f"MiniLM {dtype} fine-tune (v2)",
@@ -345,6 +421,13 @@ def print_table(res: dict[str, Any], runs: int) -> None:
 
         row("chain: median delta version", chain_row(t, False), chain_row(lfs, False))
         row(f"chain: total of {ch['versions']} versions", chain_row(t, True), chain_row(lfs, True))
+    if "S2-extract/theta" in sc:
+        e = sc["S2-extract/theta"]
+        print(
+            f"\nextract_lora of S2 at rank 8: {e['modules']:.0f} modules; largest relative error against the update folded in"
+            f" {e['max_error_vs_update']:.1e}, against the stored change (fp32 rounding of the fold included) {e['max_rel_error']:.1e}"
+            f" ({e['seconds']:.2f} s)"
+        )
     for dtype, m in res.get("minilm", {}).items():
         print(
             f"\nMiniLM {dtype}: v2 growth / raw float bytes ({m['raw_float_bytes'] / 1e6:.1f} MB): theta-store {m['theta_v2_ratio']:.3f}"
