@@ -83,6 +83,12 @@ pub fn matrix_view(dtype: DType, shape: &[u64], len: usize) -> Option<(usize, us
     Some((rows, cols))
 }
 
+/// Whether a changed tensor is looked at whole for factors (a float matrix the automatic search
+/// takes on); any other is coded chunk by chunk.
+pub fn whole_tensor(dtype: DType, shape: &[u64], len: usize) -> bool {
+    matrix_view(dtype, shape, len).is_some_and(|(r, c)| r * c <= MAX_SVD_ELEMS)
+}
+
 /// The raw bytes of a factors chunk.
 pub fn factors_bytes(f: &Factors) -> Vec<u8> {
     let mut out = Vec::with_capacity(FACTORS_HEADER + 4 * (f.u.len() + f.v.len()));

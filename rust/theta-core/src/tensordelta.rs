@@ -10,6 +10,8 @@
 //! when factors + frames cost less than the frames without.
 
 use crate::ans;
+use rayon::prelude::*;
+
 use crate::delta;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -84,7 +86,7 @@ pub fn encode_tensor(job: &TensorJob) -> Result<TensorDelta> {
     }
     let frames = job
         .chunks
-        .iter()
+        .par_iter()
         .map(|c| {
             let (a, b) = (c.offset as usize, (c.offset + c.len) as usize);
             encode_chunk(&job.new[a..b], &job.base[a..b], &c.base, job.dtype, &c.id)

@@ -2,6 +2,7 @@
 //! version (its base), chunk by chunk, as the smallest of the plain frame and the deltas
 //! [`crate::tensordelta`] knows.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -12,6 +13,7 @@ use super::{Chunk, Progress, Written};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::frame::{self, ChunkId};
+use crate::lowrank;
 use crate::store::{FrameRef, FrameSink, FrameSource};
 use crate::tensordelta::{self, DeltaChunk, Factors, TensorJob};
 
@@ -75,56 +77,128 @@ pub fn write_deltas(
     let total: usize = jobs.iter().map(|j| j.chunks.len()).sum();
     sink.reserve(total);
     let check_ids = !input.unchanged_since_scan();
-    let shared = Mutex::new((sink, Vec::<Written>::with_capacity(total)));
-    // Each job's frames keep its place: the result is in job order whatever order they finish in.
-    let placed: Vec<Result<Vec<Written>>> = jobs
-        .par_iter()
-        .map(|job| {
-            let coded = code_job(input, job, source, max_depth, check_ids)?;
-            progress.advance(job.chunks.iter().map(|c| c.len).sum())?;
-            let contents: Vec<&[u8]> = coded.iter().map(|c| &c.frame[..]).collect();
-            let objects = crate::sha1x16::blob_ids(&contents);
-            let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let mut out = Vec::with_capacity(coded.len());
-            for (c, object) in coded.iter().zip(&objects) {
+    let sink = Mutex::new(sink);
+    // Append frames and say what was written, in the order given.
+    let append = |coded: &[Coded]| -> Result<Vec<Written>> {
+        let contents: Vec<&[u8]> = coded.iter().map(|c| &c.frame[..]).collect();
+        let objects = crate::sha1x16::blob_ids(&contents);
+        let mut guard = sink.lock().unwrap_or_else(|p| p.into_inner());
+        coded
+            .iter()
+            .zip(&objects)
+            .map(|(c, object)| {
                 let info = frame::frame_info(&c.frame)?;
-                let at = guard.0.append(&FrameRef {
+                let at = guard.append(&FrameRef {
                     chunk: &c.id,
                     object,
                     bytes: &c.frame,
                 })?;
-                out.push(Written {
+                Ok(Written {
                     id: c.id,
                     object: *object,
                     frame_len: c.frame.len() as u64,
                     planes: info.planes.into_iter().map(|p| p.0).collect(),
                     bases: info.bases,
                     at,
-                });
-            }
-            Ok(out)
+                })
+            })
+            .collect()
+    };
+    // Each job's frames keep their place: the result is in job order whatever order they finish in.
+    let placed: Vec<Result<(Vec<Written>, Vec<Written>)>> = jobs
+        .par_iter()
+        .map(|job| {
+            let whole = job.factors.is_some()
+                || lowrank::whole_tensor(job.dtype, &job.shape, job.len as usize);
+            let done = if whole {
+                let (coded, extra) = code_whole(input, job, source, max_depth, check_ids)?;
+                (append(&coded)?, append(&extra)?)
+            } else {
+                (
+                    code_by_chunk(input, job, source, max_depth, check_ids, &append)?,
+                    Vec::new(),
+                )
+            };
+            progress.advance(job.chunks.iter().map(|c| c.len).sum())?;
+            Ok(done)
         })
         .collect();
     let mut written = Vec::with_capacity(total);
     let mut extras = Vec::new();
-    for (job, w) in jobs.iter().zip(placed) {
-        let mut w = w?;
-        extras.extend(w.split_off(job.chunks.len()));
+    for w in placed {
+        let (w, e) = w?;
         written.extend(w);
+        extras.extend(e);
     }
     input.check()?;
     written.extend(extras);
     Ok(written)
 }
 
-/// The frames of one job's chunks, in order, then its extra chunks' frames.
-fn code_job(
+/// The base tensor's chunks by their offset in the tensor.
+fn base_at(job: &DeltaJob) -> HashMap<u64, &RestoreChunk> {
+    let mut at = HashMap::with_capacity(job.base.len());
+    let mut pos = 0u64;
+    for c in &job.base {
+        at.insert(pos, c);
+        pos += c.len;
+    }
+    at
+}
+
+/// A tensor that needs no whole-tensor view (no factors to find): each chunk is coded against
+/// its base chunk alone, in parallel, and appended at once, so memory stays a few chunks per
+/// thread whatever the tensor's size.
+fn code_by_chunk(
     input: &dyn Input,
     job: &DeltaJob,
     source: &dyn FrameSource,
     max_depth: usize,
     check_ids: bool,
-) -> Result<Vec<Coded>> {
+    append: &(dyn Fn(&[Coded]) -> Result<Vec<Written>> + Sync),
+) -> Result<Vec<Written>> {
+    let at = base_at(job);
+    let written: Vec<Result<Written>> = job
+        .chunks
+        .par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(scratch, base), c| {
+                let new = input::bytes(input, c.offset, c.offset + c.len, scratch)?;
+                if check_ids && frame::chunk_id(new) != c.id {
+                    return Err(Error::Changed(input.name().to_string()));
+                }
+                let mut frame = None;
+                if let Some(b) = at.get(&(c.offset - job.offset)) {
+                    if b.len == c.len && b.id != c.id {
+                        base.resize(c.len as usize, 0);
+                        let depth = read_into(std::slice::from_ref(*b), source, base)?[0];
+                        if depth < max_depth {
+                            frame =
+                                Some(tensordelta::encode_chunk(new, base, &b.id, c.dtype, &c.id)?);
+                        }
+                    }
+                }
+                let frame =
+                    frame.unwrap_or_else(|| frame::encode_frame_with_id(new, c.dtype, &c.id));
+                let mut w = append(&[Coded { id: c.id, frame }])?;
+                input.release(c.offset, c.offset + c.len);
+                Ok(w.remove(0))
+            },
+        )
+        .collect();
+    written.into_iter().collect()
+}
+
+/// A tensor whose change may be low-rank: the whole base tensor is decoded and the tensor coded
+/// at once. Returns the frames of the job's chunks, in order, and those of its extra chunks.
+fn code_whole(
+    input: &dyn Input,
+    job: &DeltaJob,
+    source: &dyn FrameSource,
+    max_depth: usize,
+    check_ids: bool,
+) -> Result<(Vec<Coded>, Vec<Coded>)> {
     let mut scratch = Vec::new();
     let new = input::bytes(input, job.offset, job.offset + job.len, &mut scratch)?;
     if check_ids {
@@ -150,7 +224,7 @@ fn code_job(
         }
     };
     if base_len != job.len {
-        return Ok(job.chunks.iter().map(plain).collect());
+        return Ok((job.chunks.iter().map(plain).collect(), Vec::new()));
     }
     let mut base = vec![0u8; job.len as usize];
     let depths = read_into(&job.base, source, &mut base)?;
@@ -201,6 +275,9 @@ fn code_job(
             None => out.push(plain(c)),
         }
     }
-    out.extend(extra.into_iter().map(|(id, _, frame)| Coded { id, frame }));
-    Ok(out)
+    let extra = extra
+        .into_iter()
+        .map(|(id, _, frame)| Coded { id, frame })
+        .collect();
+    Ok((out, extra))
 }
