@@ -279,5 +279,6 @@ fn code_whole(
         .into_iter()
         .map(|(id, _, frame)| Coded { id, frame })
         .collect();
+    input.release(job.offset, job.offset + job.len);
     Ok((out, extra))
 }
