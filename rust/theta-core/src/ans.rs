@@ -330,12 +330,15 @@ fn encode_impl(data: &[u8], hist: &[u64; 256], out: &mut Vec<u8>, simd: bool) {
 struct DecTables {
     lut: Vec<u8>,
     tab: [u32; 256],
+    /// Per slot `freq | (slot - cum) << 16` of its symbol (for the SIMD loop, whose state update
+    /// then waits for one table read rather than two in a row); empty when not built.
+    slots: Vec<u32>,
 }
 
 thread_local! {
     /// Decoder scratch: tables and the stream's words (followed by zero padding).
-    static DEC_SCRATCH: RefCell<(Vec<u8>, Vec<u16>)> =
-        const { RefCell::new((Vec::new(), Vec::new())) };
+    static DEC_SCRATCH: RefCell<(Vec<u8>, Vec<u16>, Vec<u32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Zero words after the stream's words in the decoder's scratch copy: the SIMD loop checks
@@ -562,6 +565,7 @@ mod x86 {
         assert!(available());
         // The bounds the loop relies on.
         assert!(t.lut.len() >= M as usize + 3);
+        assert!(t.slots.len() >= M as usize);
         assert!(words.len() >= nwords + PAD_WORDS);
         // SAFETY: AVX2 is present (checked above).
         unsafe { groups(t, words, nwords, x, k, out) }
@@ -582,11 +586,11 @@ mod x86 {
         let zero = _mm256_setzero_si256();
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let lut = t.lut.as_ptr() as *const i32;
-        let tab = t.tab.as_ptr() as *const i32;
+        let tab = t.slots.as_ptr() as *const i32;
         let wp = words.as_ptr();
         // SAFETY (all loads and stores below):
         // - gathers from `lut` read 4 bytes at slot < 2^14 and lut.len() >= 2^14 + 3; gathers
-        //   from `tab` read index s <= 255 (masked to a byte) of a 256-entry table;
+        //   from `tab` (the per-slot table) read index slot < 2^14 of a table of 2^14 entries;
         // - a group starts with k <= nwords and takes at most 8 words per vector, so each 16-byte
         //   load of words reads indices below k + 24 + 8 <= nwords + PAD_WORDS <= words.len();
         // - `EXPAND[m]` with m < 256; each output group is exactly 32 bytes.
@@ -599,13 +603,13 @@ mod x86 {
             for i in 0..4 {
                 let x = v[i];
                 let slot = _mm256_and_si256(x, slot_mask);
+                let e = _mm256_i32gather_epi32::<4>(tab, slot);
                 let s = _mm256_and_si256(_mm256_i32gather_epi32::<1>(lut, slot), byte_mask);
-                let e = _mm256_i32gather_epi32::<4>(tab, s);
                 let f = _mm256_and_si256(e, low16);
-                let c = _mm256_srli_epi32::<16>(e);
+                let b = _mm256_srli_epi32::<16>(e);
                 let y = _mm256_add_epi32(
                     _mm256_mullo_epi32(f, _mm256_srli_epi32::<{ SCALE_BITS as i32 }>(x)),
-                    _mm256_sub_epi32(slot, c),
+                    b,
                 );
                 // y < L = 2^16 exactly where the high half is zero.
                 const _: () = assert!(L == 1 << 16);
@@ -690,15 +694,33 @@ fn decode_impl(src: &[u8], out: &mut [u8], simd: bool) -> Result<()> {
         }
         DEC_SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
-            let (lut, words) = &mut *scratch;
+            let (lut, words, slots) = &mut *scratch;
             lut.clear();
             lut.resize(M as usize + 3, 0);
             for s in 0..256 {
                 lut[cum[s] as usize..cum[s + 1] as usize].fill(s as u8);
             }
+            #[cfg(target_arch = "x86_64")]
+            let use_simd = simd && x86::available();
+            #[cfg(not(target_arch = "x86_64"))]
+            let use_simd = {
+                let _ = simd;
+                false
+            };
+            slots.clear();
+            if use_simd {
+                slots.resize(M as usize, 0);
+                for s in 0..256 {
+                    let (c, f) = (cum[s] as usize, freq[s]);
+                    for (b, e) in slots[c..c + f as usize].iter_mut().enumerate() {
+                        *e = f | (b as u32) << 16;
+                    }
+                }
+            }
             let t = DecTables {
                 lut: std::mem::take(lut),
                 tab,
+                slots: std::mem::take(slots),
             };
             // The words, then zeros: reads past the stream (only on a corrupt one) see zeros and
             // the final check fails.
@@ -710,13 +732,6 @@ fn decode_impl(src: &[u8], out: &mut [u8], simd: bool) -> Result<()> {
             words.resize(nwords + PAD_WORDS, 0);
             let whole = out.len() / WAYS * WAYS;
             let (head, tail) = out.split_at_mut(whole);
-            #[cfg(target_arch = "x86_64")]
-            let use_simd = simd && x86::available();
-            #[cfg(not(target_arch = "x86_64"))]
-            let use_simd = {
-                let _ = simd;
-                false
-            };
             k = if use_simd {
                 #[cfg(target_arch = "x86_64")]
                 {
@@ -733,6 +748,7 @@ fn decode_impl(src: &[u8], out: &mut [u8], simd: bool) -> Result<()> {
                 }
             }
             *lut = t.lut;
+            *slots = t.slots;
         });
     }
     if k != nwords || x.iter().any(|&xj| xj != L) {

@@ -349,6 +349,41 @@ mod x86 {
         }
     }
 
+    /// Interleave 2 planes into 16-bit elements, rotating each right by `rot` bits (0 or 1).
+    /// SSE2 only.
+    pub(super) fn merge2(planes: &[&[u8]], rot: bool, out: &mut [u8]) {
+        let n = out.len() / 2;
+        let (lo, hi) = (&planes[0][..n], &planes[1][..n]);
+        let whole = n / 16 * 16;
+        for ((blk, a), b) in out[..whole * 2]
+            .chunks_exact_mut(32)
+            .zip(lo.chunks_exact(16))
+            .zip(hi.chunks_exact(16))
+        {
+            let blk: &mut [u8; 32] = blk.try_into().expect("32 bytes");
+            // SAFETY: SSE2 is part of x86_64; the loads read the two 16-byte plane slices and
+            // the stores write 16 bytes at 0 and 16 of the 32-byte block.
+            unsafe {
+                let a = _mm_loadu_si128(a.as_ptr() as *const __m128i);
+                let b = _mm_loadu_si128(b.as_ptr() as *const __m128i);
+                let mut w = [_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b)];
+                if rot {
+                    for x in w.iter_mut() {
+                        *x = _mm_or_si128(_mm_srli_epi16::<1>(*x), _mm_slli_epi16::<15>(*x));
+                    }
+                }
+                _mm_storeu_si128(blk.as_mut_ptr() as *mut __m128i, w[0]);
+                _mm_storeu_si128(blk.as_mut_ptr().add(16) as *mut __m128i, w[1]);
+            }
+        }
+        let tail: [&[u8]; 2] = [&lo[whole..], &hi[whole..]];
+        if rot {
+            super::merge2::<1>(&tail, &mut out[whole * 2..n * 2]);
+        } else {
+            super::merge2::<0>(&tail, &mut out[whole * 2..n * 2]);
+        }
+    }
+
     /// Split elements into 4 planes, rotating each left by `rot` bits. Needs SSSE3 (checked by
     /// the caller with [`ssse3`]).
     pub(super) fn split4(data: &[u8], rot: bool, planes: &mut [u8]) {
@@ -446,7 +481,11 @@ fn split_planes(data: &[u8], dtype: DType, p: usize, planes: &mut [u8]) {
 fn merge_planes(planes: &[&[u8]], dtype: DType, out: &mut [u8]) {
     match (planes.len(), dtype.rotates()) {
         (1, _) => out.copy_from_slice(planes[0]),
+        #[cfg(target_arch = "x86_64")]
+        (2, rot) => x86::merge2(planes, rot, out),
+        #[cfg(not(target_arch = "x86_64"))]
         (2, false) => merge2::<0>(planes, out),
+        #[cfg(not(target_arch = "x86_64"))]
         (2, true) => merge2::<1>(planes, out),
         #[cfg(target_arch = "x86_64")]
         (4, rot) => x86::merge4(planes, rot, out),
@@ -1261,6 +1300,17 @@ mod tests {
                 let mut back = vec![0u8; data.len()];
                 x86::merge4(&planes, rot, &mut back);
                 assert_eq!(back, data, "merge, {elems} elements, rot {rot}");
+                // The same bytes as twice as many 16-bit elements.
+                let mut two = vec![0u8; data.len()];
+                if rot {
+                    split2::<1>(&data, &mut two);
+                } else {
+                    split2::<0>(&data, &mut two);
+                }
+                let half = two.len() / 2;
+                let mut back = vec![0u8; data.len()];
+                x86::merge2(&[&two[..half], &two[half..]], rot, &mut back);
+                assert_eq!(back, data, "merge2, {} elements, rot {rot}", 2 * elems);
             }
         }
     }
