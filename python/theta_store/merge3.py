@@ -175,6 +175,8 @@ def _conflict(out: Outcome, name: str, base: Version | None, sides: list[Version
         problem = "removed on one side, changed on another"
     elif len({(sp.dtype, sp.shape) for sp in spans if sp is not None}) > 1:
         problem = "shape or dtype differs between the sides"
+    elif base is None and s.needs_base:
+        problem = f"{s.name} needs the base version, and there is none (give one: --base REV)"
     elif bspan is None and (s.needs_base or base is not None):
         problem = "added on both sides with different values"
     elif s.needs_base and bspan is not None and spans[0] is not None and (bspan.dtype, bspan.shape) != (spans[0].dtype, spans[0].shape):
@@ -321,3 +323,79 @@ class MergeConflict(ThetaStoreError):
     def __init__(self, path: str, conflicts: list[str], hint: str = "") -> None:
         self.conflicts = conflicts
         super().__init__(f"{path}: {len(conflicts)} conflicting tensor(s) or metadata key(s)", hint=hint)
+
+
+def _pointer_of(data: bytes, where: str) -> Pointer:
+    from .errors import PointerError
+    from .pointer import looks_like_pointer
+
+    if not looks_like_pointer(data):
+        raise PointerError(f"{where} is not a theta-store pointer", hint="only checkpoints stored by theta-store merge tensor by tensor")
+    p = Pointer.parse(data, where)
+    if p.format != "safetensors":
+        raise ThetaStoreError(
+            f"{where} is a {p.format} checkpoint: tensor-by-tensor merges are for safetensors",
+            hint="keep one side with `git checkout --ours PATH` (or --theirs), then `git add PATH`",
+        )
+    return p
+
+
+def resolve_conflict(store: GitStore, rel: str, choose: Chooser) -> Outcome:
+    """Merge the conflicted `rel` again from the index's stages (1 base, 2 ours, 3 theirs) and,
+    when nothing conflicts, stage the result and put it in the work tree. Raises MergeConflict."""
+    stages: dict[int, tuple[str, str]] = {}
+    for entry in store.git("ls-files", "-u", "-z", "--", rel).split(b"\0"):
+        if entry:
+            info, _, path = entry.decode().partition("\t")
+            mode, sha, stage = info.split()
+            if path == rel:
+                stages[int(stage)] = (mode, sha)
+    if 2 not in stages or 3 not in stages:
+        raise ThetaStoreError(
+            f"{rel}: not a file both sides of a merge changed (`git ls-files -u` lists no ours and theirs for it)",
+            hint="run it after a `git merge` that stopped with a conflict on this file",
+        )
+
+    def version(stage: int, label: str) -> Version:
+        p = _pointer_of(store.git("cat-file", "blob", stages[stage][1]), f"{rel} ({label}, index stage {stage})")
+        return open_version(store, p, label, rel)
+
+    base = version(1, "base") if 1 in stages else None
+    sides = [version(2, "ours"), version(3, "theirs")]
+    out = plan(base, sides, choose)
+    if out.conflicts:
+        raise MergeConflict(rel, out.conflicts, hint="choose for these with --tensor GLOB=STRATEGY (ours, theirs, linear...)")
+    pointer = store_result(store, out, sides, rel)
+    sha = store.git("hash-object", "-w", "--stdin", input=pointer.to_bytes()).decode().strip()
+    store.git("update-index", "--cacheinfo", f"{stages[2][0]},{sha},{rel}")
+    store.git("checkout-index", "-f", "--", rel)
+    return out
+
+
+def merge_revisions(store: GitStore, specs: list[tuple[str, str]], base: tuple[str, str] | None, choose: Chooser, dest: str) -> Outcome:
+    """Merge the checkpoints at (rev, path) `specs` (the first is "ours") into the file `dest`.
+    `base`: (rev, path) of the base; None: their merge base, if they have one. Raises MergeConflict."""
+    if base is None:
+        import subprocess
+
+        r = subprocess.run(
+            ["git", "-C", str(store.worktree), "merge-base", "--octopus", *[rev for rev, _ in specs]], capture_output=True, check=False
+        )
+        if r.returncode == 0 and r.stdout.strip():  # none (unrelated histories): merged without a base
+            base = (r.stdout.decode().split()[0], specs[0][1])
+
+    def version(rev: str, path: str, label: str) -> Version:
+        return open_version(store, _pointer_of(store.read_path(path, rev), f"{rev}:{path}"), label, path)
+
+    sides = [version(rev, path, rev) for rev, path in specs]
+    bv = None
+    if base is not None:
+        try:
+            bv = version(base[0], base[1], f"base {base[0][:12]}")
+        except FileNotFoundError:  # the file is new since the merge base
+            bv = None
+    out = plan(bv, sides, choose)
+    if out.conflicts:
+        raise MergeConflict(dest, out.conflicts, hint="choose for these with --tensor GLOB=STRATEGY, or another --strategy")
+    write_safetensors(out, sides, dest)
+    return out
