@@ -513,6 +513,80 @@ def cmd_textconv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`merge [--strategy S] [--tensor GLOB=S] PATH` (a conflicted file) or `merge A B [C...] -o OUT`."""
+    from . import merging
+    from .merge3 import MergeConflict, chooser, merge_revisions, report, resolve_conflict
+
+    try:
+        per_tensor = []
+        for t in args.tensor:
+            glob, eq, spec = t.rpartition("=")
+            if not eq or not glob:
+                raise ValueError(f"--tensor {t!r} is not GLOB=STRATEGY")
+            per_tensor.append((glob, merging.parse(spec)))
+        default = merging.parse(args.strategy) if args.strategy else None
+    except ValueError as e:
+        print(f"theta-store merge: error: {e}", file=sys.stderr)
+        print(
+            "hint: strategies: ours, theirs, fail, linear[:w], task-arithmetic[:lambda], ties[:density], dare-linear, dare-ties, slerp[:t]",
+            file=sys.stderr,
+        )
+        return 2
+    if args.output is None and len(args.revs) != 1:
+        print("theta-store merge: error: give one conflicted PATH, or revisions A B [C...] with -o OUT", file=sys.stderr)
+        print(
+            "hint: theta-store merge --strategy linear model.safetensors; theta-store merge main other -o merged.safetensors",
+            file=sys.stderr,
+        )
+        return 2
+    if args.output is not None and len(args.revs) < 2:
+        print("theta-store merge: error: -o OUT merges two or more revisions: theta-store merge A B [C...] -o OUT", file=sys.stderr)
+        print("hint: each revision is REV or REV:PATH (PATH defaults to OUT's place in the repository)", file=sys.stderr)
+        return 2
+    from .gitstore import GitStore
+
+    store = GitStore(".")
+    with store:
+        top = os.path.realpath(store.worktree)
+        if args.output is None:
+            rel = os.path.relpath(os.path.realpath(args.revs[0]), top).replace(os.sep, "/")
+        else:
+            # REV:PATH is relative to the top, as in git; a bare REV means the PATH another
+            # revision names, else OUT's place in the repository
+            split = [split_rev_path(spec) for spec in args.revs]
+            named = [p for r, p in split if r is not None]
+            rel = named[0] if named else os.path.relpath(os.path.realpath(args.output), top).replace(os.sep, "/")
+        if default is None:
+            from .gitdrivers import merge_strategy
+
+            default, _ = merge_strategy(rel)
+        choose = chooser(default, per_tensor)
+        try:
+            if args.output is None:
+                out = resolve_conflict(store, rel, choose)
+                target = rel
+            else:
+                specs = [(spec, rel) if rev is None else (rev, path) for spec, (rev, path) in zip(args.revs, split, strict=True)]
+                base = None
+                if args.base:
+                    brev, bpath = split_rev_path(args.base)
+                    base = (brev, bpath) if brev is not None else (args.base, rel)
+                out = merge_revisions(store, specs, base, choose, args.output)
+                target = args.output
+        except MergeConflict as e:
+            print(f"theta-store: error: {e.args[0]}:", file=sys.stderr)
+            for c in e.conflicts:
+                print(f"theta-store:   {c}", file=sys.stderr)
+            print(f"hint: {e.hint}", file=sys.stderr)
+            return 1
+    for line in report(out, target):
+        print(line, file=sys.stderr)
+    if args.output is None:
+        print(f"theta-store: {rel}: merged and staged; `git commit` concludes the merge", file=sys.stderr)
+    return 0
+
+
 def cmd_merge_driver(args: argparse.Namespace) -> int:
     from .gitdrivers import merge_driver
 
@@ -537,6 +611,7 @@ VERBS = (
     "demo",
     "delta",
     "extract-lora",
+    "merge",
 )
 PLUMBING = ("filter-process", "pre-push", "textconv", "merge-driver")
 
@@ -660,6 +735,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = verb("demo", "run the built-in example in a temporary directory", cmd_demo)
     sp.add_argument("--dir", help="work in this (new or empty) directory instead of a temporary one")
     _delta_verbs(verb)
+    sp = verb(
+        "merge",
+        "merge a checkpoint tensor by tensor: a conflicted PATH again with other strategies, or revisions A B [C...] into -o OUT",
+        cmd_merge,
+    )
+    sp.add_argument("revs", nargs="+", metavar="PATH | REV[:PATH]")
+    sp.add_argument("--strategy", "-s", metavar="S", help="for tensors changed on both sides (default: as configured, else fail)")
+    sp.add_argument("--tensor", action="append", default=[], metavar="GLOB=S", help="the strategy for tensors matching GLOB (first match)")
+    sp.add_argument("-o", "--output", metavar="OUT", help="merge revisions into this file (not stored, not staged)")
+    sp.add_argument("--base", metavar="REV[:PATH]", help="the base of a merge of revisions (default: their merge base)")
 
     # plumbing that git calls
     def plumbing(name: str, fn: Any) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from . import _native
 from .errors import FormatError, ThetaStoreError
@@ -17,6 +17,9 @@ from .formats import TensorRegion, detect
 from .gitstore import GitStore
 from .plan import load_manifest
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
+
+if TYPE_CHECKING:
+    from .merging import Strategy
 
 
 def textconv(path: str, out: TextIO | None = None) -> None:
@@ -102,18 +105,31 @@ def _digests(path: str, regions: list[TensorRegion]) -> tuple[bytes, list[bytes]
     return whole.digest(), out
 
 
-STRATEGIES = ("ours", "theirs", "fail")
+# As settings spell them (merging.py documents each formula).
+STRATEGIES = (
+    "ours",
+    "theirs",
+    "fail",
+    "linear[:w]",
+    "task-arithmetic[:lambda]",
+    "ties[:density]",
+    "dare-linear[:density]",
+    "dare-ties[:density]",
+    "slerp[:t]",
+)
 
 
 def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:
-    """Whole-file three-way merge of pointers: take the side that changed; both changed -> the strategy.
+    """Three-way merge of a checkpoint's pointers: take the side that changed; both changed -> merge
+    tensor by tensor (merge3.py), conflicting tensors by the strategy.
 
-    When both sides changed, the first of these says which side to keep: `-X ours|theirs` given
-    to the git command that runs us (git does not pass it to merge drivers: it is read from the
-    process tree, see gitproc), $THETA_STORE_MERGE, `git config thetastore.merge.strategy`;
-    otherwise "fail": exit 1 (a conflict), leaving our version in place. "ours" is %A, the branch
-    being merged into (in a rebase: the upstream, the commits being replayed are "theirs").
-    Per-tensor merging comes with the merge issue.
+    The strategy is the first of: `-X ours|theirs` given to the git command that runs us (git
+    does not pass it to merge drivers: it is read from the process tree, see gitproc),
+    $THETA_STORE_MERGE, the path's `thetastore-merge` attribute (.gitattributes), `git config
+    thetastore.merge.strategy`; otherwise "fail": exit 1 (a conflict) with a per-tensor report,
+    leaving our version in place. "ours" is %A, the branch being merged into (in a rebase: the
+    upstream, the commits being replayed are "theirs"). Checkpoints that are not safetensors are
+    merged whole: a side, by ours/theirs, or a conflict.
     """
     b, o, t = (Path(p).read_bytes() for p in (base, ours, theirs))
     if o == t or b == t:
@@ -121,7 +137,53 @@ def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:
     if b == o:
         shutil.copyfile(theirs, ours)
         return 0
-    strategy, why = merge_strategy()
+    strategy, why = merge_strategy(pathname)
+    pointers = [Pointer.parse(x, pathname) if looks_like_pointer(x) else None for x in (b, o, t)]
+    per_tensor = pointers[1] is not None and pointers[2] is not None and pointers[1].format == pointers[2].format == "safetensors"
+    if not per_tensor:
+        if strategy.blends:
+            print(
+                f"theta-store: {pathname}: {strategy} merges safetensors tensor by tensor only; this checkpoint is merged whole",
+                file=sys.stderr,
+            )
+        return _whole_file(strategy.name, why, ours, theirs, pathname)
+    from .merge3 import open_version, plan, report, store_result
+
+    with GitStore(".") as store:
+        bv = open_version(store, pointers[0], "base", pathname) if pointers[0] is not None and pointers[0].format == "safetensors" else None
+        assert pointers[1] is not None and pointers[2] is not None
+        sides = [open_version(store, pointers[1], "ours", pathname), open_version(store, pointers[2], "theirs", pathname)]
+        out = plan(bv, sides, lambda name: strategy)
+        if out.conflicts:
+            print(
+                f"theta-store: {pathname}: both sides changed the checkpoint: "
+                f"{len(out.conflicts)} conflict(s) left for you ({strategy}, {why}):",
+                file=sys.stderr,
+            )
+            for c in out.conflicts:
+                print(f"theta-store:   {c}", file=sys.stderr)
+            print(
+                f"hint: `theta-store merge --strategy linear {pathname}` (or ties, task-arithmetic, ours, theirs...; "
+                f"--tensor GLOB=STRATEGY per tensor) resolves it; `git merge --abort` undoes the merge",
+                file=sys.stderr,
+            )
+            print(
+                "hint: `git merge -X theirs` (or ours), `git config thetastore.merge.strategy` "
+                "or a `thetastore-merge=` attribute sets it for all",
+                file=sys.stderr,
+            )
+            return 1
+        pointer = store_result(store, out, sides, pathname)
+    Path(ours).write_bytes(pointer.to_bytes())
+    if out.both_changed and not out.blended:
+        print(f"theta-store: {pathname}: {len(out.both_changed)} tensor(s) changed on both sides; kept {strategy} ({why})", file=sys.stderr)
+    for line in report(out, pathname):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _whole_file(strategy: str, why: str, ours: str, theirs: str, pathname: str) -> int:
+    """Both sides changed a checkpoint merged whole: keep one side, or leave ours and fail."""
     if strategy == "theirs":
         shutil.copyfile(theirs, ours)
     if strategy in ("ours", "theirs"):
@@ -136,28 +198,35 @@ def merge_driver(base: str, ours: str, theirs: str, pathname: str) -> int:
     return 1
 
 
-def merge_strategy() -> tuple[str, str]:
+def merge_strategy(pathname: str | None = None) -> tuple[Strategy, str]:
     """(strategy, where it was set) for a checkpoint both sides changed; raises nothing: a bad
     setting is said and treated as "fail", which leaves the file for the user."""
     import subprocess
 
+    from . import merging
     from .gitproc import favor
 
     r = subprocess.run(["git", "rev-parse", "--git-dir"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     found = favor(r.stdout.strip() if r.returncode == 0 else None)
     if found is not None:
-        return found
-    env = os.environ.get("THETA_STORE_MERGE", "").strip()
-    if env:
-        setting, value = "THETA_STORE_MERGE", env
-    else:
+        return merging.Strategy(found[0]), found[1]
+    setting, value = "THETA_STORE_MERGE", os.environ.get("THETA_STORE_MERGE", "").strip()
+    if not value and pathname is not None:
+        r = subprocess.run(
+            ["git", "check-attr", "thetastore-merge", "--", pathname], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        got = r.stdout.strip().rsplit(": ", 1)[-1] if r.returncode == 0 else ""
+        if got not in ("", "unspecified", "unset", "set"):
+            setting, value = f"thetastore-merge attribute of {pathname}", got
+    if not value:
         r = subprocess.run(
             ["git", "config", "--get", "thetastore.merge.strategy"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
         )
         setting, value = "git config thetastore.merge.strategy", r.stdout.strip()
     if not value:
-        return "fail", "the default"
-    if value not in STRATEGIES:
+        return merging.Strategy("fail"), "the default"
+    try:
+        return merging.parse(value), setting
+    except ValueError:
         print(f'theta-store: warning: {setting} is {value!r}, not one of {", ".join(STRATEGIES)}; merging as "fail"', file=sys.stderr)
-        return "fail", setting
-    return value, setting
+        return merging.Strategy("fail"), setting
