@@ -321,7 +321,7 @@ def render_text(report: dict[str, Any], table: Any, *, picture: bool = False) ->
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}
-table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
+table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;white-space:nowrap;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left;font-family:monospace}
 .legend span{display:inline-block;width:28px;height:12px;margin-right:2px}
 svg text{font:11px monospace}
