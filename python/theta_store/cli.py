@@ -380,56 +380,115 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_delta(args: argparse.Namespace) -> int:
-    """`theta-store delta A B [-- PATH...]`: per file a summary line, then each changed tensor."""
+    """`theta-store delta A B [-- PATH...]`: `diff` with both revisions given."""
+    return _diff(args, args.base, args.rev, args.paths)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """`theta-store diff [A [B]] [-- PATH...]`: per file a summary line, then each changed tensor.
+
+    No revision: the index against HEAD if something is staged, else HEAD against HEAD~1 (the
+    last commit's change); one: A against the index; two: A against B. An argument that names
+    an existing path is a path, as is every one after it.
+    """
     from .repo import Repo
 
-    files, lines = [], []
+    revs: list[str] = []
+    paths: list[str] = []
     with Repo(args.C) as repo:
-        for rel, status in repo.delta_files(args.base, args.rev, args.paths):
+        for a in args.args:
+            if not paths and len(revs) < 2 and not os.path.exists(a) and repo.store.has_revision(a):
+                revs.append(a)
+            else:
+                paths.append(a)
+        if len(revs) == 2:
+            return _diff(args, revs[0], revs[1], paths)
+        if len(revs) == 1:
+            return _diff(args, revs[0], None, paths)
+        if not repo.store.has_revision("HEAD"):
+            raise ThetaStoreError(
+                "nothing to compare: this repository has no commit yet", hint="commit a checkpoint first, or name two revisions"
+            )
+        staged = any(st != "unchanged" for _, st in _files_or_none(repo, "HEAD", None, paths))
+        if staged:
+            return _diff(args, "HEAD", None, paths)
+        if not repo.store.has_revision("HEAD~1"):
+            raise ThetaStoreError(
+                "nothing to compare: nothing is staged and HEAD has no parent", hint="name the revisions: theta-store diff A B"
+            )
+    return _diff(args, "HEAD~1", "HEAD", paths)
+
+
+def _files_or_none(repo: Any, base: str, rev: str | None, paths: list[str]) -> list[tuple[str, str]]:
+    from .errors import ObjectNotFound
+
+    try:
+        found: list[tuple[str, str]] = repo.delta_files(base, rev, paths)
+        return found
+    except ObjectNotFound:
+        return []
+
+
+def _diff(args: argparse.Namespace, base: str | None, rev: str | None, paths: list[str]) -> int:
+    """The one implementation behind `diff` and `delta`."""
+    from .diffview import file_report, render_html, render_text
+    from .repo import Repo
+
+    picture = getattr(args, "strip", None)
+    if picture is None:
+        picture = sys.stdout.isatty()
+    show_all, rank, html_out = args.all, getattr(args, "rank", False), getattr(args, "html", None)
+    new_name = rev or "the index"
+    files: list[dict[str, Any]] = []
+    lines: list[str] = []
+    with Repo(args.C) as repo:
+        for rel, status in repo.delta_files(base, rev, paths):
             if status != "changed":
                 files.append({"path": rel, "status": status, "tensors": []})
-                what = {"added": f"added in {args.rev}", "removed": f"removed in {args.rev}", "unchanged": "unchanged (the same version)"}
+                what = {"added": f"added in {new_name}", "removed": f"removed in {new_name}", "unchanged": "unchanged (the same version)"}
                 lines.append(f"{rel}: {what[status]}")
                 continue
-            f, text = _file_delta(repo.delta(os.path.join(repo.root, rel), args.base, args.rev), args.all)
-            files.append(f)
-            lines += text
-    _out(args, {"base": args.base, "rev": args.rev, "files": files}, "\n".join(lines))
+            with repo.delta(os.path.join(repo.root, rel), base, rev) as deltas:
+                report = file_report(deltas, show_all=show_all, rank=rank)
+            files.append(report)
+            lines += render_text(report, _table, picture=picture)
+    if html_out:
+        page = render_html(files, f"theta-store diff {base or 'index'} {rev or 'index'}").encode()
+        tmp = f"{html_out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as fh:  # then renamed: a reader never sees half a page
+            fh.write(page)
+        os.replace(tmp, html_out)
+        lines.append(f"wrote {html_out}")
+    _out(args, {"base": base, "rev": rev, "files": files}, "\n".join(lines))
     return 0
 
 
-def _file_delta(deltas: Any, show_all: bool) -> tuple[dict[str, Any], list[str]]:
-    """One file's delta as JSON and as text (a summary line, then a table of the changed tensors)."""
-    with deltas:
-        counts: dict[str, int] = {}
-        rows, tensors, stored = [], [], 0
-        for name, t in deltas.items():
-            kind = t.kind
-            counts[kind] = counts.get(kind, 0) + 1
-            entry: dict[str, Any] = {"name": name, "kind": kind, "dtype": t.dtype, "shape": t.shape, "base_dtype": t.base_dtype}
-            entry["base_shape"] = t.base_shape
-            shape = "x".join(map(str, t.shape if t.shape is not None else t.base_shape or ())) or "-"
-            if kind == "unchanged":
-                if show_all:
-                    tensors.append(entry)
-                    rows.append([name, kind, shape, "0", "0", "0 B"])
-                continue
-            st = t.stats
-            stored += st["stored_bytes"]
-            entry["stats"] = st
-            tensors.append(entry)
-            frac, rel = st["fraction_changed"], st["rel_change"]
-            rows.append([name, kind, shape, f"{frac:.4g}", "-" if rel is None else f"{rel:.3g}", human_size(st["stored_bytes"])])
-        changed = sum(n for k, n in counts.items() if k != "unchanged")
-        parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        head = f"{deltas.path}: {len(deltas)} tensors, {changed} changed ({parts}); new frames {human_size(stored)}"
-        text = [head]
-        if rows:
-            table = _table(rows, ["tensor", "kind", "shape", "changed", "rel change", "stored"])
-            text += ["  " + line for line in table.splitlines()]
-        info = {"path": deltas.path, "status": "changed", "counts": counts, "stored_bytes": stored, "tensors": tensors}
-        info["version"], info["base_version"] = deltas.version.hex(), deltas.base_version.hex()
-    return info, text
+def cmd_log(args: argparse.Namespace) -> int:
+    """`theta-store log [PATH...]`: each version of each checkpoint, newest first."""
+    from .repo import Repo
+
+    with Repo(args.C) as repo:
+        r = repo.log(args.paths)
+    lines = []
+    for f in r["files"]:
+        lines.append(f["path"])
+        rows = [
+            [
+                v["commit"][:7],
+                v["date"][:16].replace("T", " "),
+                human_size(v["size"]),
+                human_size(v["stored"]),
+                "+" + human_size(v["added"]),
+                v["summary_line"],
+                v["subject"],
+            ]
+            for v in f["versions"]
+        ]
+        lines += ["  " + line for line in _table(rows, ["commit", "date", "size", "stored", "added", "change", "subject"]).splitlines()]
+    if not r["files"]:
+        lines.append("no theta-store checkpoint in the history of HEAD" + (" under " + " ".join(args.paths) if args.paths else ""))
+    _out(args, r, "\n".join(lines))
+    return 0
 
 
 LARGE_ERROR = 0.1  # a module's relative error above this is called out: the adapter misses much of the change
@@ -479,6 +538,20 @@ def _delta_verbs(verb: Any) -> None:
     sp.add_argument("rev", metavar="B", help="the new revision")
     sp.add_argument("paths", nargs="*", metavar="-- PATH", help="only these files (default: every checkpoint in A or B)")
     sp.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    sp = verb(
+        "diff",
+        "what changed in checkpoints, tensor by tensor: A against B; A against the index; none: the staged change, else the last commit's",
+        cmd_diff,
+    )
+    sp.add_argument("args", nargs="*", metavar="[A [B]] [--] [PATH]", help="revisions, then paths")
+    sp.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    sp.add_argument("--rank", action="store_true", help="the numerical rank of each changed matrix (an SVD each: slow on big ones)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--strip", dest="strip", action="store_true", default=None, help="draw the per-layer strip (default: on a terminal)")
+    g.add_argument("--no-strip", dest="strip", action="store_false")
+    sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page: heatmap by layer and module, and the table")
+    sp = verb("log", "the versions of checkpoints in HEAD's history: commit, size, stored bytes added, the change", cmd_log)
+    sp.add_argument("paths", nargs="*", metavar="PATH", help="default: every checkpoint")
     sp = verb("extract-lora", "write the changed 2-D weights between two revisions as a PEFT LoRA adapter", cmd_extract_lora)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("--base", required=True, metavar="A", help="the base model's revision")
@@ -610,6 +683,8 @@ VERBS = (
     "gc",
     "demo",
     "delta",
+    "diff",
+    "log",
     "extract-lora",
     "merge",
 )

@@ -55,12 +55,13 @@ class _Pair:
         return self._frames
 
     def frame_info(self, cid: bytes) -> dict[str, Any]:
-        """The header of a chunk's frame in the new version (reads the frame object)."""
+        """The header of a chunk's frame in the new version (reads the frame object unless the
+        frames table says it has no bases: a frame stored whole, whose header says nothing more)."""
         if cid not in self._info:
             f = self.frames.get(cid)
             if f is None:
                 raise ObjectNotFound(f"{self.new.path}: chunk {cid.hex()[:16]} has no frame in version {self.new.manifest_id.hex()[:16]}")
-            self._info[cid] = _native.frame_info(self.store.read_object(f.object_id))
+            self._info[cid] = _native.frame_info(self.store.read_object(f.object_id)) if f.bases else {}
         return self._info[cid]
 
     def read_chunk(self, cid: bytes) -> bytes:
@@ -97,6 +98,25 @@ def _dense_dtype(dtype: str) -> np.dtype[Any]:
     if dtype in _INTEGER:
         return np.dtype(np.int64)
     raise ThetaStoreError(f"{dtype} is not a numeric dtype: a difference of its values means nothing", hint="compare the bytes instead")
+
+
+# Unit roundoff of each float dtype (integers: 0), for the numerical rank's tolerance.
+_EPS = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3}
+_EPS.update(dict.fromkeys(_INTEGER, 0.0))
+_BLOCK = 1 << 20  # elements per step of the statistics' sums
+
+
+def _flat(reader: CheckpointReader, view: TensorView | None) -> np.ndarray[Any, Any] | None:
+    """A tensor's values, flat in C order, read once (read-only, no copy for a contiguous one)."""
+    if view is None:
+        return None
+    if view.stride is None and view.span is not None and not view.fortran and view.dtype in _EPS:
+        return np.frombuffer(reader.raw_bytes(view.name), numpy_dtype(view.dtype))
+    return reader.get_tensor(view.name).reshape(-1)
+
+
+def _blocks_norm(a: np.ndarray[Any, Any]) -> float:
+    return math.sqrt(sum(float(np.dot(b, b)) for b in (a[i : i + _BLOCK].astype(np.float64) for i in range(0, a.size, _BLOCK))))
 
 
 def _bits(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -246,38 +266,79 @@ class Delta:
         new tensor's chunks that the base version does not have, factors included); rank (of a
         stored low-rank delta, else None). For a reshaped tensor only numel, changed,
         fraction_changed, norm_base and stored_bytes are filled (the rest are None).
+
+        Each tensor is read once and the figures are summed block by block, so the memory this
+        takes is the two tensors plus a few blocks; an unchanged tensor is not read at all.
         """
         out: dict[str, Any] = {"stored_bytes": self.stored_bytes, "rank": None}
         factors = self.factors
         if factors is not None:
             out["rank"] = int(factors[0].shape[1])
-        old, new = self._arrays() if self.kind != "unchanged" else (self.base(), None)
-        if self.kind == "unchanged":
-            new = old
-        ref = new if new is not None else old
+        ref = self._new if self._new is not None else self._old
         assert ref is not None
-        numel = int(ref.size)
-        nb = float(np.linalg.norm(old.astype(np.float64).reshape(-1))) if old is not None else 0.0
-        out.update(numel=numel, norm_base=nb)
+        numel = math.prod(ref.shape)
+        old = _flat(self._pair.old, self._old)
+        if self.kind == "unchanged":  # the base is read once (for its norm), the new side is the same
+            assert old is not None
+            nb = _blocks_norm(old)
+            out.update(changed=0, fraction_changed=0.0, fraction_changed_at=0.0, norm_delta=0.0, max_abs_delta=0.0)
+            out.update(numel=numel, norm_base=nb, rel_change=0.0, cosine=1.0 if nb else None)
+            return out
         if self.kind == "reshaped":
-            out.update(changed=numel, fraction_changed=1.0 if numel else 0.0)
+            nb = _blocks_norm(old) if old is not None else 0.0
+            out.update(numel=numel, norm_base=nb, changed=numel, fraction_changed=1.0 if numel else 0.0)
             out.update(dict.fromkeys(("fraction_changed_at", "norm_delta", "rel_change", "cosine", "max_abs_delta")))
             return out
-        d = self._diff(old, new).astype(np.float64).reshape(-1)
-        changed = numel if old is None or new is None else int(np.count_nonzero(_bits(old) != _bits(new)))
-        base = old.astype(np.float64).reshape(-1) if old is not None else np.zeros_like(d)
-        nd = float(np.linalg.norm(d))
-        nn = float(np.linalg.norm(new.astype(np.float64).reshape(-1))) if new is not None else 0.0
+        new = _flat(self._pair.new, self._new)
+        changed = changed_at = 0
+        sd = sb = sn = dot = mx = 0.0
+        for lo in range(0, numel, _BLOCK):
+            o = old[lo : lo + _BLOCK] if old is not None else None
+            n = new[lo : lo + _BLOCK] if new is not None else None
+            d = self._diff(o, n).astype(np.float64)
+            b = o.astype(np.float64) if o is not None else np.zeros_like(d)
+            nn = n.astype(np.float64) if n is not None else np.zeros_like(d)
+            changed += d.size if o is None or n is None else int(np.count_nonzero(_bits(o) != _bits(n)))
+            ad = np.abs(d)
+            changed_at += int(np.count_nonzero(ad > REL_THRESHOLD * np.abs(b)))
+            sd += float(np.dot(d, d))
+            sb += float(np.dot(b, b))
+            sn += float(np.dot(nn, nn))
+            dot += float(np.dot(b, nn))
+            mx = max(mx, float(ad.max())) if ad.size else mx
+        nd, nb, nnew = math.sqrt(sd), math.sqrt(sb), math.sqrt(sn)
         out.update(
+            numel=numel,
+            norm_base=nb,
             changed=changed,
             fraction_changed=changed / numel if numel else 0.0,
-            fraction_changed_at=int(np.count_nonzero(np.abs(d) > REL_THRESHOLD * np.abs(base))) / numel if numel else 0.0,
+            fraction_changed_at=changed_at / numel if numel else 0.0,
             norm_delta=nd,
             rel_change=nd / nb if nb else (0.0 if nd == 0 else None),
-            cosine=float(np.dot(base, base + d) / (nb * nn)) if nb and nn else None,
-            max_abs_delta=float(np.max(np.abs(d))) if d.size else 0.0,
+            cosine=dot / (nb * nnew) if nb and nnew else None,
+            max_abs_delta=mx,
         )
         return out
+
+    def numerical_rank(self) -> int | None:
+        """The numerical rank of new - base as a matrix (rows: the first dimension), by an SVD:
+        the count of singular values above u * (||base|| + ||new - base||), u the unit roundoff
+        of the tensor's dtype: a bound on what rounding the sum to that dtype adds, so a rank-r
+        update folded into the weights gives r. None for a tensor with no element-wise delta
+        (reshaped); 0 for an unchanged one."""
+        if self.kind == "unchanged":
+            return 0
+        if self.kind == "reshaped":
+            return None
+        d = self.dense()
+        if d.size == 0:
+            return 0
+        m = d.reshape(d.shape[0], -1) if d.ndim else d.reshape(1, 1)
+        s = np.linalg.svd(m.astype(np.float64), compute_uv=False)
+        st = self.stats
+        scale = _EPS.get(self.dtype or "", 0.0) * (st["norm_base"] + st["norm_delta"])
+        tol = max(scale, float(s.max(initial=0.0)) * max(m.shape) * float(np.finfo(np.float64).eps))
+        return int(np.count_nonzero(s > tol))
 
     @cached_property
     def stored_bytes(self) -> int:
@@ -315,7 +376,7 @@ class Deltas(dict[str, Delta]):
     """`{name: Delta}` of one file between two revisions, in the new file's order (removed
     tensors last). Holds the repository open: use it as a context manager, or call close()."""
 
-    def __init__(self, pair: _Pair, path: str, base: str, rev: str) -> None:
+    def __init__(self, pair: _Pair, path: str, base: str | None, rev: str | None) -> None:
         super().__init__()
         self._pair = pair
         self.path = path
@@ -340,6 +401,47 @@ class Deltas(dict[str, Delta]):
         """The new version's format metadata (safetensors' `__metadata__`)."""
         return self._pair.new.metadata()
 
+    def metadata_changes(self) -> dict[str, Any]:
+        """How the format metadata (safetensors' `__metadata__`, or a skeleton's entries such as
+        an optimizer step) changed: {"added": {key: value}, "removed": {key: value},
+        "changed": {key: [old, new]}}; read from the manifests only."""
+        old, new = self._pair.old.metadata(), self._pair.new.metadata()
+        return {
+            "added": {k: new[k] for k in sorted(new) if k not in old},
+            "removed": {k: old[k] for k in sorted(old) if k not in new},
+            "changed": {k: [old[k], new[k]] for k in sorted(new) if k in old and old[k] != new[k]},
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What a one-line summary says, from the manifests and frame headers only (no tensor is
+        read): tensors, changed (not unchanged), counts per kind, parameters (elements of the
+        new version) and parameters_changed (elements of the tensors that changed, removed ones
+        counted at their old size), stored_bytes (new frames of the changed tensors), and
+        low_rank_ranks (the rank of each stored low-rank delta)."""
+        counts: dict[str, int] = {}
+        params = changed_params = stored = 0
+        ranks: list[int] = []
+        for t in self.values():
+            counts[t.kind] = counts.get(t.kind, 0) + 1
+            n = math.prod(t.shape) if t.shape is not None else 0
+            params += n
+            if t.kind == "unchanged":
+                continue
+            changed_params += n if t.shape is not None else math.prod(t.base_shape or ())
+            stored += t.stored_bytes
+            f = t.factors
+            if f is not None:
+                ranks.append(int(f[0].shape[1]))
+        return {
+            "tensors": len(self),
+            "changed": len(self) - counts.get("unchanged", 0),
+            "counts": counts,
+            "parameters": params,
+            "parameters_changed": changed_params,
+            "stored_bytes": stored,
+            "low_rank_ranks": ranks,
+        }
+
     def close(self) -> None:
         self._pair.store.close()
 
@@ -350,10 +452,11 @@ class Deltas(dict[str, Delta]):
         self.close()
 
 
-def delta(path: str | os.PathLike[str], a: str, b: str, *, repo: str | os.PathLike[str] | None = None) -> Deltas:
+def delta(path: str | os.PathLike[str], a: str | None, b: str | None, *, repo: str | os.PathLike[str] | None = None) -> Deltas:
     """`{name: Delta}`: how the checkpoint at `path` changed from revision `a` to revision `b`.
 
-    `a` and `b` are any git revisions (commits, branches, tags, `HEAD~2`); a relative `path` is
+    `a` and `b` are any git revisions (commits, branches, tags, `HEAD~2`), or None for the index
+    (what `git add` or `theta-store add` staged); a relative `path` is
     taken relative to `repo` when given, else to the current directory. Only the two manifests
     are read here; each Delta reads data when asked (see Delta). Raises ObjectNotFound naming the
     path and revision for an unknown revision or a file missing from it, PointerError for a file
@@ -381,7 +484,7 @@ def delta(path: str | os.PathLike[str], a: str, b: str, *, repo: str | os.PathLi
     try:
         readers = []
         for rev in (a, b):
-            if not store.has_revision(rev):
+            if rev is not None and not store.has_revision(rev):
                 raise ObjectNotFound(
                     f"{rel}: revision {rev!r} is unknown here (no branch, tag or commit of that name)",
                     hint="`git log --oneline --all` lists the commits; `git fetch` brings a remote's branches",
@@ -391,3 +494,12 @@ def delta(path: str | os.PathLike[str], a: str, b: str, *, repo: str | os.PathLi
     except BaseException:
         store.close()
         raise
+
+
+def between_versions(store: GitStore, path: str, base: bytes, new: bytes) -> Deltas:
+    """`{name: Delta}` between two stored versions (manifest ids) of the checkpoint at `path`
+    (relative to the work tree). It shares `store` with the caller: do not close it."""
+    from .plan import load_manifest
+
+    readers = [CheckpointReader(store, mid, load_manifest(store, mid), path) for mid in (base, new)]
+    return Deltas(_Pair(store, readers[0], readers[1]), path, base.hex(), new.hex())

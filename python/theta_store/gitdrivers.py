@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 def textconv(path: str, out: TextIO | None = None) -> None:
     """One line per tensor (name, dtype, shape, bytes, content digest) after the header's
-    `__metadata__` entries, so `git diff` shows what changed.
+    `__metadata__` entries, so `git diff` shows what changed: git's line diff then names each
+    tensor that changed, came or went. textconv sees one version at a time: how much a tensor
+    changed is `theta-store diff`'s to say.
 
     git hands textconv the working-tree form of both sides (it smudges the old blob into a temporary
     file), so this is usually a real checkpoint: the digests come from hashing it. For a pointer
@@ -36,13 +38,17 @@ def textconv(path: str, out: TextIO | None = None) -> None:
         head = f.read(POINTER_MAX + 1)
     if looks_like_pointer(head):
         p = Pointer.parse(head, path)
-        print(f"# theta-store checkpoint: {p.format}, {p.size} bytes, blake3 {p.blake3.hex()[:16]}", file=w)
         try:
             with GitStore(".") as store:
                 m = load_manifest(store, p.manifest_id)
         except ThetaStoreError as e:
+            print(f"# theta-store checkpoint: {p.format}, {p.size} bytes, blake3 {p.blake3.hex()[:16]}", file=w)
             print(f"# (tensors not available here: {e.args[0]})", file=w)
             return
+        print(
+            f"# theta-store checkpoint: {p.format}, {_counts([s.shape for s in m.tensors])}, {p.size} bytes, blake3 {p.blake3.hex()[:16]}",
+            file=w,
+        )
         _print_metadata(m.metadata, w)
         for s in m.tensors:
             digest = _native.chunk_id(b"".join(c for c, _ in s.chunks)).hex()[:16]
@@ -55,7 +61,8 @@ def textconv(path: str, out: TextIO | None = None) -> None:
         print(f"# unreadable checkpoint, {os.path.getsize(path)} bytes, blake3 {whole.hex()[:16]}: {e.args[0]}", file=w)
         return
     whole, digests = _digests(path, layout.regions)
-    print(f"# theta-store checkpoint: {layout.format}, {layout.size} bytes, blake3 {whole.hex()[:16]}", file=w)
+    counts = _counts([r.shape for r in layout.regions])
+    print(f"# theta-store checkpoint: {layout.format}, {counts}, {layout.size} bytes, blake3 {whole.hex()[:16]}", file=w)
     _print_metadata(layout.metadata, w)
     for r, d in zip(layout.regions, digests, strict=True):
         print(f"{r.name}\t{r.dtype}\t{_shape(r.shape)}\t{r.length}\tblake3:{d.hex()[:16]}", file=w)
@@ -71,6 +78,17 @@ def _print_metadata(metadata: dict[str, object], w: TextIO) -> None:
         return
     for k in sorted(meta):
         print(f"__metadata__\t{k}\t{json.dumps(meta[k], ensure_ascii=False)}", file=w)
+
+
+def _counts(shapes: list[tuple[int, ...]]) -> str:
+    """ "49 tensors, 143616 parameters": the same on both sides of a diff unless a tensor came, went or changed shape."""
+    n = 0
+    for shape in shapes:
+        k = 1
+        for d in shape:
+            k *= d
+        n += k
+    return f"{len(shapes)} tensors, {n} parameters"
 
 
 def _shape(shape: tuple[int, ...]) -> str:

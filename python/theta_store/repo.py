@@ -532,11 +532,12 @@ class Repo:
         return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
 
     # ---- deltas between revisions ----
-    def delta_files(self, base: str, rev: str, paths: Sequence[str] = ()) -> list[tuple[str, str]]:
-        """(path, status) of each checkpoint in revision `base` or `rev`, under `paths` if given:
-        "added", "removed", "unchanged" (the same version) or "changed" (`delta` tells how)."""
+    def delta_files(self, base: str | None, rev: str | None, paths: Sequence[str] = ()) -> list[tuple[str, str]]:
+        """(path, status) of each checkpoint in revision `base` or `rev` (None: the index), under
+        `paths` if given: "added", "removed", "unchanged" (the same version) or "changed" (`delta`
+        tells how)."""
         for r in (base, rev):
-            if not self.store.has_revision(r):
+            if r is not None and not self.store.has_revision(r):
                 raise ObjectNotFound(
                     f"{r}: unknown revision (no branch, tag or commit of that name here)",
                     hint="`git log --oneline --all` lists the commits",
@@ -546,7 +547,7 @@ class Repo:
         if not old and not new:
             where = " under " + " ".join(paths) if paths else ""
             raise ObjectNotFound(
-                f"no theta-store checkpoints{where} in {base} or {rev}",
+                f"no theta-store checkpoints{where} in {base or 'the index'} or {rev or 'the index'}",
                 hint="`theta-store status` lists the tracked checkpoints; give a path that was added with theta-store",
             )
         out = []
@@ -557,11 +558,18 @@ class Repo:
                 out.append((rel, "unchanged" if old[rel].manifest_id == new[rel].manifest_id else "changed"))
         return out
 
-    def delta(self, path: str, base: str, rev: str) -> Deltas:
+    def delta(self, path: str, base: str | None, rev: str | None) -> Deltas:
         """`theta_store.delta` of `path` (relative to the current directory) in this repository."""
         from .deltas import delta
 
         return delta(os.path.join(self.root, self.relpath(path)), base, rev, repo=self.root)
+
+    def log(self, paths: Sequence[str] = ()) -> dict[str, Any]:
+        """The versions of the checkpoints under `paths` (default: all) in HEAD's history, newest
+        first, with their commits, sizes, stored bytes added and a one-line summary of the change."""
+        from .diffview import version_log
+
+        return version_log(self.store, [self.relpath(p) for p in paths])
 
     def extract_lora(self, path: str, base: str, rev: str, **options: Any) -> dict[str, Any]:
         """`theta_store.extract_lora` of `path` (relative to the current directory) in this repository."""
