@@ -29,6 +29,9 @@ if TYPE_CHECKING:
         @property
         def object_id(self) -> bytes: ...
 
+        @property
+        def bases(self) -> tuple[bytes, ...]: ...
+
     class VersionStore(Protocol):
         """What a plan needs of the store (gitstore.GitStore), without importing it."""
 
@@ -246,12 +249,15 @@ def plan_from_store(
 ) -> ReadPlan:
     """The read plan of a version whose manifest is known; the places of frames not `known` (see
     `locate`) read from the pack indexes. Every chunk of the version's frames that the file does
-    not hold is a base of some delta frame of it."""
+    not hold is a base of some delta frame of it; so may be some that it holds (a zero bias that
+    is the base of another tensor's chunk), and the plan's `bases` list both: a read of part of
+    the file must find every base."""
     if frames is None:
         frames = store.version_frames(manifest_id)
     mine = [c for s in manifest.spans for c in s.chunks]
     held = {cid for cid, _ in mine}
-    extra = sorted(cid for cid in frames if cid not in held)
+    named = {b for f in frames.values() for b in f.bases}
+    extra = sorted(cid for cid in frames if cid not in held or cid in named)
     packs, chunks = locate(store, manifest_id, mine + [(cid, 0) for cid in extra], frames, known)
     return ReadPlan(packs, chunks[: len(mine)], manifest.size, manifest.blake3, chunks[len(mine) :])
 
