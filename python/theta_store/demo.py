@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _native
 from .formats.safetensors import save
+from .reader import open as theta_store_open
 from .repo import Repo
 
 GIT_ENV = {
@@ -90,6 +91,42 @@ def _du(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _diff_and_merge(repo: str, path: str, say: Any) -> dict[str, Any]:
+    """What `theta-store diff` says of the LoRA version, then two branches that fine-tuned
+    different layers, merged by plain `git merge` tensor by tensor with no prompt."""
+    from .diffview import file_report
+
+    with Repo(repo) as r, r.delta(path, "v2", "v3") as d:
+        line = file_report(d)["summary_line"]
+    say(f"  theta-store diff v2 v3: {line}")
+    rng = np.random.default_rng(7)
+    tuned: dict[str, dict[str, np.ndarray]] = {}
+    with theta_store_open(path, rev="HEAD", repo=repo) as f:
+        head = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a reader, not a dict)
+    for branch, layer in (("tune-layer-0", 0), ("tune-layer-1", 1)):
+        _git(repo, "checkout", "-q", "-b", branch, "main")
+        t = dict(head)
+        for k in t:
+            if k.startswith(f"encoder.layer.{layer}.") and k.endswith(".weight"):
+                t[k] = (t[k] + rng.standard_normal(t[k].shape).astype(np.float32) * np.float32(1e-4)).astype(np.float32)
+        save(path, t, {"format": "pt"})
+        _git(repo, "commit", "-q", "-am", f"fine-tune layer {layer}")
+        tuned[branch] = t
+    _git(repo, "checkout", "-q", "tune-layer-0")
+    _git(repo, "merge", "-q", "--no-edit", "tune-layer-1")
+    want = dict(tuned["tune-layer-0"])
+    want.update({k: v for k, v in tuned["tune-layer-1"].items() if k.startswith("encoder.layer.1.")})
+    with theta_store_open(path, rev="HEAD", repo=repo) as f:
+        exact = sorted(f.keys()) == sorted(want) and all(np.array_equal(f.get_tensor(k), v) for k, v in want.items())
+    clean = _git(repo, "status", "--porcelain") == ""
+    say(
+        "  git merge of branches that fine-tuned layer 0 and layer 1: merged tensor by tensor, no prompt;"
+        + (" the result holds both, exactly, git status clean" if exact and clean else " WRONG RESULT")
+    )
+    _git(repo, "checkout", "-q", "main")
+    return {"diff_v2_v3": line, "exact": exact and clean}
+
+
 def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool = False) -> int:
     """Versions of a small model through plain git: add, commit, push, clone, checkout, storage table."""
     from .install import config_items, install, track
@@ -152,10 +189,20 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
         check = alice.check_remote("origin", ["--branches", "--tags"])
     say(f"  theta-store push --check origin: {'origin has every version' if check['ok'] else check['missing']} its branches and tags need")
     ok = ok and check["ok"]
+    merged = _diff_and_merge(repo, path, say)
+    ok = ok and merged["exact"]
     total_raw = sum(r["raw"] for r in rows)
     total_stored = sum(r["stored"] for r in rows)
     if json_out:
-        out = {"dir": work, "versions": rows, "clone_exact": ok, "fsck_ok": fsck["ok"], "clone_status": status, "remote_check": check}
+        out = {
+            "dir": work,
+            "versions": rows,
+            "clone_exact": ok,
+            "fsck_ok": fsck["ok"],
+            "clone_status": status,
+            "remote_check": check,
+            "merge": merged,
+        }
         print(json.dumps(out, indent=2))
     elif not quiet:
         print("\nstorage: what each version added to .git and sent by git push (Git LFS stores and sends the whole file)")
