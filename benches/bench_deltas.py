@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -87,6 +88,7 @@ def commit_version(repo: Path, src: Path, message: str) -> dict[str, float]:
     """Copy `src` in, `git add` + `git commit`: the .git growth, the wall time and the peak RSS."""
     shutil.copy(src, repo / FILE)
     before, objects = dir_bytes(repo / ".git"), object_bytes(repo)
+    os.sync()  # the copy's writeback would otherwise land in the timed add (as in bench_add_restore)
     rss: list[float] = []
     seconds = timed(lambda: (rss.append(add_rss_mb(repo)), sh(repo, "git", "commit", "-q", "-m", message)))
     return {
@@ -351,6 +353,7 @@ def run_chain(root: Path, v1: dict[str, np.ndarray], n: int, runs: int) -> dict[
         for _ in range(runs):
             for label, rev, want in (("v1", "v1", digests[0]), ("newest", f"v{n}", digests[-1])):
                 (repo / FILE).unlink()
+                os.sync()
                 restore[label].append(timed(lambda rev=rev, repo=repo: sh(repo, "git", "checkout", "-q", rev, "--", FILE)))
                 if digest(repo / FILE) != want:
                     raise SystemExit(f"chain-{tool}: {rev} restored with the wrong bytes")
