@@ -87,6 +87,7 @@ def test_checkout_and_clone_show_progress_on_a_terminal_only(tmp_path: Path, fil
 # Arguments each verb needs to parse (a verb another change adds parses with none, or is listed here)
 VERB_ARGS = {"add": ["m.safetensors"], "restore": ["m.safetensors"], "show": ["m.safetensors"], "track": ["*.bin"], "untrack": ["*.bin"]}
 VERB_ARGS.update({"delta": ["v1", "v2"], "extract-lora": ["m.safetensors", "--base", "v1", "-o", "adapter"]})
+VERB_ARGS.update({"merge": ["m.safetensors"]})
 
 
 @pytest.mark.parametrize(

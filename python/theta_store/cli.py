@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import ThetaStoreError
+from .errors import MergeConflict, ThetaStoreError
 from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
@@ -589,7 +589,6 @@ def cmd_textconv(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """`merge [--strategy S] [--tensor GLOB=S] PATH` (a conflicted file) or `merge A B [C...] -o OUT`."""
     from . import merging
-    from .merge3 import MergeConflict, chooser, merge_revisions, report, resolve_conflict
 
     try:
         per_tensor = []
@@ -617,46 +616,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print("theta-store merge: error: -o OUT merges two or more revisions: theta-store merge A B [C...] -o OUT", file=sys.stderr)
         print("hint: each revision is REV or REV:PATH (PATH defaults to OUT's place in the repository)", file=sys.stderr)
         return 2
-    from .gitstore import GitStore
+    from .repo import Repo
 
-    store = GitStore(".")
-    with store:
-        top = os.path.realpath(store.worktree)
-        if args.output is None:
-            rel = os.path.relpath(os.path.realpath(args.revs[0]), top).replace(os.sep, "/")
-        else:
-            # REV:PATH is relative to the top, as in git; a bare REV means the PATH another
-            # revision names, else OUT's place in the repository
-            split = [split_rev_path(spec) for spec in args.revs]
-            named = [p for r, p in split if r is not None]
-            rel = named[0] if named else os.path.relpath(os.path.realpath(args.output), top).replace(os.sep, "/")
-        if default is None:
-            from .gitdrivers import merge_strategy
-
-            default, _ = merge_strategy(rel)
-        choose = chooser(default, per_tensor)
+    split = [split_rev_path(spec) for spec in args.revs]
+    base = split_rev_path(args.base) if args.base else None
+    with Repo(args.C) as repo:
         try:
             if args.output is None:
-                out = resolve_conflict(store, rel, choose)
-                target = rel
+                lines = repo.merge_conflicted(args.revs[0], default, per_tensor)
             else:
-                specs = [(spec, rel) if rev is None else (rev, path) for spec, (rev, path) in zip(args.revs, split, strict=True)]
-                base = None
-                if args.base:
-                    brev, bpath = split_rev_path(args.base)
-                    base = (brev, bpath) if brev is not None else (args.base, rel)
-                out = merge_revisions(store, specs, base, choose, args.output)
-                target = args.output
+                lines = repo.merge_revisions(split, args.output, default, per_tensor, base)
         except MergeConflict as e:
             print(f"theta-store: error: {e.args[0]}:", file=sys.stderr)
             for c in e.conflicts:
                 print(f"theta-store:   {c}", file=sys.stderr)
             print(f"hint: {e.hint}", file=sys.stderr)
             return 1
-    for line in report(out, target):
+    for line in lines:
         print(line, file=sys.stderr)
-    if args.output is None:
-        print(f"theta-store: {rel}: merged and staged; `git commit` concludes the merge", file=sys.stderr)
     return 0
 
 

@@ -86,3 +86,11 @@ class VersionsMissing(ObjectNotFound):
 
 class IncompletePush(ThetaStoreError):
     """A push whose history needs checkpoint versions that are neither here nor on another remote."""
+
+
+class MergeConflict(ThetaStoreError):
+    """Tensors both sides changed that the strategy did not resolve (listed in `conflicts`)."""
+
+    def __init__(self, path: str, conflicts: list[str], hint: str = "") -> None:
+        self.conflicts = conflicts
+        super().__init__(f"{path}: {len(conflicts)} conflicting tensor(s) or metadata key(s)", hint=hint)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import merging
-from .errors import ThetaStoreError
+from .errors import MergeConflict, ThetaStoreError
 from .gitstore import GitStore
 from .manifest import Pointer, SpanEntry
 from .reader import CheckpointReader, numpy_dtype
@@ -315,14 +315,6 @@ def report(out: Outcome, path: str) -> list[str]:
     lines += [f"theta-store: {path}: blended {b}" for b in out.blended]
     lines += [f"theta-store: {path}: {n}" for n in out.notes]
     return lines
-
-
-class MergeConflict(ThetaStoreError):
-    """Tensors both sides changed that the strategy did not resolve (listed in `conflicts`)."""
-
-    def __init__(self, path: str, conflicts: list[str], hint: str = "") -> None:
-        self.conflicts = conflicts
-        super().__init__(f"{path}: {len(conflicts)} conflicting tensor(s) or metadata key(s)", hint=hint)
 
 
 def _pointer_of(data: bytes, where: str) -> Pointer:

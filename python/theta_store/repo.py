@@ -531,6 +531,49 @@ class Repo:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
         return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
 
+    # ---- merges ----
+    def merge_conflicted(self, path: str, default: Any | None, per_tensor: Sequence[tuple[str, Any]] = ()) -> list[str]:
+        """Merge the conflicted checkpoint at `path` again from the index's stages, with strategy
+        `default` (None: the configured one) and per-tensor choices [(GLOB, strategy)]; stage it.
+        Returns the report's lines; raises MergeConflict when tensors still conflict."""
+        from .merge3 import chooser, report, resolve_conflict
+
+        rel = self.relpath(path)
+        out = resolve_conflict(self.store, rel, chooser(self._merge_default(rel, default), per_tensor))
+        return [*report(out, rel), f"theta-store: {rel}: merged and staged; `git commit` concludes the merge"]
+
+    def merge_revisions(
+        self,
+        specs: Sequence[tuple[str | None, str]],
+        output: str,
+        default: Any | None,
+        per_tensor: Sequence[tuple[str, Any]] = (),
+        base: tuple[str | None, str] | None = None,
+    ) -> list[str]:
+        """Merge checkpoints [(rev, path)] (path from the top; rev None: the spec was a bare
+        revision, whose path is that another spec names, else `output`'s place in the
+        repository) into the file `output`; the base is `base` or their merge base."""
+        from .merge3 import chooser, merge_revisions, report
+
+        named = [p for r, p in specs if r is not None]
+        rel = named[0] if named else os.path.relpath(os.path.realpath(output), self.root).replace(os.sep, "/")
+        pairs = [(rev, path) if rev is not None else (path, rel) for rev, path in specs]
+        based = None if base is None else (base if base[0] is not None else (base[1], rel))
+        choose = chooser(self._merge_default(rel, default), per_tensor)
+        out = merge_revisions(
+            self.store, [(str(r), p) for r, p in pairs], None if based is None else (str(based[0]), based[1]), choose, output
+        )
+        return report(out, output)
+
+    @staticmethod
+    def _merge_default(rel: str, default: Any | None) -> Any:
+        if default is not None:
+            return default
+        from .gitdrivers import merge_strategy
+
+        strategy, _ = merge_strategy(rel)
+        return strategy
+
     # ---- deltas between revisions ----
     def delta_files(self, base: str | None, rev: str | None, paths: Sequence[str] = ()) -> list[tuple[str, str]]:
         """(path, status) of each checkpoint in revision `base` or `rev` (None: the index), under
