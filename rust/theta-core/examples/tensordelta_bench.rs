@@ -236,9 +236,18 @@ fn main() {
             })
             .collect()
     };
+    let to_f16 = |b: &[u8]| -> Vec<u8> {
+        b.chunks_exact(4)
+            .flat_map(|c| {
+                let x = f32::from_le_bytes(c.try_into().unwrap());
+                theta_core::lowrank::f32_to_f16(x).to_le_bytes()
+            })
+            .collect()
+    };
     for (dtype, base, new) in [
         (DType::F32, base32.clone(), new32.clone()),
         (DType::BF16, to_bf16(&base32), to_bf16(&new32)),
+        (DType::F16, to_f16(&base32), to_f16(&new32)),
     ] {
         let shape = [rows as u64, (new.len() / dtype.size() / rows) as u64];
         let cs = chunks(&new, &base);
