@@ -6,15 +6,16 @@
 //! of N(0, 0.02^2) weights from a fixed seed. The new version is the base with every weight
 //! perturbed by N(0, (1e-3 std)^2), std being its tensor's (a full fine-tune's shape of change).
 //! Each tensor is cut into 2 MiB chunks; every chunk is encoded plainly (format 2, the baseline) and as
-//! the smaller delta against its base chunk (both deltas tried, as `encode_delta_frame` does),
+//! the smallest frame `tensordelta::encode_chunk` picks against its base chunk (what an add stores),
 //! then decoded with the hash verified. Throughput is in raw bytes per second of thread CPU time;
 //! the delta's decode includes the copy the base resolver hands back.
 
 mod common;
 use common::{cpu_secs, Normal};
 
-use theta_core::delta::{self, Delta, CODECS};
+use theta_core::delta::{self, Delta};
 use theta_core::frame::{self, chunk_id, ChunkId};
+use theta_core::tensordelta;
 use theta_core::{DType, Result};
 
 const CHUNK: usize = 2 << 20;
@@ -104,7 +105,11 @@ fn main() {
     let deltas: Vec<Option<Vec<u8>>> = pairs
         .iter()
         .zip(&ids)
-        .map(|((c, b), (_, bid))| delta::encode_delta_frame(c, b, bid, dt).unwrap())
+        .map(|((c, b), (id, bid))| {
+            let f = tensordelta::encode_chunk(c, b, bid, dt, id).unwrap();
+            // None: the plain frame won.
+            (!frame::frame_info(&f).unwrap().bases.is_empty()).then_some(f)
+        })
         .collect();
     let kept: usize = deltas
         .iter()
@@ -128,16 +133,7 @@ fn main() {
     let t = cpu_secs();
     for _ in 0..reps {
         for ((c, b), (id, bid)) in pairs.iter().zip(&ids) {
-            let len = frame::encode_frame_into(c, dt, id, &mut buf);
-            std::hint::black_box(len);
-            delta::encode_delta_into(c, b, bid, dt, id, usize::MAX, &mut buf).unwrap();
-        }
-    }
-    let delta_enc_with_plain = total * reps as f64 / (cpu_secs() - t) / 1e9;
-    let t = cpu_secs();
-    for _ in 0..reps {
-        for ((c, b), (id, bid)) in pairs.iter().zip(&ids) {
-            delta::encode_delta_into(c, b, bid, dt, id, usize::MAX, &mut buf).unwrap();
+            std::hint::black_box(tensordelta::encode_chunk(c, b, bid, dt, id).unwrap());
         }
     }
     let delta_enc = total * reps as f64 / (cpu_secs() - t) / 1e9;
@@ -167,7 +163,8 @@ fn main() {
         for (((c, b), f), p) in pairs.iter().zip(&deltas).zip(&plain) {
             let resolve = |_: &ChunkId| -> Result<Vec<u8>> { Ok(b.to_vec()) };
             let f = f.as_ref().unwrap_or(p);
-            frame::decode_frame_with(f, &mut out[..c.len()], &resolve, &CODECS).unwrap();
+            frame::decode_frame_with(f, &mut out[..c.len()], &resolve, tensordelta::codecs())
+                .unwrap();
         }
     }
     let delta_dec = total * reps as f64 / (cpu_secs() - t) / 1e9;
@@ -176,7 +173,13 @@ fn main() {
         for (((c, b), f), p) in pairs.iter().zip(&deltas).zip(&plain) {
             let resolve = |_: &ChunkId| -> Result<Vec<u8>> { Ok(b.to_vec()) };
             let f = f.as_ref().unwrap_or(p);
-            frame::decode_frame_unverified_with(f, &mut out[..c.len()], &resolve, &CODECS).unwrap();
+            frame::decode_frame_unverified_with(
+                f,
+                &mut out[..c.len()],
+                &resolve,
+                tensordelta::codecs(),
+            )
+            .unwrap();
         }
     }
     let delta_unverified = total * reps as f64 / (cpu_secs() - t) / 1e9;
@@ -192,9 +195,8 @@ fn main() {
         r(plain.iter().map(|f| f.len()).sum())
     );
     println!(
-        "  delta (smaller of both, plain where it loses): ratio {:.4}  encode {delta_enc:.2} GB/s \
-         (+ plain frame for the comparison {delta_enc_with_plain:.2} GB/s; xor alone {:.2}, diff \
-         alone {:.2})  decode {delta_dec:.2} GB/s (without the hash {delta_unverified:.2} GB/s)  \
+        "  delta (tensordelta::encode_chunk: the smallest of plain, XOR, difference, sparse): ratio \
+         {:.4}  encode {delta_enc:.2} GB/s (xor alone {:.2}, diff alone {:.2})  decode {delta_dec:.2} GB/s (without the hash {delta_unverified:.2} GB/s)  \
          chunks by codec {won:?}",
         r(kept),
         alone[0],

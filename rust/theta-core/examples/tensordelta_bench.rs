@@ -82,7 +82,7 @@ fn decode_speed(job: &TensorJob, d: &TensorDelta) -> f64 {
             .ok_or_else(|| Error::NotFound(frame::hex(id)))
     };
     let mut out = vec![0u8; CHUNK];
-    // Many passes per figure: the thread CPU clock ticks as coarsely as 4 ms.
+    // Many passes per figure: the thread CPU clock ticks coarsely.
     let mut runs = Vec::new();
     for _ in 0..5 {
         let t = cpu_secs();

@@ -230,8 +230,6 @@ pub(crate) fn diff_codec(dtype: DType, len: usize) -> Diff {
 thread_local! {
     /// The residual being coded.
     static RESIDUAL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// The frame of the delta that lost so far (swapped with the caller's buffer when it wins).
-    static OTHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Encode chunk `new` (BLAKE3 `id`) as the delta `kind` against `base` (BLAKE3 `base_id`) into
@@ -279,52 +277,6 @@ pub fn encode_delta_with(
         };
         frame::encode_frame_with_bases_into(r, dtype, id, code, &[*base_id], out)
     })
-}
-
-/// Encode chunk `new` (BLAKE3 `id`) against `base` (BLAKE3 `base_id`, the same tensor's chunk in
-/// an earlier version) with both deltas into `out`, keeping the smaller. Returns its length, or
-/// `None` when it is not shorter than `beat` (the caller's plain frame of `new`), so that the
-/// caller stores the plain frame. `base_id` is trusted, not rehashed: a wrong one makes a frame
-/// that fails its hash check on decode, never one that decodes to other bytes.
-pub fn encode_delta_into(
-    new: &[u8],
-    base: &[u8],
-    base_id: &ChunkId,
-    dtype: DType,
-    id: &ChunkId,
-    beat: usize,
-    out: &mut Vec<u8>,
-) -> Result<Option<usize>> {
-    let x = encode_delta_with(Delta::Xor, new, base, base_id, dtype, id, out)?;
-    let best = OTHER.with(|o| -> Result<usize> {
-        let mut o = o.borrow_mut();
-        let d = encode_delta_with(Delta::Diff, new, base, base_id, dtype, id, &mut o)?;
-        if d < x {
-            std::mem::swap(out, &mut *o);
-            Ok(d)
-        } else {
-            Ok(x)
-        }
-    })?;
-    Ok((best < beat).then_some(best))
-}
-
-/// Encode chunk `new` against `base` (whose BLAKE3 is `base_id`): the smaller delta frame, or
-/// `None` when it does not beat the plain format-2 frame of `new` (which the caller then stores).
-pub fn encode_delta_frame(
-    new: &[u8],
-    base: &[u8],
-    base_id: &ChunkId,
-    dtype: DType,
-) -> Result<Option<Vec<u8>>> {
-    let id = frame::chunk_id(new);
-    let mut out = Vec::new();
-    let plain = frame::encode_frame_into(new, dtype, &id, &mut out);
-    let Some(len) = encode_delta_into(new, base, base_id, dtype, &id, plain, &mut out)? else {
-        return Ok(None);
-    };
-    out.truncate(len);
-    Ok(Some(out))
 }
 
 #[cfg(test)]

@@ -508,8 +508,8 @@ const MIN_RANS_GAIN_PERCENT_DELTA: usize = 95;
 /// How much larger than the rANS estimate zstd's output of a nearly constant plane may be and
 /// still be taken (percent of the estimate): zstd decodes such a plane many times faster.
 const ZSTD_SLACK_PERCENT: usize = 25;
-/// The same for the residual of a bit-level delta, where it is most of what a restore decodes
-/// (bf16: one near-constant plane of two; rANS on both kept its decoding under 1 GB/s).
+/// The same for the residual of a bit-level delta, where it is most of what a restore decodes:
+/// a 16-bit delta has one near-constant plane of two, and rANS on both halves its decode speed.
 const ZSTD_SLACK_PERCENT_RESIDUAL: usize = 200;
 
 /// Encode one plane, appending the smallest of raw, rANS and zstd-1 to `out`.
