@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from .encodings import chunk_kinds
 from .errors import ObjectNotFound, ThetaStoreError
 from .gitstore import GitStore, StoredFrame
 from .reader import CheckpointReader, TensorView, numpy_dtype, read_version, store_for
@@ -55,13 +56,13 @@ class _Pair:
         return self._frames
 
     def frame_info(self, cid: bytes) -> dict[str, Any]:
-        """The header of a chunk's frame in the new version (reads the frame object unless the
-        frames table says it has no bases: a frame stored whole, whose header says nothing more)."""
+        """How a chunk of the new version is stored: {"kind", "bases"} (encodings.chunk_kinds
+        reads the frame's header only when the frames table says it has bases)."""
         if cid not in self._info:
             f = self.frames.get(cid)
             if f is None:
                 raise ObjectNotFound(f"{self.new.path}: chunk {cid.hex()[:16]} has no frame in version {self.new.manifest_id.hex()[:16]}")
-            self._info[cid] = _native.frame_info(self.store.read_object(f.object_id)) if f.bases else {}
+            self._info[cid] = {"kind": chunk_kinds(self.store, self.frames, [cid])[cid], "bases": list(f.bases)}
         return self._info[cid]
 
     def read_chunk(self, cid: bytes) -> bytes:
@@ -248,10 +249,9 @@ class Delta:
         if self.kind != "low-rank":
             return None
         fid = self._stored[1]
-        parse = getattr(_native, "parse_factors", None)
-        if fid is None or parse is None:
+        if fid is None:
             return None
-        rows, cols, rank, u, v = parse(self._pair.read_chunk(fid))
+        rows, cols, rank, u, v = _native.parse_factors(self._pair.read_chunk(fid))
         return (np.frombuffer(u, "<f4").reshape(rows, rank).copy(), np.frombuffer(v, "<f4").reshape(rank, cols).copy())
 
     @cached_property
@@ -353,11 +353,9 @@ class Delta:
 
 
 def stored_kind(infos: list[Mapping[str, Any]]) -> tuple[str, bytes | None]:
-    """(kind, factors chunk id) of a changed tensor from the frame headers of its new chunks.
-
-    The one place that reads what the core's delta frames say: "kind" ("plain", "xor", "diff",
-    "sparse", "low-rank") and "bases" (a low-rank frame's second base is its factors chunk).
-    A header without "kind" is a frame stored whole. One low-rank chunk makes the tensor
+    """(kind, factors chunk id) of a changed tensor from how its new chunks are stored: per chunk
+    {"kind": "plain" | "xor" | "diff" | "sparse" | "low-rank" (encodings.chunk_kinds), "bases"}
+    (a low-rank frame's second base is its factors chunk). No "kind" is a frame stored whole. One low-rank chunk makes the tensor
     "low-rank"; all-sparse chunks make it "sparse"; any other delta chunk makes it "bits".
     """
     kinds = [_FRAME_KINDS.get(str(i.get("kind", "plain")), "bits") for i in infos]
