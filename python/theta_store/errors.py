@@ -94,3 +94,20 @@ class MergeConflict(ThetaStoreError):
     def __init__(self, path: str, conflicts: list[str], hint: str = "") -> None:
         self.conflicts = conflicts
         super().__init__(f"{path}: {len(conflicts)} conflicting tensor(s) or metadata key(s)", hint=hint)
+
+
+class BlobStoreError(ThetaStoreError):
+    """A chunk store (S3-compatible bucket, Git LFS server) refused, failed or could not be reached:
+    names the store's URL, the object and what the server said."""
+
+
+class BlobStoreUnreachable(BlobStoreError, ConnectionError):
+    """The chunk store did not answer (refused, timed out, stopped mid-transfer) after the retries."""
+
+
+class BlobStoreAuthError(BlobStoreError, PermissionError):
+    """The chunk store refused our credentials (HTTP 401/403, S3 InvalidAccessKeyId/SignatureDoesNotMatch)."""
+
+
+class BlobStoreCorrupt(BlobStoreError, CorruptObject):
+    """An object read from the chunk store does not match its id: names the store, object and chunk."""

@@ -1,0 +1,61 @@
+"""Chunk stores outside Git: where frame packs live when one Git server is not enough.
+
+A chunk store holds immutable objects named by their content: packs of frames (tens of MB,
+concatenated frame bytes) that `chunkstore.py` builds and indexes. This module is only the
+interface the two backends implement, and their selection by URL:
+
+- `s3://bucket/prefix` (s3store.py): an S3-compatible bucket; keys `<prefix>/frames/<BLAKE3 hex>`.
+- `lfs` or an `http(s)://.../info/lfs` URL (lfsstore.py): a Git LFS server's batch API; objects are
+  LFS objects named by their SHA-256 oid.
+
+Which names the backends give objects differs (LFS needs SHA-256), so `key` is the backend's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass
+class TransferStats:
+    """What one call moved, counted on our side (tests count the server's side too)."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    skipped: list[str] = field(default_factory=list)  # keys the store already had
+
+
+class BlobStore(Protocol):
+    """One chunk store. Every method raises BlobStoreUnreachable / BlobStoreAuthError /
+    BlobStoreError (errors.py) naming `url` and the object; none leaves a partial object behind
+    under a key (an object is stored whole or not at all)."""
+
+    url: str  # as the user configured it, for messages
+
+    def key(self, path: Path) -> str:
+        """The name an object with this file's content has in this store (hex digest)."""
+        ...
+
+    def missing(self, objects: Sequence[tuple[str, int]]) -> list[str]:
+        """Of these (key, size), the keys the store does not hold, without listing the store."""
+        ...
+
+    def put(self, objects: Sequence[tuple[str, Path, int]], progress: Callable[[int], object] | None = None) -> TransferStats:
+        """Upload these (key, file, size), in parallel, skipping those already stored
+        (put-if-absent); `progress` gets byte counts as they are sent."""
+        ...
+
+    def get(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The byte ranges [start, end) of one object, in the order asked (ranged GETs where the
+        store allows them)."""
+        ...
+
+    def stats(self) -> TransferStats:
+        """Totals since this store object was made."""
+        ...
+
+    def close(self) -> None: ...
