@@ -7,6 +7,7 @@ interface the two backends implement, and their selection by URL:
 - `s3://bucket/prefix` (s3store.py): an S3-compatible bucket; keys `<prefix>/frames/<BLAKE3 hex>`.
 - `lfs` or an `http(s)://.../info/lfs` URL (lfsstore.py): a Git LFS server's batch API; objects are
   LFS objects named by their SHA-256 oid.
+- `file:///path` (dirstore.py): a directory, e.g. a shared or network drive.
 
 Which names the backends give objects differs (LFS needs SHA-256), so `key` is the backend's.
 """

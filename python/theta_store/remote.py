@@ -29,14 +29,14 @@ from typing import Any
 if sys.platform != "win32":
     import fcntl
 
-from . import packs
+from . import chunkstore, packs
 from .errors import GitCommandError, ThetaStoreError
 from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
 from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
 from .gitstore import GitStore
 from .history import pointer_writes, pointers_in, tree_pointers
-from .plan import REF_PREFIX, drop_plan, ref_name, version_of_ref
+from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, ref_name, version_of_ref
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
@@ -70,10 +70,13 @@ def remotes(store: GitStore) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> set[bytes]:
-    """Versions the remote has (all of them, or only among `ids`: protocol v2 filters by prefix)."""
-    patterns = [ref_name(i) for i in ids] if ids is not None else [REF_PREFIX + "*"]
-    found: set[bytes] = set()
+def remote_refs(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> tuple[set[bytes], set[bytes]]:
+    """Versions the remote has in Git objects (refs/theta/) and those it has as index records
+    (refs/theta-index/: frames in a chunk store), of all or of `ids` (protocol v2 filters by prefix)."""
+    wanted = sorted(ids) if ids is not None else None
+    patterns = [f(i) for i in wanted for f in (ref_name, index_ref_name)] if wanted is not None else [REF_PREFIX + "*", INDEX_PREFIX + "*"]
+    full: set[bytes] = set()
+    indexed: set[bytes] = set()
     for i in range(0, max(len(patterns), 1), PUSH_BATCH):
         batch = patterns[i : i + PUSH_BATCH]
         if not batch:
@@ -82,10 +85,18 @@ def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = 
         if r.returncode != 0:
             raise ThetaStoreError(f"cannot reach remote {remote!r}: {r.stderr.decode(errors='replace').strip()}")
         for line in r.stdout.decode().splitlines():
-            version = version_of_ref(line.partition("\t")[2])
-            if version is not None:
-                found.add(version)
-    return found
+            name = line.partition("\t")[2]
+            if (version := version_of_ref(name)) is not None:
+                full.add(version)
+            elif (version := version_of_ref(name, INDEX_PREFIX)) is not None:
+                indexed.add(version)
+    return full, indexed
+
+
+def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> set[bytes]:
+    """Versions the remote has, either way (all of them, or only among `ids`)."""
+    full, indexed = remote_refs(store, remote, ids)
+    return full | indexed
 
 
 MARKER_ENV = {
@@ -114,7 +125,9 @@ def _transport(store: GitStore) -> dict[str, str]:
     env.pop("GIT_WORK_TREE", None)
     env.pop("GIT_INDEX_FILE", None)
     # Mirror our versions (they become the "haves" of a fetch) and keep the shallow marker.
-    refs = "".join(f"{store.version_commit(v).hex()} {ref_name(v)}\n" for v in store.versions())  # type: ignore[union-attr]
+    pairs = [(ref_name(v), store.version_commit(v)) for v in store.versions()]
+    pairs += [(index_ref_name(v), c) for v, c in store.index_records().items()]
+    refs = "".join(f"{c.hex()} {r}\n" for r, c in sorted(pairs) if c is not None)
     (t / "packed-refs").write_text("# pack-refs with: peeled fully-peeled sorted\n" + refs)
     # Written each time (deterministic ids): a git gc in our repository may have pruned them.
     tree = subprocess.run(["git", "hash-object", "-t", "tree", "-w", "--stdin"], input=b"", env=env, capture_output=True, check=True)
@@ -127,6 +140,7 @@ def _transport(store: GitStore) -> dict[str, str]:
     )
     (t / "shallow").write_text(marker.stdout.decode())
     shutil.rmtree(t / "refs" / "theta", ignore_errors=True)
+    shutil.rmtree(t / "refs" / "theta-index", ignore_errors=True)
     return env
 
 
@@ -156,33 +170,15 @@ def _run_transport_shown(store: GitStore, args: list[str], progress: bool) -> tu
 
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
-    """Fetch these versions from one remote; returns the ones it had."""
-    have = remote_versions(store, remote, sorted(ids))
-    todo = sorted(have & ids)
-    got: set[bytes] = set()
+    """Fetch these versions from one remote (and its chunk store); returns the ones it had."""
+    full, indexed = remote_refs(store, remote, sorted(ids))
+    todo = sorted(full & ids)
+    from_store = sorted((indexed & ids) - full)
     # On a terminal, git's own progress (receiving objects) shows as it comes, without the ref lines
     tty = on_terminal()
-    if tty and todo:
-        print(f"theta-store: fetching {len(todo)} checkpoint version(s) from {remote}", file=sys.stderr, flush=True)
-    for i in range(0, len(todo), PUSH_BATCH):
-        batch = todo[i : i + PUSH_BATCH]
-        specs = [f"+{ref_name(v)}:{ref_name(v)}" for v in batch]
-        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
-        with _transport_lock(store):
-            rc, err = _run_transport_shown(store, args, tty)
-            if rc != 0:
-                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
-            t = store.state_dir / "transport"
-            listing = subprocess.run(
-                ["git", "for-each-ref", "--format=%(objectname) %(refname)", *[ref_name(v) for v in batch]],
-                env=dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir)),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                check=True,
-            ).stdout.decode()
-        pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
-        _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
-        got |= {v for _, ref in pairs if (v := version_of_ref(ref)) is not None}
+    if tty and (todo or from_store):
+        print(f"theta-store: fetching {len(todo) + len(from_store)} checkpoint version(s) from {remote}", file=sys.stderr, flush=True)
+    got = set(_fetch_refs(store, remote, [ref_name(v) for v in todo], tty))
     store.refresh()
     fetched: list[bytes] = []
     for v in sorted(got):
@@ -191,6 +187,48 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
         fetched += [f.object_id for f in frames.values()]
     # What git fetched is frames like an add's: kept out of git's repacking, consolidated in tiers
     packs.settle(store, store.locate(fetched)[0])
+    if from_store:
+        need = [v for v in from_store if store.read_index_record(v) is None]
+        _fetch_refs(store, remote, [index_ref_name(v) for v in need], tty)
+        store.refresh()
+        cfg = chunkstore.for_remote(store, remote)
+        if cfg is None:
+            raise ThetaStoreError(
+                f"{remote} keeps {len(from_store)} of these checkpoint versions in a chunk store,"
+                f" and no {chunkstore.CONFIG_FILE} names one",
+                hint=f"check out a commit that has {chunkstore.CONFIG_FILE}, or `theta-store remote add NAME URL`",
+            )
+        bs = chunkstore.open_store(store, cfg, remote)
+        try:
+            chunkstore.download(store, bs, from_store, progress=tty)
+        finally:
+            bs.close()
+        got |= set(from_store)
+    return got
+
+
+def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> list[bytes]:
+    """Fetch these refs/theta/ or refs/theta-index/ refs through the transport into ours."""
+    got: list[bytes] = []
+    for i in range(0, len(refs), PUSH_BATCH):
+        batch = refs[i : i + PUSH_BATCH]
+        specs = [f"+{r}:{r}" for r in batch]
+        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
+        with _transport_lock(store):
+            rc, err = _run_transport_shown(store, args, tty)
+            if rc != 0:
+                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
+            t = store.state_dir / "transport"
+            listing = subprocess.run(
+                ["git", "for-each-ref", "--format=%(objectname) %(refname)", *batch],
+                env=dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir)),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=True,
+            ).stdout.decode()
+        pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
+        _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
+        got += [v for _, ref in pairs if (v := version_of_ref(ref)) is not None]
     return got
 
 
@@ -303,7 +341,8 @@ def send_versions(
     """
     if not needed:
         return {"versions": 0}
-    everything = remote_versions(store, target)  # one ls-remote: also tells new frames from reused ones
+    full, indexed = remote_refs(store, target)  # one ls-remote: also tells new frames from reused ones
+    everything = full | indexed
     on_remote = everything & set(needed)
     todo = sorted(v for v in needed if v not in on_remote)
     absent = {v for v in todo if store.version_commit(v) is None}
@@ -334,8 +373,22 @@ def send_versions(
         return {"versions": 0, "would_push": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
     if progress:
         print(f"theta-store: pushing {len(local)} checkpoint version(s) to {remote}", file=sys.stderr, flush=True)
-    for i in range(0, len(local), PUSH_BATCH):
-        specs = [f"{ref_name(v)}:{ref_name(v)}" for v in local[i : i + PUSH_BATCH]]
+    cfg = chunkstore.for_remote(store, remote if remote == target else None)
+    refs = [ref_name(v) for v in local]
+    where = ""
+    if cfg is not None:
+        bs = chunkstore.open_store(store, cfg, remote)
+        try:
+            done = chunkstore.upload(store, bs, local, indexed, progress=progress)
+        finally:
+            bs.close()
+        # The frames are in the store: Git gets the small index records, sent last.
+        refs = [index_ref_name(v) for v in local]
+        new_bytes = done["bytes"]
+        sizes = f"{human_size(new_bytes)} new" + (f", {human_size(reused)} already there" if reused else "")
+        where = f" (frames in {cfg.name}: {cfg.url}, {done['objects_sent']} object(s) sent)"
+    for i in range(0, len(refs), PUSH_BATCH):
+        specs = [f"{r}:{r}" for r in refs[i : i + PUSH_BATCH]]
         # On a terminal, git's own progress (writing objects) shows as it comes, without the ref lines
         args = ["push", "--no-verify", "-q", *(["--progress"] if progress else []), target, *specs]
         with _transport_lock(store):
@@ -345,7 +398,7 @@ def send_versions(
                 f"pushing checkpoint versions to {remote} failed: {err.decode(errors='replace').strip()}",
                 hint="set THETA_STORE_SKIP_PUSH=1 to push the commits alone",
             )
-    print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)
+    print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {sizes}{where}", file=sys.stderr)
     return {"versions": len(local), "new_bytes": new_bytes, "reused_bytes": reused, "fetched": fetched}
 
 

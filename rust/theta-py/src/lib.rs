@@ -13,7 +13,8 @@ use theta_core::frame::{self, ChunkId};
 use theta_core::pack::{self, ObjectId};
 use theta_core::pipeline::input::{Buffers, FileInput, Input};
 use theta_core::pipeline::{self, read, Chunk, Progress, RestoreChunk, Span, Written};
-use theta_core::store::{GitPacks, Location, ObjectStore, PackSink};
+use theta_core::sha1x16;
+use theta_core::store::{FrameRef, FrameSink, GitPacks, Location, ObjectStore, PackSink};
 use theta_core::{DType, Error};
 
 pyo3::import_exception!(theta_store.errors, CorruptObject);
@@ -128,17 +129,19 @@ impl Held {
             .map(Held)
     }
 
-    fn input(&self) -> Buffers<'_> {
-        // SAFETY: each buffer is C-contiguous, of len_bytes() bytes, and pinned by `self` for as
-        // long as the slices live. A caller changing one meanwhile makes the write path refuse
-        // the chunk (Buffers are re-hashed), not read out of bounds.
+    fn slices(&self) -> Vec<&[u8]> {
+        // SAFETY: as in `input`: C-contiguous, len_bytes() long, pinned by `self`.
         #[allow(unsafe_code)]
-        let slices = self
-            .0
+        self.0
             .iter()
             .map(|b| unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, b.len_bytes()) })
-            .collect();
-        Buffers::new("buffers", slices)
+            .collect()
+    }
+
+    fn input(&self) -> Buffers<'_> {
+        // A caller changing a buffer meanwhile makes the write path refuse the chunk (Buffers
+        // are re-hashed), not read out of bounds.
+        Buffers::new("buffers", self.slices())
     }
 }
 
@@ -718,6 +721,40 @@ impl PackBuilder {
             self.abort();
         }
         Ok(written_frames(py, &written?))
+    }
+
+    /// Append frames that were encoded elsewhere (fetched from a chunk store) as stored blobs,
+    /// their Git ids computed sixteen at once. Returns [(object id, offset in the pack)].
+    fn add_frames<'py>(
+        &self,
+        py: Python<'py>,
+        frames: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<(Bound<'py, PyBytes>, u64)>> {
+        let held = Held::new(&frames)?;
+        let placed = self.with_sink(|sink| {
+            py.detach(|| {
+                let slices = held.slices();
+                let ids = sha1x16::blob_ids(&slices);
+                let zero: ChunkId = [0; 32];
+                slices
+                    .iter()
+                    .zip(&ids)
+                    .map(|(bytes, object)| {
+                        let at = sink.append(&FrameRef {
+                            chunk: &zero,
+                            object,
+                            bytes,
+                        })?;
+                        Ok((*object, at.offset))
+                    })
+                    .collect::<Result<Vec<_>, Error>>()
+            })
+            .map_err(to_py)
+        })?;
+        Ok(placed
+            .into_iter()
+            .map(|(o, at)| (PyBytes::new(py, &o), at))
+            .collect())
     }
 
     /// Append small objects [(kind, data)] ("blob", "tree", "commit") after the frames.
