@@ -30,7 +30,7 @@ if sys.platform != "win32":
     import fcntl
 
 from . import chunkstore, packs
-from .errors import GitCommandError, ThetaStoreError
+from .errors import BlobStoreAuthError, CorruptObject, GitCommandError, ThetaStoreError
 from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
 from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
@@ -254,6 +254,8 @@ def ensure_versions(
     for name in [remote] if remote else [r for r in remotes(store) if r not in exclude]:
         try:
             got = fetch_versions(store, name, missing)
+        except (CorruptObject, BlobStoreAuthError):
+            raise  # damaged data or refused credentials: another remote is no answer to those
         except ThetaStoreError as e:
             if not quiet:
                 print(f"theta-store: {e}", file=sys.stderr)

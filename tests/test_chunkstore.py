@@ -1,0 +1,158 @@
+"""Issue 15: frames in a chunk store, pointers and index records in Git.
+
+Each scenario runs against every kind of store, each a real one on this machine: a directory
+(file://), SeaweedFS's S3 API and a Git LFS server on 127.0.0.1, started by the tests. The Git
+remote is a bare repository; `git` is the real binary with `theta-store install --global` in a
+private global config (test_git_e2e.global_config).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from servers import Remote
+from storeservers import StoreServer, store_server
+from test_git_e2e import clone, commit, file_remote, g, global_config, model_bytes, new_repo, ts, write
+
+__all__ = ["file_remote", "global_config"]  # fixtures; global_config is autouse
+
+KINDS = ("file",)
+
+
+@pytest.fixture(params=KINDS)
+def chunk_store(request: pytest.FixtureRequest, tmp_path: Path, file_remote: Remote) -> Iterator[StoreServer]:
+    with store_server(request.param, tmp_path / "store", file_remote) as s:
+        s.export_credentials()
+        yield s
+
+
+def setup_repo(tmp_path: Path, remote: Remote, store: StoreServer, *, pack_size: int | None = None) -> Path:
+    a = new_repo(tmp_path / "a")
+    g(a, "remote", "add", "origin", remote.url)
+    ts(a, "remote", "add", "weights", store.url, *(["--endpoint", store.endpoint] if store.endpoint else []))
+    if pack_size:
+        g(a, "config", "thetastore.packSize", str(pack_size))
+    commit(a, "weights live in a chunk store", ".thetastore", ".gitattributes")
+    return a
+
+
+def test_push_clone_checkout_every_version(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    history = [model_bytes(0), model_bytes(0, bias=1.0), model_bytes(1, layers=3)]
+    commits = []
+    for i, data in enumerate(history):
+        write(a / "model.safetensors", data)
+        commits.append(commit(a, f"v{i + 1}", "model.safetensors"))
+        g(a, "push", "-q", "origin", "main")
+    # Git holds pointers and index records only: no frames, no refs/theta/ versions.
+    refs = file_remote.refs("refs/")
+    assert not [r for r in refs if r.startswith("refs/theta/")]
+    assert len([r for r in refs if r.startswith("refs/theta-index/")]) == 3
+    assert file_remote.object_bytes() < 200_000, file_remote.object_bytes()
+    assert chunk_store.stored_bytes() > len(history[0]) // 2
+    b = tmp_path / "b"
+    clone(file_remote.url, b)
+    assert (b / "model.safetensors").read_bytes() == history[-1]
+    for c, data in zip(commits, history, strict=True):
+        g(b, "checkout", "-q", c)
+        assert (b / "model.safetensors").read_bytes() == data, c
+    assert ts(b, "fsck").returncode == 0
+
+
+def test_second_version_uploads_only_new_frames(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    write(a / "model.safetensors", model_bytes(0))
+    commit(a, "v1", "model.safetensors")
+    g(a, "push", "-q", "origin", "main")
+    before = chunk_store.objects()
+    sent_before = chunk_store.received_bytes()
+    write(a / "model.safetensors", model_bytes(0, bias=1.0))
+    commit(a, "v2", "model.safetensors")
+    r = g(a, "push", "origin", "main")
+    after = chunk_store.objects()
+    new = {k: n for k, n in after.items() if k not in before}
+    assert len(new) == 1 and sum(new.values()) < 10_000, new  # the bias's frame, nothing else
+    assert chunk_store.received_bytes() - sent_before < 20_000
+    assert "1 object(s) sent" in r.stderr
+    # A second push of the same history sends nothing at all.
+    n = chunk_store.received_bytes()
+    ts(a, "push", "origin")
+    assert chunk_store.received_bytes() == n
+
+
+def test_killed_upload_resumes_without_resending(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store, pack_size=1 << 20)
+    data = model_bytes(3, layers=12)  # 24 MiB of incompressible floats: about 24 objects
+    write(a / "model.safetensors", data)
+    commit(a, "v1", "model.safetensors")
+    proc = subprocess.Popen(["git", "push", "-q", "origin", "main"], cwd=a, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(chunk_store.objects()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = chunk_store.objects()
+    assert 3 <= len(partial) < 20, f"the push was not killed midway ({len(partial)} objects stored)"
+    assert not [r for r in file_remote.refs("refs/") if r.startswith("refs/theta-index/")]  # Git never names absent frames
+    received = chunk_store.received_bytes()
+    g(a, "push", "-q", "origin", "main")
+    done = chunk_store.objects()
+    assert set(partial) <= set(done)
+    # What was stored before the kill is not sent again: the rest is what the resumed push sent.
+    resent = chunk_store.received_bytes() - received
+    rest = sum(n for k, n in done.items() if k not in partial)
+    assert resent <= rest + (1 << 20) + 65536, (resent, rest)  # at most the object in flight again
+    b = tmp_path / "b"
+    clone(file_remote.url, b)
+    assert (b / "model.safetensors").read_bytes() == data
+
+
+def test_corrupt_object_is_named_and_nothing_wrong_is_written(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    write(a / "model.safetensors", model_bytes(0))
+    commit(a, "v1", "model.safetensors")
+    g(a, "push", "-q", "origin", "main")
+    (key,) = chunk_store.objects()
+    chunk_store.corrupt(key, offset=5000)
+    b = tmp_path / "b"
+    r = clone(file_remote.url, b, ok=False)
+    assert key[:12] in r.stderr and "does not match" in r.stderr, r.stderr
+    m = b / "model.safetensors"
+    assert not m.exists() or m.read_bytes() != model_bytes(0)
+    assert not m.exists() or m.stat().st_size < 1024  # the pointer at most, never wrong weights
+    r = ts(b, "pull", ok=False)
+    assert r.returncode != 0 and key[:12] in r.stderr, r.stderr
+
+
+def test_clone_without_store_config_says_what_is_missing(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    write(a / "model.safetensors", model_bytes(0))
+    commit(a, "v1", "model.safetensors")
+    g(a, "push", "-q", "origin", "main")
+    g(a, "rm", "-q", ".thetastore")
+    g(a, "commit", "-q", "-m", "drop the store's name")
+    g(a, "push", "-q", "origin", "main")
+    b = tmp_path / "b"
+    clone(file_remote.url, b, "--no-checkout")
+    g(b, "checkout", "-q", "HEAD~1")  # has .thetastore: works
+    assert (b / "model.safetensors").read_bytes() == model_bytes(0)
+
+
+def test_remote_add_list_remove(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    listed = ts(a, "remote", "--json").stdout
+    assert chunk_store.url in listed and '"default": "weights"' in listed
+    r = ts(a, "remote", "add", "bad name", "s3://b/p", ok=False)
+    assert r.returncode != 0 and "cannot name a chunk store" in r.stderr
+    r = ts(a, "remote", "add", "x", "ftp://nowhere", ok=False)
+    assert r.returncode != 0 and "s3://bucket/prefix" in r.stderr
+    ts(a, "remote", "remove", "weights")
+    assert "weights" not in (a / ".thetastore").read_text()
+    assert ".thetastore" in g(a, "diff", "--cached", "--name-only").stdout
