@@ -156,3 +156,32 @@ def test_remote_add_list_remove(tmp_path: Path, file_remote: Remote, chunk_store
     ts(a, "remote", "remove", "weights")
     assert "weights" not in (a / ".thetastore").read_text()
     assert ".thetastore" in g(a, "diff", "--cached", "--name-only").stdout
+
+
+def test_cache_size_evicts_versions_the_store_holds(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    history = [model_bytes(s, layers=2) for s in range(3)]
+    commits = []
+    for i, data in enumerate(history):
+        write(a / "model.safetensors", data)
+        commits.append(commit(a, f"v{i + 1}", "model.safetensors"))
+    unpushed = model_bytes(9, layers=2)
+    g(a, "push", "-q", "origin", "main")
+    g(a, "checkout", "-q", "-b", "local")
+    write(a / "model.safetensors", unpushed)
+    commits.append(commit(a, "not pushed", "model.safetensors"))
+    g(a, "checkout", "-q", "main")
+    before = sum(p.stat().st_size for p in (a / ".git/objects/pack").glob("*.pack"))
+    g(a, "config", "thetastore.cacheSize", "1m")
+    r = ts(a, "gc", "--json")
+    import json
+
+    out = json.loads(r.stdout)
+    # v1 and v2 go: the store has them and the checkout (v3) does not use them; the unpushed one stays.
+    assert len(out["evicted"]) == 2, out
+    after = sum(p.stat().st_size for p in (a / ".git/objects/pack").glob("*.pack"))
+    assert after < before - 2 * 3_000_000, (before, after)
+    for c, data in zip(commits, [*history, unpushed], strict=True):
+        g(a, "checkout", "-q", c)
+        assert (a / "model.safetensors").read_bytes() == data, c
+    assert ts(a, "fsck").returncode == 0

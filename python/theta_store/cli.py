@@ -399,6 +399,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     dropped = r["dropped"]
     assert isinstance(dropped, list)
     lines = [f"{verb} {v}" for v in dropped]
+    evicted = r["evicted"]
+    assert isinstance(evicted, list)
+    lines += [f"{'would evict' if args.dry_run else 'evicted'} {v} (in the chunk store; fetched again when needed)" for v in evicted]
     freed = r["freed_bytes"]
     assert isinstance(freed, int)
     lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({human_size(freed)} of frames no other version uses)")

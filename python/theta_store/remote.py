@@ -36,7 +36,7 @@ from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
 from .gitstore import GitStore
 from .history import pointer_writes, pointers_in, tree_pointers
-from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, ref_name, version_of_ref
+from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, plan_path, ref_name, version_of_ref
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
@@ -487,27 +487,88 @@ GC_ROOTS = ["--exclude=" + REF_PREFIX + "*", "--all", "--reflog", "--indexed-obj
 
 
 def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str, object]:
-    """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index needs."""
+    """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index
+    needs; then, if `thetastore.cacheSize` is set and our packs exceed it, evict versions whose
+    frames a chunk store holds (an index record is here) and that neither HEAD nor the index uses."""
     needed = set(pointers_in(store, GC_ROOTS))
     versions = store.versions()
     drop = [v for v in versions if v not in needed]
-    keep_frames = _frames(store, [v for v in versions if v in needed])
+    kept = [v for v in versions if v in needed]
+    keep_frames = _frames(store, kept)
     drop_frames = _frames(store, drop)
     freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
+    limit = cache_limit(store)
+    evict = _evictable(store, kept, keep_frames, limit - (_packs_size(store) - freed)) if limit is not None else []
+    if evict:
+        still = _frames(store, [v for v in kept if v not in evict])
+        freed += sum(n for cid, n in _frames(store, evict).items() if cid not in still)
     if not dry_run:
-        for v in drop:
+        for v in drop + evict:
             _git(store, "update-ref", "-d", ref_name(v))
             drop_plan(store.state_dir, v)
         store.rebuild_chunk_index()
-        if prune:
+        if prune or evict:
             packs.prune(store)  # git never prunes from our kept packs
+        if prune:
             _git(store, "gc", "--quiet", "--prune=now")
         packs.consolidate(store, limit=None)
     return {
         "versions": len(versions),
         "dropped": [v.hex() for v in drop],
-        "kept": len(versions) - len(drop),
+        "evicted": [v.hex() for v in evict],
+        "cache_limit": limit,
+        "kept": len(versions) - len(drop) - len(evict),
         "freed_bytes": freed,
         "dry_run": dry_run,
-        "pruned": prune and not dry_run,
+        "pruned": (prune or bool(evict)) and not dry_run,
     }
+
+
+def cache_limit(store: GitStore) -> int | None:
+    """`thetastore.cacheSize` in bytes (git's k/m/g suffixes), None if unset."""
+    r = _git(store, "config", "--type=int", "thetastore.cacheSize", check=False)
+    return int(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _packs_size(store: GitStore) -> int:
+    return sum(packs.ours(store.pack_dir).values())
+
+
+def _evictable(store: GitStore, kept: list[bytes], frames: dict[bytes, int], room: int) -> list[bytes]:
+    """Versions to drop locally until about `-room` bytes are freed (room >= 0: none), oldest here
+    first: only those a chunk store holds and the checkout does not use."""
+    if room >= 0:
+        return []
+    current = {p.manifest_id for rev in ("HEAD", None) for p in _quiet_pointers(store, rev)}
+    stored = store.index_records()
+    candidates = [v for v in kept if v in stored and v not in current]
+    candidates.sort(key=lambda v: _last_used(store, v))
+    out: list[bytes] = []
+    uses: dict[bytes, int] = {}
+    for v in kept:
+        for cid in store.version_frames(v):
+            uses[cid] = uses.get(cid, 0) + 1
+    for v in candidates:
+        if room >= 0:
+            break
+        out.append(v)
+        for cid in store.version_frames(v):
+            uses[cid] -= 1
+            if uses[cid] == 0:
+                room += frames.get(cid, 0)
+    return out
+
+
+def _quiet_pointers(store: GitStore, rev: str | None) -> list[Any]:
+    try:
+        return list(tree_pointers(store, rev).values())
+    except ThetaStoreError:
+        return []  # no HEAD yet
+
+
+def _last_used(store: GitStore, v: bytes) -> float:
+    """When this repository stored or first read the version (its saved plan's time), else 0."""
+    try:
+        return os.stat(plan_path(store.state_dir, v)).st_mtime
+    except OSError:
+        return 0.0
