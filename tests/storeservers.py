@@ -41,6 +41,10 @@ class StoreServer:
 
     _received: int = 0
 
+    def requests(self) -> int:
+        """Requests the server has answered (0 where the store is not a server)."""
+        return 0
+
     def corrupt(self, key: str, offset: int) -> None:
         """Flip one byte of a stored object where the server keeps it."""
         (path,) = [p for p in self._files() if p.name == key]

@@ -19,6 +19,7 @@ __all__ = [
     "lowrank_factors",
     "parse_factors",
     "read_chunks",
+    "read_pack_blobs",
     "receive_content",
     "restore_file",
     "scan_buffers",
@@ -140,6 +141,7 @@ def read_chunks(
     read_object: Callable[[bytes], bytes],
     bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> list[bytes]: ...
+def read_pack_blobs(pack: str, entries: list[tuple[int, int]]) -> list[bytes | None]: ...
 def tensor_chunk_len(chunk_bytes: int, align: int) -> int: ...
 
 @final

@@ -343,12 +343,24 @@ def _groups(todo: list[tuple[bytes, StoredFrame]], target: int) -> Iterator[list
 
 
 def _write_object(store: GitStore, group: list[tuple[bytes, StoredFrame]], path: Path) -> list[tuple[bytes, int]]:
-    """Concatenate the group's frames into `path`; returns each chunk's offset."""
+    """Concatenate the group's frames into `path`; returns each chunk's offset. Frames are read
+    from our packs by positioned reads (a mapped pack would count every page read as ours)."""
+    paths, where = store.locate([f.object_id for _, f in group])
+    found: dict[int, bytes | None] = {}
+    by_pack: dict[int, list[int]] = {}
+    for i, loc in enumerate(where):
+        if loc is not None:
+            by_pack.setdefault(loc.pack, []).append(i)
+    for pack, items in by_pack.items():
+        blobs = _native.read_pack_blobs(paths[pack], [(where[i].offset, group[i][1].frame_len) for i in items])  # type: ignore[union-attr]
+        found.update(zip(items, blobs, strict=True))
     offsets = []
     at = 0
     with open(path, "wb") as out:
-        for cid, f in group:
-            data = store.read_object(f.object_id)
+        for i, (cid, f) in enumerate(group):
+            data = found.get(i)
+            if data is None:
+                data = store.read_object(f.object_id)  # loose, or stored by git as a delta
             if len(data) != f.frame_len:
                 raise CorruptObject(f"frame of chunk {cid.hex()[:16]} is {len(data)} bytes, its table says {f.frame_len}")
             out.write(data)

@@ -147,8 +147,7 @@ def _chunk_store(work: str, repo: str, digest: bytes, cfg: list[str], say: Any) 
     exact = _native.chunk_id(Path(os.path.join(carol, "model.safetensors")).read_bytes()) == digest
     say(
         f"  pushed to a second remote with a chunk store: Git got {human_size(in_git)} (pointers, index records),"
-        f" the store {human_size(in_store)} of frames; a clone of it restores"
-        + (" byte-identically" if exact else " WRONG")
+        f" the store {human_size(in_store)} of frames; a clone of it restores" + (" byte-identically" if exact else " WRONG")
     )
     return {"git_bytes": in_git, "store_bytes": in_store, "exact": exact}
 

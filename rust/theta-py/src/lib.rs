@@ -1005,6 +1005,37 @@ fn receive_content<'py>(
     ))
 }
 
+/// The blobs at these offsets of one pack, as stored (a frame's bytes, undecoded), by positioned
+/// reads: [(offset, max_len)] -> bytes, or None where the entry is not a plain blob (git stored
+/// it as a delta: ask for it by id).
+#[pyfunction]
+fn read_pack_blobs<'py>(
+    py: Python<'py>,
+    pack: PathBuf,
+    entries: Vec<(u64, u64)>,
+) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
+    let name = pack.display().to_string();
+    let blobs = py
+        .detach(|| -> Result<Vec<Option<Vec<u8>>>, Error> {
+            let file = std::fs::File::open(&pack).map_err(|e| Error::io(&name, e))?;
+            entries
+                .iter()
+                .map(|&(offset, max_len)| {
+                    let mut out = Vec::new();
+                    Ok(
+                        pack::read_pack_blob_into(&file, &name, offset, max_len, &mut out)?
+                            .then_some(out),
+                    )
+                })
+                .collect()
+        })
+        .map_err(to_py)?;
+    Ok(blobs
+        .into_iter()
+        .map(|b| b.map(|b| PyBytes::new(py, &b)))
+        .collect())
+}
+
 /// Decode chunks to bytes (same chunk tuples as restore_file).
 #[pyfunction]
 #[pyo3(signature = (chunks, packs, read_object, bases=Vec::new()))]
@@ -1081,6 +1112,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_pack, m)?)?;
     m.add_function(wrap_pyfunction!(restore_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(read_pack_blobs, m)?)?;
     m.add_function(wrap_pyfunction!(send_file, m)?)?;
     m.add_function(wrap_pyfunction!(receive_content, m)?)?;
     m.add_function(wrap_pyfunction!(write_objects, m)?)?;
