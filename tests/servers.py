@@ -480,3 +480,100 @@ def seaweedfs(base: Path, bucket: str = "theta-test", timeout: float = 60.0) -> 
         finally:
             server.stop()
         return
+
+
+@dataclass
+class FaultyProxy:
+    """A TCP proxy in front of a server that spoils the first `faults` connections it accepts
+    (all of them if faults < 0): "reset" aborts the connection (RST) once the request has begun to
+    arrive, "503" answers the request with 503 Service Unavailable and closes."""
+
+    url: str
+    mode: str
+    faults: int
+    spoiled: int = 0
+    forwarded: int = 0
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+def _spoil(conn: socket.socket, mode: str) -> None:
+    import struct
+
+    with contextlib.suppress(OSError):
+        head = b""
+        while b"\r\n\r\n" not in head and (data := conn.recv(1 << 16)):
+            head += data
+        if mode == "503":
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        else:  # linger 0: close() sends RST, as a crashed peer or a middlebox would
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+@contextlib.contextmanager
+def faulty_proxy(target: str, mode: str, faults: int) -> Iterator[FaultyProxy]:
+    """A proxy on a free 127.0.0.1 port to `target` (http://host:port); yields it, its `url` to use."""
+    import threading
+
+    parts = urllib.parse.urlsplit(target)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    proxy = FaultyProxy(f"http://127.0.0.1:{listener.getsockname()[1]}", mode, faults)
+    lock = threading.Lock()
+    conns: list[socket.socket] = []
+
+    def serve_one(conn: socket.socket) -> None:
+        with lock:
+            spoil = proxy.faults < 0 or proxy.spoiled < proxy.faults
+            if spoil:
+                proxy.spoiled += 1
+            else:
+                proxy.forwarded += 1
+        if spoil:
+            _spoil(conn, mode)
+            return
+        try:
+            upstream = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80))
+        except OSError:
+            conn.close()
+            return
+        with lock:
+            conns.append(upstream)
+        back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
+        back.start()
+        _pump(conn, upstream)
+        back.join()
+        conn.close()
+        upstream.close()
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed
+            with lock:
+                conns.append(conn)
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield proxy
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        listener.close()
+        with lock:
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.close()
+        acceptor.join(5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from servers import SeaweedFS, seaweedfs
+from servers import SeaweedFS, faulty_proxy, seaweedfs
 from theta_store.blobstore import BlobStore
 from theta_store.errors import BlobStoreAuthError, BlobStoreCorrupt, BlobStoreError, BlobStoreUnreachable, FileChanged
 from theta_store.s3store import S3Store, coalesce
@@ -206,6 +206,33 @@ def test_file_changed_after_its_key_was_taken(server: SeaweedFS, tmp_path: Path)
     key, path, size = objs[0]
     with pytest.raises(FileChanged, match="not the 999 expected"):
         store.put([(key, path, size - 1)])
+
+
+@pytest.mark.parametrize("mode", ["reset", "503"])
+def test_transient_faults_are_retried(server: SeaweedFS, tmp_path: Path, mode: str) -> None:
+    with faulty_proxy(server.endpoint, mode, faults=3) as proxy:
+        store = S3Store(f"s3://{server.bucket}/flaky-{mode}", proxy.url, env=server.env() | {"HOME": str(tmp_path)})
+        objs = objects(store, make_files(tmp_path / "f", (1000, 12 * MiB)))
+        store.put(objs)
+        assert [store.get(k, [(0, n)])[0] == p.read_bytes() for k, p, n in objs] == [True, True]
+        assert proxy.spoiled == 3 and proxy.forwarded > 0
+    assert server.objects(f"flaky-{mode}") == {store.path(k): n for k, _, n in objs}
+
+
+def test_persistent_faults_give_unreachable(server: SeaweedFS, tmp_path: Path) -> None:
+    with faulty_proxy(server.endpoint, "503", faults=-1) as proxy:
+        store = S3Store(
+            f"s3://{server.bucket}/down", proxy.url, env=server.env() | {"HOME": str(tmp_path)}, max_retries=2, retry_timeout=5.0
+        )
+        objs = objects(store, make_files(tmp_path / "f", (1000,)))
+        for call in (lambda: store.missing([(objs[0][0], 1000)]), lambda: store.put(objs), lambda: store.get(objs[0][0], [(0, 10)])):
+            with pytest.raises(BlobStoreUnreachable) as e:
+                call()
+            msg = str(e.value)
+            assert f"s3://{server.bucket}/down: " in msg and store.path(objs[0][0]) in msg and f"no answer from {proxy.url}" in msg
+            assert "503" in msg
+        assert proxy.spoiled == 3 * 3  # each request tried once and retried twice
+    assert server.objects("down") == {}
 
 
 def test_server_stopped_mid_transfer(tmp_path: Path) -> None:
