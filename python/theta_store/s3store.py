@@ -274,6 +274,10 @@ class S3Store:
             )
         if status == 404 and code == "NoSuchBucket":
             return self._no_bucket()
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
+            return BlobStoreError(
+                f"{where}: {text}", hint=f"the bucket is not in region {self.region}: set AWS_REGION (or the profile's region) to it"
+            )
         if status >= 500 or (status == 0 and not isinstance(e, (FileNotFoundError, AlreadyExistsError, ValueError))):
             return BlobStoreUnreachable(
                 f"{where}: no answer from {self.endpoint or 'AWS S3'} after retries: {text}",
