@@ -224,6 +224,8 @@ class S3Store:
         self._stats = TransferStats()
         self._bucket_checked = False
         self._bucket_lock = threading.Lock()
+        # what missing() found lacking, so that the put() that follows need not ask again
+        self._lacking: dict[str, int | None] = {}
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r}, region={self.region!r})"
@@ -330,16 +332,20 @@ class S3Store:
 
     def missing(self, objects: Sequence[tuple[str, int]]) -> list[str]:
         """Keys not stored whole: absent, or stored with another size (a damaged object, which
-        `put` then replaces)."""
+        `put` then replaces). `put` does not ask again about the keys returned here."""
         stats = TransferStats()
         with ThreadPoolExecutor(max_workers=min(4 * self.parallel, max(1, len(objects))), thread_name_prefix="s3-head") as pool:
             sizes = _run_all(pool, [partial(self._head, key, stats) for key, _ in objects])
-        return [key for (key, size), stored in zip(objects, sizes, strict=True) if stored != size]
+        lacking = {key: stored for (key, size), stored in zip(objects, sizes, strict=True) if stored != size}
+        with self._lock:
+            self._lacking.update(lacking)
+        return list(lacking)
 
     # ------------------------------------------------------------------ put
 
     def put(self, objects: Sequence[tuple[str, Path, int]], progress: Callable[[int], object] | None = None) -> TransferStats:
-        """Upload these (key, file, size) that the store lacks, `parallel` at a time.
+        """Upload these (key, file, size) that the store lacks, `parallel` at a time: one HEAD each
+        tells (none for the keys an earlier `missing` reported lacking).
 
         Each file is read once, in blocks, and its BLAKE3 digest checked against its key before the
         object is completed: a file that changed since its key was computed raises FileChanged and
@@ -361,7 +367,13 @@ class S3Store:
         return stats
 
     def _put_one(self, key: str, path: Path, size: int, stats: TransferStats, report: Callable[[int], None]) -> None:
-        stored = self._head(key, stats)
+        # Trusting an earlier missing() is safe: if the object arrived since, the single PUT's
+        # If-None-Match refuses ours, and a multipart upload stores the same bytes again.
+        with self._lock:
+            known = key in self._lacking
+            stored = self._lacking.pop(key, None)
+        if not known:
+            stored = self._head(key, stats)
         if stored == size:
             with self._lock:
                 stats.skipped.append(key)
