@@ -356,6 +356,12 @@ class SeaweedFS:
         """Multipart uploads begun and neither completed nor aborted."""
         return sum(1 for _ in self._list(f"/buckets/{self.bucket}/.uploads"))
 
+    def read(self, key: str) -> bytes:
+        """The object's content as the filer holds it (not through S3)."""
+        with urllib.request.urlopen(f"{self.filer}/buckets/{self.bucket}/{urllib.parse.quote(key)}", timeout=30) as r:
+            data: bytes = r.read()
+            return data
+
     def write(self, key: str, data: bytes) -> None:
         """Store `data` under `key` through the filer, behind the S3 gateway's back (a corrupted object)."""
         req = urllib.request.Request(f"{self.filer}/buckets/{self.bucket}/{urllib.parse.quote(key)}", data=data, method="PUT")

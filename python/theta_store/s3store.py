@@ -331,15 +331,16 @@ class S3Store:
         return int(meta["size"])
 
     def missing(self, objects: Sequence[tuple[str, int]]) -> list[str]:
-        """Keys not stored whole: absent, or stored with another size (a damaged object, which
-        `put` then replaces). `put` does not ask again about the keys returned here."""
+        """Keys with no object, by one HEAD each (the sizes are not compared: callers may not know
+        them; `put` replaces a stored object whose size differs from the file's). `put` does not
+        ask again about the keys returned here."""
         stats = TransferStats()
         with ThreadPoolExecutor(max_workers=min(4 * self.parallel, max(1, len(objects))), thread_name_prefix="s3-head") as pool:
             sizes = _run_all(pool, [partial(self._head, key, stats) for key, _ in objects])
-        lacking = {key: stored for (key, size), stored in zip(objects, sizes, strict=True) if stored != size}
+        lacking = [key for (key, _), stored in zip(objects, sizes, strict=True) if stored is None]
         with self._lock:
-            self._lacking.update(lacking)
-        return list(lacking)
+            self._lacking.update(dict.fromkeys(lacking))
+        return lacking
 
     # ------------------------------------------------------------------ put
 
