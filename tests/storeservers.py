@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import Remote
+from servers import Remote, SeaweedFS, seaweedfs
 
 
 @dataclass
@@ -19,11 +19,6 @@ class StoreServer:
     root: Path  # where the server keeps objects on disk
     endpoint: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-
-    def export_credentials(self) -> None:
-        import os
-
-        os.environ.update(self.env)
 
     def _files(self) -> dict[Path, int]:
         return {p: p.stat().st_size for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")}
@@ -62,10 +57,44 @@ class DirServer(StoreServer):
         return sum(self.objects().values())
 
 
+class S3Server(StoreServer):
+    """SeaweedFS: objects from its filer's listing, bytes and requests from its S3 metrics."""
+
+    server: SeaweedFS | None = None
+
+    @property
+    def sw(self) -> SeaweedFS:
+        assert self.server is not None
+        return self.server
+
+    def objects(self) -> dict[str, int]:
+        return {k.rsplit("/", 1)[1]: n for k, n in self.sw.objects("theta/frames").items()}
+
+    def received_bytes(self) -> int:
+        return int(self.sw.counters().bytes_received)
+
+    def requests(self) -> int:
+        return int(self.sw.counters().count())
+
+    def corrupt(self, key: str, offset: int) -> None:
+        name = f"theta/frames/{key}"
+        data = bytearray(self.sw.read(name))
+        data[offset] ^= 0x40
+        self.sw.write(name, bytes(data))
+
+
 @contextlib.contextmanager
 def store_server(kind: str, base: Path, git_remote: Remote) -> Iterator[StoreServer]:
     base.mkdir(parents=True)
     if kind == "file":
         yield DirServer(kind, f"file://{base}", base)
+        return
+    if kind == "s3":
+        with seaweedfs(base / "seaweedfs") as sw:
+            env = sw.env()
+            env.pop("AWS_ENDPOINT_URL")  # the endpoint is committed in .thetastore instead
+            s3 = S3Server(kind, f"s3://{sw.bucket}/theta", base, endpoint=sw.endpoint, env=env)
+            s3.server = sw
+            yield s3
         return
     raise ValueError(f"unknown store kind {kind!r}")

@@ -23,13 +23,16 @@ from test_git_e2e import clone, commit, file_remote, g, global_config, model_byt
 
 __all__ = ["file_remote", "global_config"]  # fixtures; global_config is autouse
 
-KINDS = ("file",)
+KINDS = ("file", "s3")
 
 
 @pytest.fixture(params=KINDS)
-def chunk_store(request: pytest.FixtureRequest, tmp_path: Path, file_remote: Remote) -> Iterator[StoreServer]:
+def chunk_store(
+    request: pytest.FixtureRequest, tmp_path: Path, file_remote: Remote, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[StoreServer]:
     with store_server(request.param, tmp_path / "store", file_remote) as s:
-        s.export_credentials()
+        for k, v in s.env.items():  # what a user exports (AWS keys): git and theta-store inherit it
+            monkeypatch.setenv(k, v)
         yield s
 
 
