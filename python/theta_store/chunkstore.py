@@ -57,6 +57,8 @@ RECORD_VERSION = 1
 COALESCE_GAP = 1 << 20
 # Objects downloaded at once: bounds memory to about this many objects of PACK_SIZE.
 PARALLEL_GETS = 4
+# Objects uploaded at once (each streamed from a temporary file in parts).
+PARALLEL_PUTS = 4
 
 
 @dataclass(frozen=True)
@@ -298,16 +300,16 @@ def upload(
     with (
         Progress("Uploading frames", total, enabled=progress) as meter,
         tempfile.TemporaryDirectory(prefix="upload-", dir=store.state_dir) as tmp,
-        ThreadPoolExecutor(max_workers=2) as pool,
+        ThreadPoolExecutor(max_workers=PARALLEL_PUTS) as pool,
     ):
         pending: list[Future[tuple[str, list[tuple[bytes, int]], bool]]] = []
         for group in _groups(todo, target):
-            # Pack the next object while earlier ones upload; at most two wait on disk.
+            # Pack the next object while earlier ones upload; at most PARALLEL_PUTS wait on disk.
             path = Path(tmp) / f"obj-{objects}"
             offsets = _write_object(store, group, path)
             pending.append(pool.submit(_put_one, bs, path, offsets, meter))
             objects += 1
-            while len(pending) >= 2:
+            while len(pending) >= PARALLEL_PUTS:
                 key, offs, was_sent = pending.pop(0).result()
                 sent, skipped = _done(journal, placed, key, offs, was_sent, sent, skipped)
         for fut in pending:
