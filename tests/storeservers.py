@@ -40,6 +40,17 @@ class StoreServer:
         """Requests the server has answered (0 where the store is not a server)."""
         return 0
 
+    def stop(self) -> None:
+        """Stop the server at once (as a crash would), keeping its data."""
+        raise NotImplementedError(self.kind)
+
+    def start(self) -> None:
+        raise NotImplementedError(self.kind)
+
+    def wrong_credentials(self) -> dict[str, str]:
+        """Environment under which a client has credentials the server refuses."""
+        raise NotImplementedError(self.kind)
+
     def corrupt(self, key: str, offset: int) -> None:
         """Flip one byte of a stored object where the server keeps it."""
         (path,) = [p for p in self._files() if p.name == key]
@@ -75,6 +86,15 @@ class S3Server(StoreServer):
 
     def requests(self) -> int:
         return int(self.sw.counters().count())
+
+    def stop(self) -> None:
+        self.sw.stop(kill=True)
+
+    def start(self) -> None:
+        self.sw.start()
+
+    def wrong_credentials(self) -> dict[str, str]:
+        return dict(self.env, AWS_SECRET_ACCESS_KEY="not-" + self.env["AWS_SECRET_ACCESS_KEY"])
 
     def corrupt(self, key: str, offset: int) -> None:
         name = f"theta/frames/{key}"

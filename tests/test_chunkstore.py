@@ -190,3 +190,64 @@ def test_cache_size_evicts_versions_the_store_holds(tmp_path: Path, file_remote:
         g(a, "checkout", "-q", c)
         assert (a / "model.safetensors").read_bytes() == data, c
     assert ts(a, "fsck").returncode == 0
+
+
+@pytest.fixture(params=[k for k in KINDS if k != "file"])
+def store_service(
+    request: pytest.FixtureRequest, tmp_path: Path, file_remote: Remote, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[StoreServer]:
+    """The stores that are servers (they can be stopped and can refuse credentials)."""
+    with store_server(request.param, tmp_path / "store", file_remote) as s:
+        for k, v in s.env.items():
+            monkeypatch.setenv(k, v)
+        yield s
+
+
+def index_refs(remote: Remote) -> list[str]:
+    return [r for r in remote.refs("refs/") if r.startswith("refs/theta-index/")]
+
+
+def test_server_stopped_mid_push_then_push_again(tmp_path: Path, file_remote: Remote, store_service: StoreServer) -> None:
+    a = setup_repo(tmp_path, file_remote, store_service, pack_size=1 << 20)
+    data = model_bytes(4, layers=12)
+    write(a / "model.safetensors", data)
+    commit(a, "v1", "model.safetensors")
+    proc = subprocess.Popen(["git", "push", "-q", "origin", "main"], cwd=a, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(store_service.objects()) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    store_service.stop()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "weights" in err or store_service.url in err, err  # names the store
+    assert "Traceback" not in err
+    assert not index_refs(file_remote) and "refs/heads/main" not in file_remote.refs("refs/")
+    store_service.start()
+    g(a, "push", "-q", "origin", "main")
+    b = tmp_path / "b"
+    clone(file_remote.url, b)
+    assert (b / "model.safetensors").read_bytes() == data
+
+
+def test_wrong_credentials_are_said_and_nothing_is_pushed(
+    tmp_path: Path, file_remote: Remote, store_service: StoreServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = setup_repo(tmp_path, file_remote, store_service)
+    write(a / "model.safetensors", model_bytes(0))
+    commit(a, "v1", "model.safetensors")
+    good = dict(os.environ)
+    for k, v in store_service.wrong_credentials().items():
+        monkeypatch.setenv(k, v)
+    r = g(a, "push", "origin", "main", ok=False)
+    assert r.returncode != 0
+    assert "credential" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+    assert not index_refs(file_remote) and not store_service.objects()
+    for k in store_service.wrong_credentials():
+        monkeypatch.setenv(k, good[k])
+    g(a, "push", "-q", "origin", "main")
+    b = tmp_path / "b"
+    for k, v in store_service.wrong_credentials().items():
+        monkeypatch.setenv(k, v)
+    r = clone(file_remote.url, b, ok=False)
+    assert r.returncode != 0 and "credential" in r.stderr.lower(), r.stderr
+    assert not (b / "model.safetensors").exists() or (b / "model.safetensors").stat().st_size < 1024
