@@ -175,6 +175,30 @@ def test_range_beyond_the_object_is_named(tmp_path: Path, repo: Path, ranges: bo
             store.get(key, [(0, 10), ((1 << 20) - 5, (1 << 20) + 5)])
 
 
+def test_prefetch_asks_for_every_download_in_one_batch(server: LfsServer, repo: Path, packs: list[Path]) -> None:
+    store = LfsStore(server.url, repo)
+    objs = entries(store, packs)
+    store.put(objs)
+    store.prefetch([(k, n) for k, _, n in objs])
+    for key, path, size in objs:
+        assert store.get(key, [(size - 10, size)]) == [path.read_bytes()[-10:]]
+    counted = server.stats()
+    assert counted["batch-download"] == {"requests": 1, "bytes_in": counted["batch-download"]["bytes_in"], "bytes_out": 0, "objects": 4}
+    assert counted["download"]["requests"] == len(objs)
+
+
+def test_a_download_href_that_stops_working_is_asked_for_again(server: LfsServer, repo: Path, packs: list[Path]) -> None:
+    store = LfsStore(server.url, repo)
+    (key, path, size), (key2, path2, size2) = entries(store, packs[:2])
+    store.put([(key, path, size), (key2, path2, size2)])
+    store.prefetch([(key, size), (key2, size2)])
+    server.objects()[key].unlink()  # the href the store keeps now answers 404
+    with pytest.raises(BlobStoreError, match=f"{key} is not on the server"):
+        store.get(key, [(0, 10)])
+    assert server.stats()["batch-download"]["requests"] == 2  # the prefetch, then once more for this key
+    assert store.get(key2, [(0, 10)]) == [path2.read_bytes()[:10]]
+
+
 def test_get_of_an_object_the_server_lacks(server: LfsServer, repo: Path) -> None:
     store = LfsStore(server.url, repo)
     absent = hashlib.sha256(b"never uploaded").hexdigest()
