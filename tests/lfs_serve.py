@@ -40,10 +40,15 @@ class Counts:
         self.data: dict[str, dict[str, int]] = {op: {"requests": 0, "bytes_in": 0, "bytes_out": 0, "objects": 0} for op in OPS}
         self.write()
 
-    def add(self, op: str, **fields: int) -> None:
+    def add(self, op: str, flush: bool = True, **fields: int) -> None:
         with self.lock:
             for name, n in fields.items():
                 self.data[op][name] += n
+            if flush:
+                self.write()
+
+    def flush(self) -> None:
+        with self.lock:
             self.write()
 
     def write(self) -> None:
@@ -61,7 +66,7 @@ class CountingReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         data = self.inner.read(n)
-        self.counts.add(self.op, bytes_in=len(data))
+        self.counts.add(self.op, flush=False, bytes_in=len(data))  # written out before the answer (send_response)
         return data
 
     def readline(self, limit: int = -1) -> bytes:
@@ -149,6 +154,10 @@ class Handler(LFSRequestHandler):
         finally:
             self.rfile = self.rfile.inner  # type: ignore[attr-defined]
             self.wfile = writer.inner  # type: ignore[assignment]
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.server.counts.flush()
+        super().send_response(code, message)
 
     def flush_headers(self) -> None:
         super().flush_headers()
