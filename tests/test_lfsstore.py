@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,6 +198,23 @@ def test_a_download_href_that_stops_working_is_asked_for_again(server: LfsServer
         store.get(key, [(0, 10)])
     assert server.stats()["batch-download"]["requests"] == 2  # the prefetch, then once more for this key
     assert store.get(key2, [(0, 10)]) == [path2.read_bytes()[:10]]
+
+
+def test_action_expiry_is_read_from_expires_in_and_expires_at() -> None:
+    from theta_store.lfsstore import EXPIRY_MARGIN, _action
+
+    now = time.monotonic()
+    obj = {"actions": {"download": {"href": "https://h/o", "header": {"Authorization": "Bearer t"}, "expires_in": 3600}}}
+    action = _action(obj, "download", now)
+    assert action is not None and action.fresh() and action.headers == {"Authorization": "Bearer t"}
+    assert action.deadline == pytest.approx(now + 3600)
+    soon = {"actions": {"download": {"href": "https://h/o", "expires_in": EXPIRY_MARGIN / 2}}}
+    assert not _action(soon, "download", now).fresh()  # type: ignore[union-attr]
+    past = {"actions": {"upload": {"href": "https://h/o", "expires_at": "2020-01-01T00:00:00Z"}}}
+    assert not _action(past, "upload", now).fresh()  # type: ignore[union-attr]
+    never = {"actions": {"upload": {"href": "https://h/o", "expires_at": "0001-01-01T00:00:00Z"}}}  # Go's zero time
+    assert _action(never, "upload", now).fresh()  # type: ignore[union-attr]
+    assert _action({"oid": "x"}, "upload", now) is None  # the server has it
 
 
 def test_get_of_an_object_the_server_lacks(server: LfsServer, repo: Path) -> None:
@@ -567,6 +585,7 @@ def test_git_lfs_client_and_lfsstore_share_the_server(tmp_path: Path, server: Lf
     git(a, "commit", "-qm", "weights")
     git(a, "push", "-q", "origin", "main")
     assert server.stats()["upload"]["requests"] == 1
+    assert server.stats()["other"]["requests"] == 0  # locksverify off: no POST /locks/verify
 
     store = LfsStore("lfs", a)
     key0 = store.key(packs[0])

@@ -31,12 +31,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import urllib3
 
 from .blobstore import TransferStats
+
+if TYPE_CHECKING:
+    from .blobstore import BlobStore
 from .errors import BlobStoreAuthError, BlobStoreError, BlobStoreUnreachable, FileChanged, InvalidArgument
 
 __all__ = ["LfsStore", "lfs_endpoint", "lfs_url_from_git_url"]
@@ -894,6 +897,12 @@ class LfsStore:
         except OSError as e:
             return [], f"cannot run git credential {verb}: {e}"
         return r.stdout.splitlines(), r.stderr.strip()
+
+
+if TYPE_CHECKING:
+
+    def _is_a_blobstore(store: LfsStore) -> BlobStore:
+        return store  # mypy checks that LfsStore has every member of the protocol
 
 
 class _Expired(Exception):
