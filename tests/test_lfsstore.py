@@ -6,12 +6,14 @@ git-lfs client checks that the server and our oids and URLs are the ones Git LFS
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,21 @@ def test_action_expiry_is_read_from_expires_in_and_expires_at() -> None:
     never = {"actions": {"upload": {"href": "https://h/o", "expires_at": "0001-01-01T00:00:00Z"}}}  # Go's zero time
     assert _action(never, "upload", now).fresh()  # type: ignore[union-attr]
     assert _action({"oid": "x"}, "upload", now) is None  # the server has it
+
+
+def test_gets_from_many_threads_at_once(server: LfsServer, repo: Path, packs: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    """chunkstore reads several objects at once through one store: answers stay whole and apart, and
+    urllib3 has no cause to warn (a full connection pool logs a warning for every connection)."""
+    store = LfsStore(server.url, repo)
+    objs = entries(store, packs)
+    store.put(objs)
+    contents = {k: p.read_bytes() for k, p, _ in objs}
+    jobs = [(k, [(i * 1000, i * 1000 + 4096), (n - 5000, n - 17)]) for i in range(6) for k, _, n in objs]
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda job: store.get(*job), jobs))
+    for (key, ranges), got in zip(jobs, results, strict=True):
+        assert got == [contents[key][s:e] for s, e in ranges]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")] == []
 
 
 def test_get_of_an_object_the_server_lacks(server: LfsServer, repo: Path) -> None:

@@ -431,7 +431,7 @@ class LfsStore:
         self.backoff = backoff
         self._http = urllib3.PoolManager(
             num_pools=4,
-            maxsize=self.parallel + 1,
+            maxsize=self.parallel + 8,  # get() may be called from more threads; a full pool logs a warning per connection
             retries=False,
             timeout=urllib3.Timeout(connect=min(30.0, timeout), read=timeout),
             blocksize=BLOCK,
