@@ -1,6 +1,7 @@
 """Real servers on 127.0.0.1 for the end-to-end tests: a bare repository over file://,
 `git daemon` (git://) and smart HTTP (`git http-backend` behind lighttpd); SeaweedFS as an
-S3-compatible chunk store (`seaweedfs`).
+S3-compatible chunk store (`seaweedfs`); a Git LFS server (dulwich's, through lfs_serve.py) as the
+LFS chunk store (`lfs_server`).
 
 Each Git server serves the directory `base`; `Remote.url` is the URL of the bare repository
 `base/remote.git` and `Remote.path` its directory (tests measure what reached the server there).
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 import urllib.parse
@@ -583,3 +585,61 @@ def faulty_proxy(target: str, mode: str, faults: int) -> Iterator[FaultyProxy]:
                 with contextlib.suppress(OSError):
                     c.close()
         acceptor.join(5)
+
+
+@dataclass
+class LfsServer:
+    """A running Git LFS server: `url` is its LFS URL (the batch endpoint is url + /objects/batch),
+    `dir` its object store (objects/<oid[:2]>/<oid[2:4]>/<oid>)."""
+
+    url: str
+    dir: Path
+    stats_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per operation (batch-upload, batch-download, upload, download, verify, unauthorized,
+        other): requests, bytes_in, bytes_out, objects (named in batch requests), counted by the server."""
+        return json.loads(self.stats_path.read_text())  # type: ignore[no-any-return]
+
+    def objects(self) -> dict[str, Path]:
+        """The objects stored, by oid."""
+        return {p.name: p for p in (self.dir / "objects").rglob("*") if p.is_file()}
+
+    def stop(self) -> None:
+        """Kill the server at once, as a crash or a dropped connection would."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def lfs_server(
+    base: Path, user: str | None = None, password: str | None = None, ranges: bool = False, unavailable: int = 0
+) -> Iterator[LfsServer]:
+    """dulwich's Git LFS server storing under base/, on a free port of 127.0.0.1; HTTP Basic auth
+    when `user` is given; `ranges` makes downloads honour HTTP Range (dulwich alone answers 200);
+    the first `unavailable` requests are answered 503."""
+    base.mkdir(parents=True, exist_ok=True)
+    stats = base / "stats.json"
+    log = base / "server.log"
+    argv = [sys.executable, str(Path(__file__).with_name("lfs_serve.py")), "--dir", str(base), "--stats", str(stats)]
+    if user is not None:
+        argv += ["--user", user, "--password", password or ""]
+    if ranges:
+        argv.append("--ranges")
+    if unavailable:
+        argv += ["--unavailable", str(unavailable)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()  # the server binds port 0 and prints its URL
+        if not line.startswith("http://"):
+            proc.wait(10)
+            raise RuntimeError(f"LFS server did not start (exit {proc.returncode}): {log.read_text(errors='replace')}")
+        yield LfsServer(line, base, stats, proc)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        _stop(proc)
