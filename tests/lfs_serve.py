@@ -252,11 +252,12 @@ def main() -> None:
     ap.add_argument("--password")
     ap.add_argument("--ranges", action="store_true")
     ap.add_argument("--unavailable", type=int, default=0)
+    ap.add_argument("--port", type=int, default=0, help="default: a free one")
     args = ap.parse_args()
     auth = None
     if args.user is not None:
         auth = "Basic " + base64.b64encode(f"{args.user}:{args.password or ''}".encode()).decode()
-    server = Server(("127.0.0.1", 0), LFSStore.create(args.dir), Counts(args.stats), auth, args.ranges, args.unavailable)
+    server = Server(("127.0.0.1", args.port), LFSStore.create(args.dir), Counts(args.stats), auth, args.ranges, args.unavailable)
     print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
     sys.stdout.close()
     server.serve_forever()

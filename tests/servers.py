@@ -615,7 +615,7 @@ class LfsServer:
 
 @contextlib.contextmanager
 def lfs_server(
-    base: Path, user: str | None = None, password: str | None = None, ranges: bool = False, unavailable: int = 0
+    base: Path, user: str | None = None, password: str | None = None, ranges: bool = False, unavailable: int = 0, port: int = 0
 ) -> Iterator[LfsServer]:
     """dulwich's Git LFS server storing under base/, on a free port of 127.0.0.1; HTTP Basic auth
     when `user` is given; `ranges` makes downloads honour HTTP Range (dulwich alone answers 200);
@@ -630,7 +630,9 @@ def lfs_server(
         argv.append("--ranges")
     if unavailable:
         argv += ["--unavailable", str(unavailable)]
-    with open(log, "wb") as err:
+    if port:
+        argv += ["--port", str(port)]  # a restart on the same data keeps its URL
+    with open(log, "ab") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
     try:
         assert proc.stdout is not None

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import Remote, SeaweedFS, seaweedfs
+from servers import LfsServer, Remote, SeaweedFS, lfs_server, seaweedfs
 
 
 @dataclass
@@ -103,6 +103,44 @@ class S3Server(StoreServer):
         self.sw.write(name, bytes(data))
 
 
+class LfsStoreServer(StoreServer):
+    """dulwich's LFS server with Basic auth; the client's credentials come from a git credential
+    helper (`store`) named in the environment, as a user's global config would name it."""
+
+    server: LfsServer | None = None
+    stack: contextlib.ExitStack | None = None
+
+    @property
+    def lfs(self) -> LfsServer:
+        assert self.server is not None
+        return self.server
+
+    def objects(self) -> dict[str, int]:
+        return {k: p.stat().st_size for k, p in self.lfs.objects().items()}
+
+    def received_bytes(self) -> int:
+        return int(self.lfs.stats().get("upload", {}).get("bytes_in", 0))
+
+    def requests(self) -> int:
+        return sum(int(op.get("requests", 0)) for op in self.lfs.stats().values())
+
+    def stop(self) -> None:
+        self.lfs.stop()
+
+    def start(self) -> None:
+        assert self.stack is not None
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = self.stack.enter_context(lfs_server(self.root, user=LFS_USER, password=LFS_PASSWORD, port=port))
+
+    def wrong_credentials(self) -> dict[str, str]:
+        bad = self.root.parent / "wrong-credentials"
+        bad.write_text(f"http://{LFS_USER}:not-{LFS_PASSWORD}@{self.url.split('://', 1)[1]}\n")
+        return dict(self.env, GIT_CONFIG_VALUE_0=f"store --file={bad}")
+
+
+LFS_USER, LFS_PASSWORD = "theta", "s3cret-lfs"
+
+
 @contextlib.contextmanager
 def store_server(kind: str, base: Path, git_remote: Remote) -> Iterator[StoreServer]:
     base.mkdir(parents=True)
@@ -116,5 +154,15 @@ def store_server(kind: str, base: Path, git_remote: Remote) -> Iterator[StoreSer
             s3 = S3Server(kind, f"s3://{sw.bucket}/theta", base, endpoint=sw.endpoint, env=env)
             s3.server = sw
             yield s3
+        return
+    if kind == "lfs":
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(lfs_server(base / "lfs", user=LFS_USER, password=LFS_PASSWORD))
+            creds = base / "git-credentials"
+            creds.write_text(f"http://{LFS_USER}:{LFS_PASSWORD}@{srv.url.split('://', 1)[1]}\n")
+            env = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "credential.helper", "GIT_CONFIG_VALUE_0": f"store --file={creds}"}
+            lfs = LfsStoreServer(kind, srv.url, base / "lfs", env=env)
+            lfs.server, lfs.stack = srv, stack
+            yield lfs
         return
     raise ValueError(f"unknown store kind {kind!r}")

@@ -24,7 +24,7 @@ from theta_store.chunkstore import PARALLEL_PUTS
 
 __all__ = ["file_remote", "global_config"]  # fixtures; global_config is autouse
 
-KINDS = ("file", "s3")
+KINDS = ("file", "s3", "lfs")
 
 
 @pytest.fixture(params=KINDS)
@@ -251,3 +251,22 @@ def test_wrong_credentials_are_said_and_nothing_is_pushed(
     r = clone(file_remote.url, b, ok=False)
     assert r.returncode != 0 and "credential" in r.stderr.lower(), r.stderr
     assert not (b / "model.safetensors").exists() or (b / "model.safetensors").stat().st_size < 1024
+
+
+def test_lfs_the_git_remotes_own_endpoint(tmp_path: Path, file_remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`theta-store remote add hub lfs`: the LFS server git-lfs would use, found through a
+    committed .lfsconfig as git-lfs users write it."""
+    with store_server("lfs", tmp_path / "store", file_remote) as srv:
+        for k, v in srv.env.items():
+            monkeypatch.setenv(k, v)
+        a = new_repo(tmp_path / "a")
+        g(a, "remote", "add", "origin", file_remote.url)
+        g(a, "config", "-f", ".lfsconfig", "lfs.url", srv.url)
+        ts(a, "remote", "add", "hub", "lfs")
+        write(a / "model.safetensors", model_bytes(0))
+        commit(a, "v1")
+        g(a, "push", "-q", "origin", "main")
+        assert len(srv.objects()) == 1 and index_refs(file_remote)
+        b = tmp_path / "b"
+        clone(file_remote.url, b)
+        assert (b / "model.safetensors").read_bytes() == model_bytes(0)

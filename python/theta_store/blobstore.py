@@ -50,9 +50,14 @@ class BlobStore(Protocol):
         (put-if-absent); `progress` gets byte counts as they are sent."""
         ...
 
-    def get(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def get(self, key: str, ranges: Sequence[tuple[int, int]], size: int | None = None) -> list[bytes]:
         """The byte ranges [start, end) of one object, in the order asked (ranged GETs where the
-        store allows them)."""
+        store allows them); `size`: the object's, where the caller knows it (LFS asks for it)."""
+        ...
+
+    def prefetch(self, objects: Sequence[tuple[str, int]]) -> None:
+        """These (key, size) will be read soon: a store that must ask where objects are (LFS's
+        batch API) asks for all of them in one request."""
         ...
 
     def stats(self) -> TransferStats:

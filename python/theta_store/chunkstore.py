@@ -46,7 +46,7 @@ import msgpack
 
 from . import _native, packs
 from .blobstore import BlobStore
-from .errors import BlobStoreCorrupt, BlobStoreError, CorruptObject, ThetaStoreError
+from .errors import BlobStoreCorrupt, CorruptObject, ThetaStoreError
 from .gitstore import GitStore, StoredFrame
 from .progress import Progress
 
@@ -71,11 +71,12 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class Placed:
-    """Where one frame is in the chunk store."""
+    """Where one frame is in the chunk store: in object `key` (of `size` bytes) at `offset`."""
 
     frame: StoredFrame
     key: str
     offset: int
+    size: int
 
 
 # ---- configuration ----
@@ -202,15 +203,18 @@ def pack_size(store: GitStore) -> int:
 
 # ---- index records ----
 def encode_record(placed: dict[bytes, Placed]) -> bytes:
-    """msgpack {"v": 1, "objects": [key...], "frames": [[chunk, git id, length, planes, bases,
-    object number, offset]...]} sorted by chunk id: the same placement gives the same bytes."""
-    keys = sorted({p.key for p in placed.values()})
+    """msgpack {"v": 1, "objects": [key...], "sizes": [object size...], "frames": [[chunk, git id,
+    length, planes, bases, object number, offset]...]} sorted by chunk id: the same placement
+    gives the same bytes."""
+    sizes = {p.key: p.size for p in placed.values()}
+    keys = sorted(sizes)
     number = {k: i for i, k in enumerate(keys)}
     frames = [
         [cid, p.frame.object_id, p.frame.frame_len, p.frame.planes, list(p.frame.bases), number[p.key], p.offset]
         for cid, p in sorted(placed.items())
     ]
-    return bytes(msgpack.packb({"v": RECORD_VERSION, "objects": keys, "frames": frames}, use_bin_type=True))
+    record = {"v": RECORD_VERSION, "objects": keys, "sizes": [sizes[k] for k in keys], "frames": frames}
+    return bytes(msgpack.packb(record, use_bin_type=True))
 
 
 def decode_record(data: bytes, version: bytes) -> dict[bytes, Placed]:
@@ -220,11 +224,17 @@ def decode_record(data: bytes, version: bytes) -> dict[bytes, Placed]:
         if not isinstance(rec, dict) or rec.get("v") != RECORD_VERSION:
             raise ValueError(f"unknown record version {rec.get('v') if isinstance(rec, dict) else type(rec).__name__}")
         keys = [str(k) for k in rec["objects"]]
+        sizes = [int(n) for n in rec["sizes"]]
+        if len(sizes) != len(keys):
+            raise ValueError("objects and sizes differ in number")
         out: dict[bytes, Placed] = {}
         for cid, oid, flen, planes, bases, n, offset in rec["frames"]:
             if len(cid) != 32 or len(oid) != 20 or any(len(b) != 32 for b in bases) or flen < 0 or offset < 0:
                 raise ValueError(f"bad entry for chunk {bytes(cid).hex()[:16]}")
-            out[bytes(cid)] = Placed(StoredFrame(bytes(oid), int(flen), str(planes), tuple(bytes(b) for b in bases)), keys[n], int(offset))
+            frame = StoredFrame(bytes(oid), int(flen), str(planes), tuple(bytes(b) for b in bases))
+            if offset + flen > sizes[n]:
+                raise ValueError(f"chunk {bytes(cid).hex()[:16]} lies past the end of its object")
+            out[bytes(cid)] = Placed(frame, keys[n], int(offset), sizes[n])
         return out
     except (KeyError, TypeError, ValueError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         raise CorruptObject(f"{where}: {e}", hint="run `theta-store fsck`") from None
@@ -236,9 +246,10 @@ def _journal(store: GitStore, bs: BlobStore) -> Path:
     return store.state_dir / "chunkstore" / f"{name}.journal"
 
 
-def _journal_entries(path: Path) -> dict[bytes, tuple[str, int]]:
-    """chunk id -> (object key, offset); a partial last line (a crash mid-append) is ignored."""
-    out: dict[bytes, tuple[str, int]] = {}
+def _journal_entries(path: Path) -> dict[bytes, tuple[str, int, int]]:
+    """chunk id -> (object key, offset, object size); a partial last entry (a crash mid-append)
+    is ignored."""
+    out: dict[bytes, tuple[str, int, int]] = {}
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -247,16 +258,16 @@ def _journal_entries(path: Path) -> dict[bytes, tuple[str, int]]:
     unpacker.feed(data)
     with contextlib.suppress(ValueError, msgpack.OutOfData):
         for entry in unpacker:
-            key, frames = entry
+            key, size, frames = entry
             for cid, offset in frames:
-                out[bytes(cid)] = (str(key), int(offset))
+                out[bytes(cid)] = (str(key), int(offset), int(size))
     return out
 
 
-def _journal_add(path: Path, key: str, frames: list[tuple[bytes, int]]) -> None:
+def _journal_add(path: Path, key: str, size: int, frames: list[tuple[bytes, int]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
-        f.write(msgpack.packb([key, [[cid, off] for cid, off in frames]], use_bin_type=True))
+        f.write(msgpack.packb([key, size, [[cid, off] for cid, off in frames]], use_bin_type=True))
         f.flush()
         os.fsync(f.fileno())
 
@@ -272,11 +283,11 @@ def upload(
     """Put the frames of `versions` that the store lacks into it and write their index records
     (refs/theta-index/, local: the caller pushes them to Git). `remote_indexed`: versions whose
     index records the Git remote has (their frames are in the store)."""
-    placed: dict[bytes, tuple[str, int]] = {}
+    placed: dict[bytes, tuple[str, int, int]] = {}
     for v in remote_indexed:
         rec = store.read_index_record(v)
         if rec is not None:
-            placed.update({cid: (p.key, p.offset) for cid, p in decode_record(rec[1], v).items()})
+            placed.update({cid: (p.key, p.offset, p.size) for cid, p in decode_record(rec[1], v).items()})
     journal = _journal(store, bs)
     journaled = _journal_entries(journal)
     frames: dict[bytes, dict[bytes, StoredFrame]] = {v: store.version_frames(v) for v in versions}
@@ -302,7 +313,7 @@ def upload(
         tempfile.TemporaryDirectory(prefix="upload-", dir=store.state_dir) as tmp,
         ThreadPoolExecutor(max_workers=PARALLEL_PUTS) as pool,
     ):
-        pending: list[Future[tuple[str, list[tuple[bytes, int]], bool]]] = []
+        pending: list[Future[tuple[str, int, list[tuple[bytes, int]], bool]]] = []
         for group in _groups(todo, target):
             # Pack the next object while earlier ones upload; at most PARALLEL_PUTS wait on disk.
             path = Path(tmp) / f"obj-{objects}"
@@ -310,11 +321,9 @@ def upload(
             pending.append(pool.submit(_put_one, bs, path, offsets, meter))
             objects += 1
             while len(pending) >= PARALLEL_PUTS:
-                key, offs, was_sent = pending.pop(0).result()
-                sent, skipped = _done(journal, placed, key, offs, was_sent, sent, skipped)
+                sent, skipped = _done(journal, placed, *pending.pop(0).result(), sent, skipped)
         for fut in pending:
-            key, offs, was_sent = fut.result()
-            sent, skipped = _done(journal, placed, key, offs, was_sent, sent, skipped)
+            sent, skipped = _done(journal, placed, *fut.result(), sent, skipped)
     for v in versions:
         manifest = store.read_manifest_bytes(v)
         entries = {cid: Placed(f, *placed[cid]) for cid, f in frames[v].items()}
@@ -323,11 +332,18 @@ def upload(
 
 
 def _done(
-    journal: Path, placed: dict[bytes, tuple[str, int]], key: str, offsets: list[tuple[bytes, int]], was_sent: bool, sent: int, skipped: int
+    journal: Path,
+    placed: dict[bytes, tuple[str, int, int]],
+    key: str,
+    size: int,
+    offsets: list[tuple[bytes, int]],
+    was_sent: bool,
+    sent: int,
+    skipped: int,
 ) -> tuple[int, int]:
-    _journal_add(journal, key, offsets)
+    _journal_add(journal, key, size, offsets)
     for cid, off in offsets:
-        placed[cid] = (key, off)
+        placed[cid] = (key, off, size)
     return (sent + 1, skipped) if was_sent else (sent, skipped + 1)
 
 
@@ -371,13 +387,15 @@ def _write_object(store: GitStore, group: list[tuple[bytes, StoredFrame]], path:
     return offsets
 
 
-def _put_one(bs: BlobStore, path: Path, offsets: list[tuple[bytes, int]], meter: Progress) -> tuple[str, list[tuple[bytes, int]], bool]:
+def _put_one(
+    bs: BlobStore, path: Path, offsets: list[tuple[bytes, int]], meter: Progress
+) -> tuple[str, int, list[tuple[bytes, int]], bool]:
     key = bs.key(path)
     size = path.stat().st_size
     stats = bs.put([(key, path, size)], progress=meter)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    return key, offsets, key not in stats.skipped
+    return key, size, offsets, key not in stats.skipped
 
 
 # ---- fetch ----
@@ -454,10 +472,7 @@ def _fetch_objects(
 
     def one(key: str, frames: list[tuple[bytes, Placed]]) -> list[tuple[bytes, Placed, memoryview]]:
         ranges = _ranges(frames)
-        try:
-            blobs = bs.get(key, ranges)
-        except BlobStoreError:
-            raise
+        blobs = bs.get(key, ranges, frames[0][1].size)
         out = []
         i = 0
         for cid, p in frames:
@@ -471,6 +486,7 @@ def _fetch_objects(
         return out
 
     keys = list(by_key)
+    bs.prefetch([(k, by_key[k][0][1].size) for k in keys])
     with ThreadPoolExecutor(max_workers=PARALLEL_GETS) as pool:
         futures: list[Future[list[tuple[bytes, Placed, memoryview]]]] = []
         nxt = 0

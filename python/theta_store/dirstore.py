@@ -78,7 +78,10 @@ class DirStore:
         self._add(done)
         return done
 
-    def get(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def prefetch(self, objects: Sequence[tuple[str, int]]) -> None:
+        """Nothing to ask ahead: a key is a path."""
+
+    def get(self, key: str, ranges: Sequence[tuple[int, int]], size: int | None = None) -> list[bytes]:
         path = self._path(key)
         out = []
         try:

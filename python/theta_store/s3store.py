@@ -451,7 +451,10 @@ class S3Store:
 
     # ------------------------------------------------------------------ get
 
-    def get(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def prefetch(self, objects: Sequence[tuple[str, int]]) -> None:
+        """Nothing to ask ahead: an S3 key is where the object is."""
+
+    def get(self, key: str, ranges: Sequence[tuple[int, int]], size: int | None = None) -> list[bytes]:
         """The byte ranges [start, end) of one object, in the order asked; ranges less than 1 MiB
         apart are fetched by one GET. The bytes are returned as stored: checking them is the caller's."""
         for start, end in ranges:
