@@ -73,6 +73,20 @@ def server_counts(srv: StoreServer) -> dict[str, int]:
     return {"objects": len(objs), "bytes": sum(objs.values()), "requests": srv.requests()}
 
 
+def push_versions(
+    a: Path, srv: StoreServer, versions: tuple[dict[str, np.ndarray], ...], env: dict[str, str], out: dict[str, object]
+) -> None:
+    """Commit and push each version, measuring the push and what reached the server."""
+    for i, tensors in enumerate(versions, 1):
+        save(str(a / "model.safetensors"), tensors, {})
+        git(a, "add", ".", env=env)
+        git(a, "commit", "-q", "-m", f"v{i}", env=env)
+        before = server_counts(srv)
+        wall, rss, _ = run(a, "git", "push", "-q", "origin", "main", env=env)
+        after = server_counts(srv)
+        out[f"push_v{i}"] = {"s": wall, "rss_mb": rss, **{k: after[k] - before[k] for k in after}}
+
+
 def bench_store(kind: str, work: Path, v1: dict[str, np.ndarray], v2: dict[str, np.ndarray], env: dict[str, str]) -> dict[str, object]:
     out: dict[str, object] = {"store": kind}
     with serve("file", work / "git") as remote, store_server(kind, work / "store", remote) as srv:
@@ -89,14 +103,7 @@ def bench_store(kind: str, work: Path, v1: dict[str, np.ndarray], v2: dict[str, 
             check=True,
             capture_output=True,
         )
-        for i, tensors in enumerate((v1, v2), 1):
-            save(str(a / "model.safetensors"), tensors, {})
-            git(a, "add", ".", env=env)
-            git(a, "commit", "-q", "-m", f"v{i}", env=env)
-            before = server_counts(srv)
-            wall, rss, _ = run(a, "git", "push", "-q", "origin", "main", env=env)
-            after = server_counts(srv)
-            out[f"push_v{i}"] = {"s": wall, "rss_mb": rss, **{k: after[k] - before[k] for k in after}}
+        push_versions(a, srv, (v1, v2), env, out)
         b = work / "b"
         wall, rss, _ = run(work, "git", "clone", "-q", remote.url, str(b), env=env)
         assert (b / "model.safetensors").stat().st_size == (a / "model.safetensors").stat().st_size
@@ -120,14 +127,7 @@ def bench_git_lfs(work: Path, v1: dict[str, np.ndarray], v2: dict[str, np.ndarra
         git(a, "lfs", "install", "--local", env=env)
         git(a, "lfs", "track", "*.safetensors", env=env)
         git(a, "config", "-f", ".lfsconfig", "lfs.url", srv.lfs_url, env=env)
-        for i, tensors in enumerate((v1, v2), 1):
-            save(str(a / "model.safetensors"), tensors, {})
-            git(a, "add", ".", env=env)
-            git(a, "commit", "-q", "-m", f"v{i}", env=env)
-            before = server_counts(srv)
-            wall, rss, _ = run(a, "git", "push", "-q", "origin", "main", env=env)
-            after = server_counts(srv)
-            out[f"push_v{i}"] = {"s": wall, "rss_mb": rss, **{k: after[k] - before[k] for k in after}}
+        push_versions(a, srv, (v1, v2), env, out)
         b = work / "b"
         wall, rss, _ = run(work, "git", "clone", "-q", remote.url, str(b), env=env)
         assert (b / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()

@@ -58,11 +58,9 @@ def assert_intact(server: LfsServer) -> dict[str, Path]:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    d = tmp_path / "repo"
-    d.mkdir()
-    git(d, "init", "-q", "-b", "main")
-    return d
+def repo(repo_dir: Path) -> Path:
+    """A git repository (conftest's), as a path: the store reads its config."""
+    return repo_dir
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import blake3
 import pytest
 
 from servers import SeaweedFS, faulty_proxy, seaweedfs
-from theta_store.blobstore import BlobStore
+from theta_store.blobstore import BlobStore, coalesce
 from theta_store.errors import BlobStoreAuthError, BlobStoreCorrupt, BlobStoreError, BlobStoreUnreachable, FileChanged
-from theta_store.s3store import S3Store, coalesce
+from theta_store.s3store import COALESCE_GAP, S3Store
 
 MiB = 1 << 20
 # sizes that cover a single PUT, a multipart upload ending in a short part and one of whole parts
@@ -141,7 +141,7 @@ def test_ranged_get(server: SeaweedFS, tmp_path: Path) -> None:
     data = path.read_bytes()
     # out of order, overlapping, adjacent, empty, and far apart
     ranges = [(size - 100, size), (5, 10), (0, 7), (10, 4096), (3 * MiB, 3 * MiB + 17), (9 * MiB, 9 * MiB), (12 * MiB, 13 * MiB)]
-    spans = coalesce([r for r in ranges if r[0] < r[1]])
+    spans = coalesce([r for r in ranges if r[0] < r[1]], COALESCE_GAP)
     assert len(spans) == 4
     before = server.counters()
     got = store.get(key, ranges)

@@ -65,3 +65,18 @@ class BlobStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """The spans covering these ranges, merging those less than `gap` bytes apart.
+
+    >>> coalesce([(10, 20), (0, 5), (2_000_000, 2_000_010)], 1 << 20)
+    [(0, 20), (2000000, 2000010)]
+    """
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if spans and start <= spans[-1][1] + gap:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans

@@ -45,7 +45,7 @@ from typing import Any
 import msgpack
 
 from . import _native, packs
-from .blobstore import BlobStore
+from .blobstore import BlobStore, coalesce
 from .errors import BlobStoreCorrupt, CorruptObject, ThetaStoreError
 from .gitstore import GitStore, StoredFrame
 from .progress import Progress
@@ -455,14 +455,7 @@ def download(store: GitStore, bs: BlobStore, versions: list[bytes], progress: bo
 
 
 def _ranges(frames: list[tuple[bytes, Placed]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for _, p in frames:
-        start, end = p.offset, p.offset + p.frame.frame_len
-        if out and start - out[-1][1] <= COALESCE_GAP:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
+    return coalesce([(p.offset, p.offset + p.frame.frame_len) for _, p in frames], COALESCE_GAP)
 
 
 def _fetch_objects(

@@ -36,7 +36,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import urllib3
 
-from .blobstore import TransferStats
+from .blobstore import TransferStats, coalesce
 
 if TYPE_CHECKING:
     from .blobstore import BlobStore
@@ -357,16 +357,6 @@ class _Ranges:
         return {r: b"".join(p) for r, p in self.pieces.items()}
 
 
-def _coalesce(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
-    spans: list[tuple[int, int]] = []
-    for s, e in sorted(ranges):
-        if spans and s <= spans[-1][1] + gap:
-            spans[-1] = (spans[-1][0], max(spans[-1][1], e))
-        else:
-            spans.append((s, e))
-    return spans
-
-
 def _message(resp: urllib3.BaseHTTPResponse, stream: bool) -> str:
     """HTTP status and the server's own message (LFS servers answer {"message": ...})."""
     text = f"HTTP {resp.status}"
@@ -522,7 +512,7 @@ class LfsStore:
             for again in (False, True):
                 action = self._download_action(key, size_hint, call, refresh=again)
                 try:
-                    for span in _coalesce(wanted, COALESCE_GAP):
+                    for span in coalesce(wanted, COALESCE_GAP):
                         if all(r in got for r in wanted if span[0] <= r[0] and r[1] <= span[1]):
                             continue
                         fetch = functools.partial(self._fetch, key, action, span, wanted, got, call)

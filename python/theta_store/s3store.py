@@ -38,7 +38,7 @@ from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, Unauth
 from obstore.store import S3Store as _ObS3Store
 
 from . import _native
-from .blobstore import TransferStats
+from .blobstore import TransferStats, coalesce
 from .errors import BlobStoreAuthError, BlobStoreCorrupt, BlobStoreError, BlobStoreUnreachable, FileChanged, InvalidArgument
 
 if TYPE_CHECKING:
@@ -460,7 +460,7 @@ class S3Store:
         for start, end in ranges:
             if not 0 <= start <= end:
                 raise InvalidArgument(f"{self.url}: range [{start}, {end}) of {self.path(key)} is not a range")
-        spans = coalesce([r for r in ranges if r[0] < r[1]])
+        spans = coalesce([r for r in ranges if r[0] < r[1]], COALESCE_GAP)
         if not spans:
             return [b"" for _ in ranges]
         self._count(self._stats, requests=len(spans))
@@ -497,21 +497,6 @@ class S3Store:
 
     def close(self) -> None:
         """Nothing to release: object_store's connection pool goes with the object."""
-
-
-def coalesce(ranges: Sequence[tuple[int, int]], gap: int = COALESCE_GAP) -> list[tuple[int, int]]:
-    """The spans covering these ranges, merging those less than `gap` bytes apart.
-
-    >>> coalesce([(10, 20), (0, 5), (2_000_000, 2_000_010)])
-    [(0, 20), (2000000, 2000010)]
-    """
-    spans: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if spans and start <= spans[-1][1] + gap:
-            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
-        else:
-            spans.append((start, end))
-    return spans
 
 
 def _span_of(spans: list[tuple[int, int]], start: int, end: int) -> int:
