@@ -126,7 +126,7 @@ def bench_git_lfs(work: Path, v1: dict[str, np.ndarray], v2: dict[str, np.ndarra
         git(a, "remote", "add", "origin", remote.url, env=env)
         git(a, "lfs", "install", "--local", env=env)
         git(a, "lfs", "track", "*.safetensors", env=env)
-        git(a, "config", "-f", ".lfsconfig", "lfs.url", srv.lfs_url, env=env)
+        git(a, "config", "-f", ".lfsconfig", "lfs.url", srv.url, env=env)
         push_versions(a, srv, (v1, v2), env, out)
         b = work / "b"
         wall, rss, _ = run(work, "git", "clone", "-q", remote.url, str(b), env=env)
@@ -154,9 +154,11 @@ def main() -> None:
     results = []
     for kind in args.stores.split(","):
         results.append(bench_store(kind, root / kind, v1, v2, env))
+        print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(root / kind, ignore_errors=True)
     if not args.no_baseline:
         results.append(bench_git_lfs(root / "git-lfs", v1, v2, env))
+        print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(root / "git-lfs", ignore_errors=True)
     print(f"model: {raw / 1e9:.2f} GB fp32, {len(v1)} tensors of 64 MiB; v2 changes one tensor")
     print(f"{'store':8} {'step':24} {'s':>7} {'peak RSS MB':>12} {'objects':>8} {'MB stored':>10} {'requests':>9}")
