@@ -76,7 +76,7 @@ def test_second_version_uploads_only_new_frames(tmp_path: Path, file_remote: Rem
     commit(a, "v1", "model.safetensors")
     g(a, "push", "-q", "origin", "main")
     before = chunk_store.objects()
-    sent_before = chunk_store.received_bytes()
+    sent_before, requests_before = chunk_store.received_bytes(), chunk_store.requests()
     write(a / "model.safetensors", model_bytes(0, bias=1.0))
     commit(a, "v2", "model.safetensors")
     r = g(a, "push", "origin", "main")
@@ -84,6 +84,7 @@ def test_second_version_uploads_only_new_frames(tmp_path: Path, file_remote: Rem
     new = {k: n for k, n in after.items() if k not in before}
     assert len(new) == 1 and sum(new.values()) < 10_000, new  # the bias's frame, nothing else
     assert chunk_store.received_bytes() - sent_before < 20_000
+    assert chunk_store.requests() - requests_before <= 6  # is it there? (HEAD / batch), then one PUT
     assert "1 object(s) sent" in r.stderr
     # A second push of the same history sends nothing at all.
     n = chunk_store.received_bytes()
@@ -270,3 +271,17 @@ def test_lfs_the_git_remotes_own_endpoint(tmp_path: Path, file_remote: Remote, m
         b = tmp_path / "b"
         clone(file_remote.url, b)
         assert (b / "model.safetensors").read_bytes() == model_bytes(0)
+
+
+def test_clone_without_smudging_then_pull(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    """The path for files larger than the memory git may hold: theta-store writes the file."""
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    write(a / "model.safetensors", model_bytes(5))
+    commit(a, "v1", "model.safetensors")
+    g(a, "push", "-q", "origin", "main")
+    b = tmp_path / "b"
+    clone(file_remote.url, b, env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    assert (b / "model.safetensors").stat().st_size < 1024  # the pointer
+    ts(b, "pull")
+    assert (b / "model.safetensors").read_bytes() == model_bytes(5)
+    assert g(b, "status", "--porcelain").stdout == ""
