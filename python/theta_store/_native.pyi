@@ -139,6 +139,13 @@ def read_chunks(
     read_object: Callable[[bytes], bytes],
     bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> list[bytes]: ...
+def read_joined(
+    chunks: list[tuple[int, int, bytes, bytes]],
+    packs: list[str],
+    read_object: Callable[[bytes], bytes],
+    bases: list[tuple[int, int, bytes, bytes]] = ...,
+) -> bytes: ...
+def frame_kind(head: Buffer) -> str: ...
 def tensor_chunk_len(chunk_bytes: int, align: int) -> int: ...
 
 @final
