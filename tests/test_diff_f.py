@@ -237,3 +237,54 @@ def test_default_revisions(repo: Path) -> None:
     assert {t["name"] for t in js["files"][0]["tensors"]} == {BIAS, "embeddings.word_embeddings.weight"}
     bad = ts(repo, "diff", "v1", "v4", "nothing.safetensors", ok=False)
     assert bad.returncode == 1 and "no theta-store checkpoints under nothing.safetensors" in bad.stderr and "hint:" in bad.stderr
+
+
+def test_frame_heads_from_packs_git_deltas_and_loose_objects(repo: Path, tmp_path: Path) -> None:
+    """How each chunk is stored is read from its frame's first bytes, whether the frame lies whole
+    in a pack, as a git delta in one, or loose."""
+    from theta_store import _native
+    from theta_store.encodings import chunk_kinds
+    from theta_store.gitstore import GitStore
+
+    def check() -> tuple[set[str], int]:
+        """The kinds found, and how many heads needed the object read whole."""
+        with GitStore(repo) as s:
+            frames = {cid: f for mid in s.versions() for cid, f in s.version_frames(mid).items()}
+            want = {cid: _native.frame_info(s.read_object(f.object_id))["kind"] for cid, f in frames.items()}
+            heads = {f.object_id: s.read_object(f.object_id)[:64] for f in frames.values()}
+            whole_reads = []
+            read_object = s.read_object
+            s.read_object = lambda oid: whole_reads.append(oid) or read_object(oid)  # type: ignore[method-assign]
+            assert {oid: s.read_object_head(oid, 64) for oid in heads} == heads
+            assert chunk_kinds(s, frames, frames) == want
+            return set(want.values()), len(whole_reads)
+
+    kinds, whole = check()
+    assert kinds - {"plain"} and whole == 0  # delta frames, their heads read alone
+    # One pack of every object, in which a delta frame is a git delta against a larger near-copy
+    # of it (theta-store marks frames -delta; another tool's repack need not).
+    with GitStore(repo) as s:
+        frames = {cid: f for mid in s.versions() for cid, f in s.version_frames(mid).items()}
+        oid = next(f.object_id for f in frames.values() if f.bases)
+        padded = s.read_object(oid) + b"padding" * 100
+    written = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=repo, input=padded, capture_output=True, check=True)
+    copy = written.stdout.decode().strip()
+    listed = g(repo, "rev-list", "--objects", "--all").stdout.splitlines()
+    path = next(ln.split(" ", 1)[1] for ln in listed if ln.startswith(oid.hex()))
+    old_packs = list((repo / ".git/objects/pack").glob("pack-*"))
+    todo = "\n".join([*listed, f"{copy} {path}"]) + "\n"  # the same path: git compares the two
+    subprocess.run(["git", "pack-objects", "-q", "--window=1000", ".git/objects/pack/pack"], cwd=repo, input=todo.encode(), check=True)
+    for p in old_packs:
+        p.unlink()
+    g(repo, "prune-packed")
+    packed = g(repo, "verify-pack", "-v", *map(str, (repo / ".git/objects/pack").glob("*.idx"))).stdout
+    assert any(ln.startswith(oid.hex()) and len(ln.split()) == 7 for ln in packed.splitlines()), packed  # a git delta
+    assert check()[1] >= 2  # a git delta is read whole (for the test's head and for its kind)
+    for pack in (repo / ".git/objects/pack").glob("*.pack"):
+        moved = tmp_path / pack.name
+        pack.rename(moved)
+        pack.with_suffix(".idx").unlink()
+        with open(moved, "rb") as f:
+            subprocess.run(["git", "unpack-objects", "-q"], cwd=repo, stdin=f, check=True)
+    assert not list((repo / ".git/objects/pack").glob("*.pack"))
+    assert check() == (kinds, 0)
