@@ -134,7 +134,8 @@ class CheckpointReader:
     def _read(self, plan: ReadPlan, start: int, end: int) -> bytes:
         """File bytes [start, end), decoding the chunks that hold them."""
         picked, first = plan.covering(start, end)
-        data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases()))
+        data = _native.read_joined(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases())
+        # A whole tensor's chunks start and end with it: the slice is then `data` itself, no copy.
         return data[start - first : end - first]
 
     def raw_bytes(self, name: str) -> bytes:
