@@ -424,11 +424,19 @@ class Deltas(dict[str, Delta]):
         """The new version's format metadata (safetensors' `__metadata__`)."""
         return self._pair.new.metadata()
 
+    @property
+    def metadata_label(self) -> str:
+        """What the entries of `metadata_changes` are called: `__metadata__` (safetensors),
+        `pickle` (torch.save), else `metadata`."""
+        fmt = self._pair.new.manifest.format
+        return {"safetensors": "__metadata__", "torch": "pickle"}.get(fmt, "metadata")
+
     def metadata_changes(self) -> dict[str, Any]:
-        """How the format metadata (safetensors' `__metadata__`, or a skeleton's entries such as
-        an optimizer step) changed: {"added": {key: value}, "removed": {key: value},
-        "changed": {key: [old, new]}}; read from the manifests only."""
-        old, new = self._pair.old.metadata(), self._pair.new.metadata()
+        """How what the checkpoint keeps beside its tensors changed (`CheckpointReader.entries`:
+        safetensors' `__metadata__`, from the manifests; a torch.save pickle's plain values such
+        as an epoch or an optimizer step, from the two stored pickles): {"added": {key: value},
+        "removed": {key: value}, "changed": {key: [old, new]}}."""
+        old, new = self._pair.old.entries(), self._pair.new.entries()
         return {
             "added": {k: new[k] for k in sorted(new) if k not in old},
             "removed": {k: old[k] for k in sorted(old) if k not in new},
