@@ -387,3 +387,22 @@ def test_a_merge_reads_each_input_of_a_tensor_once(big_branches: tuple[Path, dic
         read.clear()
         r.merge_revisions(sides, str(a / "lin.safetensors"), merging.parse("linear"))
         assert sorted(read) == sorted([*values] * 2)  # linear needs no base
+
+
+def test_ties_of_three_revisions_matches_the_reference(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    b = rng.standard_normal((40, 50))
+    sides = [(b + rng.standard_normal(b.shape) * 0.1).astype(np.float32) for _ in range(3)]
+    base = b.astype(np.float32)
+    a = diverge(tmp_path, st({"w": base}), st({"w": sides[0]}), st({"w": sides[1]}))
+    g(a, "switch", "-q", "-c", "third", "main~1")
+    write(a / "m.safetensors", st({"w": sides[2]}))
+    commit(a, "third")
+    g(a, "switch", "-q", "main")
+    ts(a, "merge", "main:m.safetensors", "other", "third", "-o", "out.safetensors", "-s", "ties:0.4")
+    trimmed = [_ref_trim(s.astype(np.float64).ravel() - base.astype(np.float64).ravel(), 0.4) for s in sides]
+    elected = np.where(sum(trimmed) >= 0, 1.0, -1.0)
+    agree = [np.sign(t) == elected for t in trimmed]
+    mean = sum(np.where(ok, t, 0) for ok, t in zip(agree, trimmed, strict=True)) / np.maximum(sum(ok.astype(np.float64) for ok in agree), 1)
+    want = (base.astype(np.float64).ravel() + mean).astype(np.float32).reshape(b.shape)
+    assert load(a / "out.safetensors")[0]["w"].tobytes() == want.tobytes()
