@@ -379,3 +379,14 @@ def test_a_torch_checkpoints_epoch_and_step_show_in_diff_and_git_diff(tmp_path: 
     pickled = sorted(ln for ln in changed if ln[1:].startswith("pickle\t"))
     assert pickled == ["+pickle\tepoch\t2", "+pickle\toptimizer.step\t200", "-pickle\tepoch\t1", "-pickle\toptimizer.step\t100"], changed
     assert any(ln.startswith("-model.w\t") for ln in changed)  # and the tensor's line
+
+
+def test_summary_line_percentages() -> None:
+    from theta_store.diffview import summary_line
+
+    def pct(part: int) -> str:
+        s = {"counts": {"bits": 1}, "parameters": 1000, "elements_changed": part, "parameters_changed": part}
+        line = summary_line({**s, "changed": 1, "tensors": 2, "stored_bytes": 0, "low_rank_ranks": []})
+        return line.split(", ")[1].split("%")[0]
+
+    assert [pct(p) for p in (0, 21, 123, 999, 1000)] == ["0", "2.1", "12.3", "99.9", "100"]

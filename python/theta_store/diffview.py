@@ -95,7 +95,8 @@ def summary_line(s: dict[str, Any]) -> str:
     part = s["parameters_changed"] if exact is None else exact
     pct = 100.0 * part / s["parameters"] if s["parameters"] else (100.0 if part else 0.0)
     line = f"{s['changed']} of {s['tensors']} tensors changed" + (f" ({kinds})" if kinds else "")
-    line += f", {pct:.2g}% of parameters" if exact is not None else f" holding {pct:.2g}% of parameters"
+    shown = f"{pct:.2g}" if pct < 10 else f"{pct:.3g}"  # 2.1, 12.3, 100 (not 1e+02)
+    line += f", {shown}% of parameters" if exact is not None else f" holding {shown}% of parameters"
     line += f", stored {human_size(s['stored_bytes'])}"
     ranks = s["low_rank_ranks"]
     if ranks:
