@@ -16,9 +16,11 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "frame_info",
+    "frame_kind",
     "lowrank_factors",
     "parse_factors",
     "read_chunks",
+    "read_joined",
     "read_pack_blobs",
     "receive_content",
     "restore_file",
@@ -142,6 +144,13 @@ def read_chunks(
     bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> list[bytes]: ...
 def read_pack_blobs(pack: str, entries: list[tuple[int, int]]) -> list[bytes | None]: ...
+def read_joined(
+    chunks: list[tuple[int, int, bytes, bytes]],
+    packs: list[str],
+    read_object: Callable[[bytes], bytes],
+    bases: list[tuple[int, int, bytes, bytes]] = ...,
+) -> bytes: ...
+def frame_kind(head: Buffer) -> str: ...
 def tensor_chunk_len(chunk_bytes: int, align: int) -> int: ...
 
 @final

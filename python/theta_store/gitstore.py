@@ -163,6 +163,47 @@ def _unknown_revision(rev: str) -> ObjectNotFound:
     )
 
 
+def _inflate_head(f: Any, data: bytes, n: int) -> bytes:
+    """The first `n` bytes of the zlib stream that starts `data` and goes on in file `f`."""
+    z = zlib.decompressobj()
+    out = z.decompress(data, n)
+    while len(out) < n and not z.eof:
+        more = f.read(4096)
+        if not more:
+            break
+        out += z.decompress(z.unconsumed_tail + more, n - len(out))
+    return out
+
+
+def _packed_head(pack: str, offset: int, n: int) -> bytes | None:
+    """The first `n` bytes of the whole (not git-deltified) object at `offset` in `pack`; None
+    for a git delta or anything unreadable."""
+    try:
+        with open(pack, "rb") as f:
+            f.seek(offset)
+            data = f.read(4096)
+            kind = (data[0] >> 4) & 7
+            i = 0
+            while data[i] & 0x80:  # the object's size, seven bits a byte
+                i += 1
+            if kind not in (1, 2, 3, 4):
+                return None
+            return _inflate_head(f, data[i + 1 :], n)
+    except (OSError, IndexError, zlib.error):
+        return None
+
+
+def _loose_head(path: Path, n: int) -> bytes | None:
+    """The first `n` bytes of a loose object's content (after its `blob SIZE\\0` header)."""
+    try:
+        with open(path, "rb") as f:
+            head = _inflate_head(f, f.read(4096), n + 32)
+    except (OSError, zlib.error):
+        return None
+    end = head.find(b"\0")
+    return head[end + 1 : end + 1 + n] if 0 <= end < 32 else None
+
+
 class GitStore:
     """A Git repository's object database as the chunk store."""
 
@@ -276,6 +317,26 @@ class GitStore:
         except _UNREADABLE as e:
             raise self._corrupt(oid.hex(), "", e) from None
         return bytes(data)
+
+    def read_object_head(self, oid: bytes, n: int) -> bytes:
+        """The first `n` bytes of an object (all of it if shorter), inflating only those: dulwich
+        maps a whole pack to read any object in it, and reading the head of every frame of a
+        version that way would put the version's packs in our resident set."""
+        hexid = _hex(oid)
+        for pack in self.repo.object_store.packs:
+            try:
+                offset = pack.index.object_offset(hexid)
+            except KeyError:
+                continue
+            head = _packed_head(pack._data_path, offset, n)
+            if head is not None:
+                return head
+            break
+        else:
+            head = _loose_head(self.objects_dir / hexid[:2].decode() / hexid[2:].decode(), n)
+            if head is not None:
+                return head
+        return self.read_object(oid)[:n]  # a git delta, or damage: the whole read says which
 
     def _corrupt(self, hexid: str, what: str, e: BaseException) -> CorruptObject:
         """The error for an object git has but cannot read, naming it and where it lies."""

@@ -14,6 +14,7 @@ Missing versions are fetched from the remote (whole versions: git moves refs, no
 from __future__ import annotations
 
 import builtins
+import io
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -117,12 +118,20 @@ class CheckpointReader:
             return dict(meta.get("__metadata__") or {})
         return dict(meta)
 
-    def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
-        """Bytes [start, end) of a span, decoding only the chunks that overlap them."""
-        end = span.length if end is None else end
-        if end <= start:
+    def entries(self) -> dict[str, Any]:
+        """What a diff compares beside the tensors: safetensors' `__metadata__`; the plain values
+        a torch.save archive keeps beside its tensors (an epoch, an optimizer's step...), read
+        from the stored pickle (formats.torch.entries); other formats' adapter metadata."""
+        if self.manifest.format == "torch":
+            from .formats import torch
+
+            return torch.entries(self.path, io.BufferedReader(_VersionFile(self)), self.manifest.size)
+        return self.metadata()
+
+    def read_range(self, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of the stored file, decoding only the chunks that overlap them."""
+        if hi <= lo:
             return b""
-        lo, hi = span.offset + start, span.offset + end
         if self._plan is not None:
             try:
                 return self._read(self._plan, lo, hi)
@@ -131,10 +140,16 @@ class CheckpointReader:
         self._plan = plan_for(self._store, self._pointer, manifest=self.manifest, where=self.path)
         return self._read(self._plan, lo, hi)
 
+    def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of a span, decoding only the chunks that overlap them."""
+        end = span.length if end is None else end
+        return self.read_range(span.offset + start, span.offset + end)
+
     def _read(self, plan: ReadPlan, start: int, end: int) -> bytes:
         """File bytes [start, end), decoding the chunks that hold them."""
         picked, first = plan.covering(start, end)
-        data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases()))
+        data = _native.read_joined(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases())
+        # A whole tensor's chunks start and end with it: the slice is then `data` itself, no copy.
         return data[start - first : end - first]
 
     def raw_bytes(self, name: str) -> bytes:
@@ -174,6 +189,34 @@ class CheckpointReader:
 
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, self._view(name))
+
+
+class _VersionFile(io.RawIOBase):
+    """A stored version as a read-only file: a format adapter reads the few structures it needs
+    (a ZIP directory, a pickle) without the whole file being rebuilt."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self._r = reader
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos if whence == 0 else self._pos + pos if whence == 1 else self._r.manifest.size + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        data = self._r.read_range(self._pos, min(self._pos + len(buf), self._r.manifest.size))
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class TensorSlice:

@@ -1058,6 +1058,42 @@ fn read_chunks<'py>(
     Ok(raw.iter().map(|b| PyBytes::new(py, b)).collect())
 }
 
+/// Decode chunks one after the other into one bytes object, their concatenation (same chunk
+/// tuples as restore_file): a tensor read this way is in memory once, not as parts plus a join.
+#[pyfunction]
+#[pyo3(signature = (chunks, packs, read_object, bases=Vec::new()))]
+fn read_joined<'py>(
+    py: Python<'py>,
+    chunks: Vec<ChunkTuple<'py>>,
+    packs: Vec<PathBuf>,
+    read_object: Py<PyAny>,
+    bases: Vec<ChunkTuple<'py>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let total = chunks
+        .iter()
+        .try_fold(0u64, |n, c| n.checked_add(c.0))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| PyValueError::new_err("chunk lengths overflow"))?;
+    PyBytes::new_with(py, total, |out| {
+        with_chunks(
+            py,
+            chunks,
+            bases,
+            &packs,
+            &read_object,
+            None,
+            |chunks, source, _| read::read_into(chunks, source, out).map(|_| ()),
+        )
+    })
+}
+
+/// How a frame is stored ("plain", "xor", "diff", "sparse", "low-rank"), from its first 6 bytes.
+#[pyfunction]
+fn frame_kind(py: Python<'_>, head: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    let codec = with_bytes(py, head, |_, d| frame::frame_codec(d))?.map_err(to_py)?;
+    Ok(theta_core::tensordelta::codec_kind(codec))
+}
+
 /// Incremental BLAKE3 (for streams: the filter process hashes what git sends as it arrives).
 /// Safe to share between threads: updates from several threads are applied one at a time.
 #[pyclass(name = "Hasher", frozen, module = "theta_store._native")]
@@ -1113,6 +1149,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(restore_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(read_pack_blobs, m)?)?;
+    m.add_function(wrap_pyfunction!(read_joined, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_kind, m)?)?;
     m.add_function(wrap_pyfunction!(send_file, m)?)?;
     m.add_function(wrap_pyfunction!(receive_content, m)?)?;
     m.add_function(wrap_pyfunction!(write_objects, m)?)?;
