@@ -285,3 +285,29 @@ def test_clone_without_smudging_then_pull(tmp_path: Path, file_remote: Remote, c
     ts(b, "pull")
     assert (b / "model.safetensors").read_bytes() == model_bytes(5)
     assert g(b, "status", "--porcelain").stdout == ""
+
+
+def test_lazy_open_fetches_only_the_frames_it_reads(tmp_path: Path, file_remote: Remote, chunk_store: StoreServer) -> None:
+    import numpy as np
+
+    import theta_store
+
+    a = setup_repo(tmp_path, file_remote, chunk_store)
+    data = model_bytes(6, layers=8)  # 16 MiB of matrices
+    write(a / "model.safetensors", data)
+    commit(a, "v1", "model.safetensors")
+    g(a, "push", "-q", "origin", "main")
+    b = tmp_path / "b"
+    clone(file_remote.url, b, env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    packs_before = sum(p.stat().st_size for p in (b / ".git/objects/pack").glob("*.pack"))
+    with theta_store.open("model.safetensors", rev="HEAD", repo=b) as f:
+        got = f.get_tensor("layers.5.weight")
+        assert sorted(f.keys()) == sorted([*(f"layers.{i}.weight" for i in range(8)), "layers.0.bias"])
+    rng = np.random.default_rng(6)
+    want = [(rng.standard_normal((512, 1024)) * 0.02).astype(np.float32) for _ in range(8)][5]
+    assert np.array_equal(got, want)
+    fetched = sum(p.stat().st_size for p in (b / ".git/objects/pack").glob("*.pack")) - packs_before
+    assert 1_000_000 < fetched < 4_000_000, fetched  # one matrix's frames of eight
+    assert not g(b, "for-each-ref", "refs/theta/").stdout  # the version itself was not fetched whole
+    ts(b, "pull")  # and a full restore still works after a partial fetch
+    assert (b / "model.safetensors").read_bytes() == data

@@ -413,26 +413,12 @@ def download(store: GitStore, bs: BlobStore, versions: list[bytes], progress: bo
         for cid, p in placed.items():
             if cid not in need and store.known_frame(cid) is None:
                 need[cid] = p
-    by_key: dict[str, list[tuple[bytes, Placed]]] = {}
-    for cid, p in sorted(need.items(), key=lambda kv: (kv[1].key, kv[1].offset)):
-        by_key.setdefault(p.key, []).append((cid, p))
     total = sum(p.frame.frame_len for p in need.values())
     meter = Progress("Downloading frames", total, enabled=progress)
     n_objects = sum(2 + 2 * len({cid[:1] for cid in placed}) for _, placed in records.values())
     builder = _native.PackBuilder(str(store.pack_dir), len(need) + n_objects)
-    got: list[bytes] = []
     try:
-        for key, frames in _fetch_objects(bs, by_key):
-            ids = builder.add_frames([data for _, _, data in frames])
-            for (cid, p, _), (oid, _) in zip(frames, ids, strict=True):
-                if oid != p.frame.object_id:
-                    raise BlobStoreCorrupt(
-                        f"{bs.url}: object {key} at offset {p.offset}: the frame of chunk {cid.hex()[:16]} does not match its id"
-                        f" (Git object {oid.hex()[:12]}, the index record says {p.frame.object_id.hex()[:12]})",
-                        hint="the object in the store is damaged: push the version again from a clone that has it",
-                    )
-                got.append(oid)
-                meter(p.frame.frame_len)
+        objects = _fetch_frames(bs, need, builder, meter)
         commits = []
         for v, (manifest, placed) in sorted(records.items()):
             frames_of = {cid: p.frame for cid, p in placed.items()}
@@ -451,7 +437,80 @@ def download(store: GitStore, bs: BlobStore, versions: list[bytes], progress: bo
         store.record_chunks({cid: p.frame for cid, p in placed.items()})
     if path is not None:
         packs.settle(store, [str(path)])
-    return {"versions": len(versions), "frames": len(need), "bytes": total, "objects": len(by_key)}
+    return {"versions": len(versions), "frames": len(need), "bytes": total, "objects": objects}
+
+
+def _fetch_frames(bs: BlobStore, need: dict[bytes, Placed], builder: Any, meter: Progress) -> int:
+    """Append the frames `need` names to `builder`, each checked against its Git object id;
+    returns how many store objects were read."""
+    by_key: dict[str, list[tuple[bytes, Placed]]] = {}
+    for cid, p in sorted(need.items(), key=lambda kv: (kv[1].key, kv[1].offset)):
+        by_key.setdefault(p.key, []).append((cid, p))
+    for key, frames in _fetch_objects(bs, by_key):
+        ids = builder.add_frames([data for _, _, data in frames])
+        for (cid, p, _), (oid, _) in zip(frames, ids, strict=True):
+            if oid != p.frame.object_id:
+                raise BlobStoreCorrupt(
+                    f"{bs.url}: object {key} at offset {p.offset}: the frame of chunk {cid.hex()[:16]} does not match its id"
+                    f" (Git object {oid.hex()[:12]}, the index record says {p.frame.object_id.hex()[:12]})",
+                    hint="the object in the store is damaged: push the version again from a clone that has it",
+                )
+            meter(p.frame.frame_len)
+    return len(by_key)
+
+
+class LazyVersion:
+    """A version whose index record is here but whose frames may not be: what a lazy reader
+    (`theta_store.open`) plans from, fetching only the frames of what it reads (`ensure`)."""
+
+    def __init__(self, store: GitStore, bs: BlobStore, manifest_id: bytes) -> None:
+        rec = store.read_index_record(manifest_id)
+        if rec is None:
+            raise ThetaStoreError(f"checkpoint version {manifest_id.hex()[:16]} has no index record here")
+        self.store, self.bs, self.manifest_id = store, bs, manifest_id
+        self.manifest = rec[0]
+        self.placed = decode_record(rec[1], manifest_id)
+        self.state_dir = store.state_dir
+
+    def read_manifest_bytes(self, manifest_id: bytes) -> bytes:
+        return self.manifest
+
+    def version_frames(self, manifest_id: bytes) -> dict[bytes, StoredFrame]:
+        return {cid: p.frame for cid, p in self.placed.items()}
+
+    def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[Any]]:
+        return self.store.locate(oids)
+
+    def ensure(self, chunks: Iterable[bytes]) -> int:
+        """Fetch the frames of these chunks, and of the chunks they are decoded against, that are
+        not here; returns how many were fetched."""
+        need: dict[bytes, Placed] = {}
+        todo = list(chunks)
+        while todo:
+            cid = todo.pop()
+            p = self.placed.get(cid)
+            if p is None or cid in need or self.store.known_frame(cid) is not None:
+                continue
+            need[cid] = p
+            todo.extend(p.frame.bases)
+        if not need:
+            return 0
+        builder = _native.PackBuilder(str(self.store.pack_dir), len(need))
+        try:
+            with Progress("Downloading frames", sum(p.frame.frame_len for p in need.values())) as meter:
+                _fetch_frames(self.bs, need, builder, meter)
+            path = builder.finish()
+        except BaseException:
+            builder.abort()
+            raise
+        self.store.refresh()
+        self.store.record_chunks({cid: p.frame for cid, p in need.items()})
+        if path is not None:
+            packs.settle(self.store, [str(path)])
+        return len(need)
+
+    def close(self) -> None:
+        self.bs.close()
 
 
 def _ranges(frames: list[tuple[bytes, Placed]]) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ import builtins
 import io
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,7 +25,10 @@ from . import _native
 from .errors import PointerError, ThetaStoreError
 from .gitstore import GitStore
 from .manifest import Manifest, Pointer, SpanEntry, looks_like_pointer
-from .plan import ReadPlan, load_manifest, native_chunks, plan_for
+from .plan import ReadPlan, load_manifest, native_chunks, plan_for, plan_from_store
+
+if TYPE_CHECKING:
+    from .chunkstore import LazyVersion
 
 _NUMPY = {
     "F64": "<f8",
@@ -81,7 +84,15 @@ class TensorView:
 class CheckpointReader:
     """A stored checkpoint revision; tensors are decoded on demand. Use as a context manager."""
 
-    def __init__(self, store: GitStore, manifest_id: bytes, manifest: Manifest, path: str, pointer: Pointer | None = None) -> None:
+    def __init__(
+        self,
+        store: GitStore,
+        manifest_id: bytes,
+        manifest: Manifest,
+        path: str,
+        pointer: Pointer | None = None,
+        lazy: LazyVersion | None = None,
+    ) -> None:
         self._store = store
         self._id = manifest_id
         self.manifest = manifest
@@ -89,8 +100,12 @@ class CheckpointReader:
         self._views = _views(manifest)
         self._pointer = pointer or Pointer(manifest_id, manifest.size, manifest.blake3, len(manifest.tensors), manifest.format)
         self._plan: ReadPlan | None = None
+        # A version whose frames are in a chunk store: each read fetches the frames it needs.
+        self._lazy = lazy
 
     def close(self) -> None:
+        if self._lazy is not None:
+            self._lazy.close()
         self._store.close()
 
     def __enter__(self) -> CheckpointReader:
@@ -132,12 +147,24 @@ class CheckpointReader:
         """Bytes [lo, hi) of the stored file, decoding only the chunks that overlap them."""
         if hi <= lo:
             return b""
+        if self._lazy is not None:
+            return self._read_lazy(self._lazy, lo, hi)
         if self._plan is not None:
             try:
                 return self._read(self._plan, lo, hi)
             except (OSError, ValueError):  # a repack since the plan was made moved the frames: find them again
                 self._store.refresh()
         self._plan = plan_for(self._store, self._pointer, manifest=self.manifest, where=self.path)
+        return self._read(self._plan, lo, hi)
+
+    def _read_lazy(self, lazy: LazyVersion, lo: int, hi: int) -> bytes:
+        """read_range of a version in a chunk store: fetch the frames of the chunks [lo, hi) needs
+        (and their bases), then plan again where frames were fetched."""
+        if self._plan is None:
+            self._plan = plan_from_store(lazy, self._id, self.manifest)
+        picked, _ = self._plan.covering(lo, hi)
+        if lazy.ensure([c.chunk_id for c in picked]):
+            self._plan = plan_from_store(lazy, self._id, self.manifest)
         return self._read(self._plan, lo, hi)
 
     def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
@@ -307,8 +334,12 @@ def read_version(store: GitStore, rel: str, rev: str | None) -> CheckpointReader
         raise PointerError(f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer")
     pointer = Pointer.parse(data, f"{rel} ({rev or 'index'})")
     if store.version_commit(pointer.manifest_id) is None:
-        from .remote import ensure_versions
+        from .remote import ensure_versions, lazy_version
 
+        lazy = lazy_version(store, pointer.manifest_id)
+        if lazy is not None:
+            manifest = load_manifest(lazy, pointer.manifest_id)
+            return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer, lazy=lazy)
         ensure_versions(store, {pointer.manifest_id}, what=rel)
     manifest = load_manifest(store, pointer.manifest_id)
     return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer)

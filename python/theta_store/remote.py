@@ -207,6 +207,27 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
     return got
 
 
+def lazy_version(store: GitStore, version: bytes) -> chunkstore.LazyVersion | None:
+    """A version whose frames are in a chunk store, to be read frame by frame as needed: its
+    index record (fetched from the first remote that has it) and the store. None if no remote
+    keeps it that way (then it is fetched whole, as any other)."""
+    for name in remotes(store):
+        try:
+            cfg = chunkstore.for_remote(store, name)
+            if cfg is None:
+                continue
+            if store.read_index_record(version) is None:
+                _, indexed = remote_refs(store, name, [version])
+                if version not in indexed:
+                    continue
+                _fetch_refs(store, name, [index_ref_name(version)], on_terminal())
+                store.refresh()
+        except ThetaStoreError:
+            continue  # an unreachable remote: the next one, then a whole fetch, may do
+        return chunkstore.LazyVersion(store, chunkstore.open_store(store, cfg, name), version)
+    return None
+
+
 def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> list[bytes]:
     """Fetch these refs/theta/ or refs/theta-index/ refs through the transport into ours."""
     got: list[bytes] = []
