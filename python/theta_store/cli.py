@@ -689,6 +689,7 @@ VERBS = (
     "fetch",
     "pull",
     "push",
+    "remote",
     "gc",
     "demo",
     "delta",
