@@ -515,6 +515,7 @@ class Repo:
         """Re-hash every stored object; report missing and corrupt ones (never raises for them)."""
         problems: list[dict[str, str]] = []
         checked: set[bytes] = set()
+        bad: dict[bytes, str] = {}  # chunk id -> what is wrong with it
         versions = self.store.versions()
         for mid in versions:
             try:
@@ -525,6 +526,8 @@ class Repo:
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
+            for c in {c.chunk_id: c for c in plan.chunks if c.chunk_id in bad}.values():  # shared with a version checked before
+                problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[c.chunk_id]})
             for i in range(0, len(chunks), FSCK_BATCH):
                 batch = chunks[i : i + FSCK_BATCH]
                 try:
@@ -534,7 +537,8 @@ class Repo:
                         try:
                             _native.read_chunks(native_chunks([c]), packs, self.store.read_object, bases)
                         except (ObjectNotFound, CorruptObject, OSError) as e:
-                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": str(e)})
+                            bad[c.chunk_id] = f"chunk {c.chunk_id.hex()[:16]}: {e}"
+                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[c.chunk_id]})
                 checked.update(c.chunk_id for c in batch)
         for rel, oid in self.store.iter_paths(None):
             try:
@@ -551,7 +555,106 @@ class Repo:
                         )
                 except PointerError as e:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
-        return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
+        return {
+            "versions": len(versions),
+            "chunks_checked": len(checked),
+            "problems": problems,
+            "damaged": self._damaged_versions(problems),
+            "ok": not problems,
+        }
+
+    def repair(self, remote: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+        """`fsck --repair`: set aside what is damaged, keep what of it is intact, fetch intact
+        copies of the damaged versions from `remote` (None: every remote), rebuild the caches."""
+        import shutil
+        import time
+
+        from .plan import drop_plan, ref_name
+
+        before = self.fsck(progress=progress)
+        out: dict[str, Any] = {"damaged": before["damaged"], "moved_aside": [], "repaired": [], "not_repaired": [], "salvaged_packs": 0}
+        if before["ok"]:
+            return {**out, "fsck": before, "ok": True}
+        store = self.store
+        bad = sorted({bytes.fromhex(p["object"]) for p in before["problems"] if p["object"]})
+        paths, where = store.locate(bad)
+        files = sorted({paths[loc.pack] for loc in where if loc is not None})
+        loose = [store.objects_dir / oid.hex()[:2] / oid.hex()[2:] for oid, loc in zip(bad, where, strict=True) if loc is None]
+        files += [str(f) for f in loose if f.is_file()]
+        # Git must stop reading a damaged pack (a fetch would compare the objects it receives with
+        # the damaged ones it holds): it goes to .git/theta-store/damaged/, kept for inspection.
+        aside = store.state_dir / "damaged" / time.strftime("%Y%m%dT%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        moved: list[str] = []
+        for f in files:
+            stem = f.removesuffix(".pack")
+            parts = [stem + ext for ext in (".pack", ".idx", ".keep", ".rev", ".mtimes", ".bitmap")] if f.endswith(".pack") else [f]
+            for part in parts:
+                if os.path.exists(part):
+                    dest = aside / os.path.basename(part)
+                    shutil.move(part, dest)
+                    moved.append(str(dest))
+        out["moved_aside"] = moved
+        self.store.close()
+        self.store = store = GitStore(self.root)
+        # The intact objects of a moved pack are written back (loose): versions only here keep them.
+        for f in moved:
+            if f.endswith(".pack"):
+                with open(f, "rb") as stdin:
+                    r = subprocess.run(["git", "unpack-objects", "-r", "-q"], cwd=self.root, stdin=stdin, capture_output=True, check=False)
+                out["salvaged_packs"] += 1
+                del r  # its errors are the damaged objects, which fsck names again below
+        store.refresh()
+        middle = self.fsck(progress=progress)
+        targets = sorted({bytes.fromhex(d["version"]) for d in [*before["damaged"], *middle["damaged"]]})
+        old = {v: store.version_commit(v) for v in targets}
+        for v in targets:
+            if old[v] is not None:
+                store.git("update-ref", "-d", ref_name(v))
+        try:
+            ensure_versions(store, set(targets), quiet=True, remote=remote)
+        except VersionsMissing as e:
+            for v in sorted(e.missing):
+                c = old[v]
+                if c is not None:  # nothing better found: the damaged version stays as it was, still listed
+                    store.git("update-ref", ref_name(v), c.hex())
+        except ThetaStoreError as e:
+            for v, c in old.items():
+                if c is not None and store.version_commit(v) is None:
+                    store.git("update-ref", ref_name(v), c.hex())
+            out["error"] = str(e)
+        store.refresh()
+        store.rebuild_chunk_index()
+        for v in store.versions():
+            drop_plan(store.state_dir, v)  # a cache: rebuilt by the next checkout of each version
+        after = self.fsck(progress=progress)
+        still = {d["version"] for d in after["damaged"]}
+        out["repaired"] = [v.hex() for v in targets if v.hex() not in still]
+        out["not_repaired"] = sorted(still)
+        return {**out, "fsck": after, "ok": after["ok"]}
+
+    def _damaged_versions(self, problems: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """Each version fsck found damaged or missing, with the paths and commits that wrote a pointer to it."""
+        damaged: dict[str, dict[str, Any]] = {}
+        for p in problems:
+            if p["version"]:
+                d = damaged.setdefault(p["version"], {"version": p["version"], "paths": [], "commits": [], "problems": []})
+                d["problems"].append(p["problem"])
+        if not damaged:
+            return []
+        # Every branch, tag, remote branch and stash; not the version refs, which hold no pointers.
+        revs = ["--exclude=refs/theta/*", "--exclude=refs/theta-index/*", "--all"]
+        for w in pointer_writes(self.store, revs) if self.store.has_revision("HEAD") else []:
+            hit = damaged.get(w.version.hex())
+            if hit is not None:
+                if w.path not in hit["paths"]:
+                    hit["paths"].append(w.path)
+                hit["commits"].append({"commit": w.commit, "date": w.date, "path": w.path})
+        for rel, ptr in tree_pointers(self.store, None).items():
+            hit = damaged.get(ptr.manifest_id.hex())
+            if hit is not None and rel not in hit["paths"]:
+                hit["paths"].append(rel)  # staged, not committed yet
+        return [damaged[v] for v in sorted(damaged)]
 
     # ---- merges ----
     def merge_conflicted(self, path: str, default: Any | None, per_tensor: Sequence[tuple[str, Any]] = ()) -> list[str]:
