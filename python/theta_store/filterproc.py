@@ -25,7 +25,7 @@ import threading
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ProtocolError, ThetaStoreError
 from .hooks import looks_installed
-from .plan import drop_plan, load_plan, plan_for, ref_name
+from .plan import damaged_chunk, drop_plan, load_plan, plan_for, ref_name
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 # Not typing, pathlib or re: this module starts with every filter process git runs (see
@@ -233,9 +233,9 @@ def _parse_pointer(data: bytes, pathname: str) -> Pointer:
         ) from None
 
 
-def _damaged(ptr: Pointer, e: BaseException) -> ThetaStoreError:
-    """An error while decoding a stored version, said as such, with what to do."""
-    if isinstance(e, CorruptObject) and ptr.manifest_id.hex()[:16] in e.args[0]:
+def _damaged(ptr: Pointer, e: BaseException, chunk: str = "") -> ThetaStoreError:
+    """An error while decoding a stored version, said as such (with the chunk, if known), with what to do."""
+    if isinstance(e, CorruptObject) and ptr.manifest_id.hex()[:16] in e.args[0] and not chunk:
         return e  # it names the version and the object already
     own = isinstance(e, ThetaStoreError) and bool(e.args)
     hint = (
@@ -244,7 +244,8 @@ def _damaged(ptr: Pointer, e: BaseException) -> ThetaStoreError:
         else "`theta-store fsck` lists what is damaged; a clone of the remote has an intact copy"
     )
     return CorruptObject(
-        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository: {e.args[0] if own else _message(e)}", hint=hint
+        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository{chunk}: {e.args[0] if own else _message(e)}",
+        hint=hint,
     )
 
 
@@ -434,7 +435,7 @@ class FilterServer:
                 _native.send_file(os.devnull, plan.native(), plan.packs, plan.size, plan.blake3, self.repo.read_object, plan.native_bases())
             except Exception as e:
                 drop_plan(self.repo.state_dir, ptr.manifest_id)
-                raise _damaged(ptr, e) from None
+                raise _damaged(ptr, e, damaged_chunk(plan, self.repo.read_object)) from None
         self.io.write_text("status=success")
         self.io.flush_pkt()
         try:
@@ -444,7 +445,7 @@ class FilterServer:
         except Exception as e:  # git drops what it got so far: the working file is never half-written
             drop_plan(self.repo.state_dir, ptr.manifest_id)
             self.failed_count += 1
-            self.say(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}")
+            self.say(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e, damaged_chunk(plan, self.repo.read_object)))}")
             self.io.flush_pkt()
             self.io.write_text("status=error")
             self.io.flush_pkt()

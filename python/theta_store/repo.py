@@ -514,20 +514,22 @@ class Repo:
     def fsck(self, progress: bool | None = None) -> dict[str, Any]:
         """Re-hash every stored object; report missing and corrupt ones (never raises for them)."""
         problems: list[dict[str, str]] = []
-        checked: set[bytes] = set()
-        bad: dict[bytes, str] = {}  # chunk id -> what is wrong with it
+        # By (chunk, object): a version whose tree gives a chunk the wrong object is checked on its own.
+        checked: set[tuple[bytes, bytes]] = set()
+        bad: dict[tuple[bytes, bytes], str] = {}  # what is wrong with each damaged one
         versions = self.store.versions()
         for mid in versions:
             try:
                 m = load_manifest(self.store, mid)
                 plan = plan_from_store(self.store, mid, m)
                 packs, bases = plan.packs, plan.native_bases()
-                chunks = list({c.chunk_id: c for c in plan.chunks if c.chunk_id not in checked}.values())
+                chunks = list({(c.chunk_id, c.object_id): c for c in plan.chunks if (c.chunk_id, c.object_id) not in checked}.values())
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
-            for c in {c.chunk_id: c for c in plan.chunks if c.chunk_id in bad}.values():  # shared with a version checked before
-                problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[c.chunk_id]})
+            shared = {(c.chunk_id, c.object_id) for c in plan.chunks} & bad.keys()  # with a version checked before
+            for key in sorted(shared):
+                problems.append({"version": mid.hex(), "object": key[1].hex(), "problem": bad[key]})
             for i in range(0, len(chunks), FSCK_BATCH):
                 batch = chunks[i : i + FSCK_BATCH]
                 try:
@@ -537,9 +539,10 @@ class Repo:
                         try:
                             _native.read_chunks(native_chunks([c]), packs, self.store.read_object, bases)
                         except (ObjectNotFound, CorruptObject, OSError) as e:
-                            bad[c.chunk_id] = f"chunk {c.chunk_id.hex()[:16]}: {e}"
-                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[c.chunk_id]})
-                checked.update(c.chunk_id for c in batch)
+                            key = (c.chunk_id, c.object_id)
+                            bad[key] = f"chunk {c.chunk_id.hex()[:16]}: {e}"
+                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[key]})
+                checked.update((c.chunk_id, c.object_id) for c in batch)
         for rel, oid in self.store.iter_paths(None):
             try:
                 data = self.store.read_object(oid)
@@ -569,14 +572,19 @@ class Repo:
         import shutil
         import time
 
-        from .plan import drop_plan, ref_name
+        from .plan import ref_name
 
         before = self.fsck(progress=progress)
         out: dict[str, Any] = {"damaged": before["damaged"], "moved_aside": [], "repaired": [], "not_repaired": [], "salvaged_packs": 0}
-        if before["ok"]:
-            return {**out, "fsck": before, "ok": True}
         store = self.store
-        bad = sorted({bytes.fromhex(p["object"]) for p in before["problems"] if p["object"]})
+        if before["ok"]:
+            self._rebuild_caches()
+            return {**out, "fsck": before, "ok": True}
+        bad_ids = {bytes.fromhex(p["object"]) for p in before["problems"] if p["object"]}
+        # A version whose commit, tree or manifest cannot be read: the pack of its commit is the suspect.
+        unread = {bytes.fromhex(p["version"]) for p in before["problems"] if p["version"] and not p["object"]}
+        bad_ids |= {c for v in unread if (c := store.version_commit(v)) is not None}
+        bad = sorted(bad_ids)
         paths, where = store.locate(bad)
         files = sorted({paths[loc.pack] for loc in where if loc is not None})
         loose = [store.objects_dir / oid.hex()[:2] / oid.hex()[2:] for oid, loc in zip(bad, where, strict=True) if loc is None]
@@ -624,14 +632,20 @@ class Repo:
                     store.git("update-ref", ref_name(v), c.hex())
             out["error"] = str(e)
         store.refresh()
-        store.rebuild_chunk_index()
-        for v in store.versions():
-            drop_plan(store.state_dir, v)  # a cache: rebuilt by the next checkout of each version
+        self._rebuild_caches()
         after = self.fsck(progress=progress)
         still = {d["version"] for d in after["damaged"]}
         out["repaired"] = [v.hex() for v in targets if v.hex() not in still]
         out["not_repaired"] = sorted(still)
         return {**out, "fsck": after, "ok": after["ok"]}
+
+    def _rebuild_caches(self) -> None:
+        """The chunk index from the version trees; saved plans dropped (the next checkout of each version writes it again)."""
+        from .plan import drop_plan
+
+        self.store.rebuild_chunk_index()
+        for v in self.store.versions():
+            drop_plan(self.store.state_dir, v)
 
     def _damaged_versions(self, problems: list[dict[str, str]]) -> list[dict[str, Any]]:
         """Each version fsck found damaged or missing, with the paths and commits that wrote a pointer to it."""
