@@ -256,3 +256,32 @@ def test_damage_restore_fsck_repair(tmp_path: Path, daemon_remote: Remote, kind:
     g(a, "checkout", "-q", "-f", "main")
     assert (a / M).read_bytes() == v2
     assert _fsck(a)[0] == 0
+
+
+@pytest.mark.parametrize("how", SETTINGS)
+def test_clone_with_an_unreachable_version(tmp_path: Path, daemon_remote: Remote, how: str) -> None:
+    """The remote lacks one version (its push was skipped): with the setting on, the clone goes on
+    (git delays the smudge, the batch fetch fails), that file stays its pointer, the other is
+    checked out; with it off, the clone's checkout fails naming the file and the version."""
+    a = new_repo(tmp_path / "a")
+    w = model_bytes(3)
+    write(a / "other.safetensors", w)
+    commit(a, "other")
+    g(a, "push", "-q", daemon_remote.url, "main")
+    write(a / M, model_bytes(0))
+    c = commit(a, "model")
+    g(a, "push", "-q", daemon_remote.url, "main", env={"THETA_STORE_SKIP_PUSH": "1"})
+    ver = pointer_version(a, f"{c}:{M}")
+    if how == "config":
+        g(tmp_path, "config", "--global", "thetastore.skipDownloadErrors", "true")
+    env = {"THETA_STORE_SKIP_DOWNLOAD_ERRORS": "1"} if how == "env" else {}
+    b = tmp_path / "b"
+    r = g(tmp_path, "clone", "-q", daemon_remote.url, str(b), env=env, ok=how != "off")
+    assert M in r.stderr and ver[:16] in r.stderr, r.stderr
+    if how == "off":
+        assert "left as its pointer" not in r.stderr, r.stderr
+        return
+    assert "left as its pointer" in r.stderr, r.stderr
+    assert _is_pointer_to(b / M, ver)
+    assert (b / "other.safetensors").read_bytes() == w
+    assert g(b, "status", "--porcelain", env=env).stdout == ""
