@@ -285,3 +285,33 @@ def test_clone_with_an_unreachable_version(tmp_path: Path, daemon_remote: Remote
     assert _is_pointer_to(b / M, ver)
     assert (b / "other.safetensors").read_bytes() == w
     assert g(b, "status", "--porcelain", env=env).stdout == ""
+
+
+@pytest.mark.parametrize("wrong", ["other-version", "file-hash", "size"])
+def test_a_wrong_pointer_never_gives_wrong_weights(tmp_path: Path, wrong: str) -> None:
+    """A pointer that parses but lies (another version's id, a wrong file hash, a wrong size),
+    staged: restore and checkout refuse naming the file and the version; nothing is written."""
+    a = new_repo(tmp_path / "a")
+    v1, v2 = model_bytes(0), model_bytes(0, bias=1.0)
+    write(a / M, v2)
+    c2 = commit(a, "v2")
+    write(a / M, v1)
+    c1 = commit(a, "v1")
+    p1 = Pointer.parse(g(a, "cat-file", "blob", f"{c1}:{M}").stdout.encode())
+    p2 = Pointer.parse(g(a, "cat-file", "blob", f"{c2}:{M}").stdout.encode())
+    mid, size, blake3 = p1.manifest_id, p1.size, p1.blake3
+    if wrong == "other-version":
+        mid = p2.manifest_id
+    elif wrong == "file-hash":
+        blake3 = bytes(x ^ 1 for x in blake3)
+    else:
+        size += 4
+    bad = Pointer(mid, size, blake3, p1.tensors, p1.format).to_bytes()
+    blob = subprocess.run(["git", "hash-object", "-w", "--no-filters", "--stdin"], cwd=a, input=bad, capture_output=True, check=True)
+    g(a, "update-index", "--cacheinfo", f"100644,{blob.stdout.decode().strip()},{M}")
+    (a / M).unlink()
+    for cmd in (["theta-store", "restore", M], ["git", "checkout", "--", M]):
+        r = subprocess.run(cmd, cwd=a, capture_output=True, text=True)
+        assert r.returncode != 0, (cmd, r.stderr)
+        assert M in r.stderr and mid.hex()[:16] in r.stderr, (cmd, r.stderr)
+        assert not (a / M).exists(), cmd
