@@ -315,3 +315,25 @@ def test_a_wrong_pointer_never_gives_wrong_weights(tmp_path: Path, wrong: str) -
         assert r.returncode != 0, (cmd, r.stderr)
         assert M in r.stderr and mid.hex()[:16] in r.stderr, (cmd, r.stderr)
         assert not (a / M).exists(), cmd
+
+
+@pytest.mark.xfail(strict=True, reason="add trusts the chunk index's object for a chunk (known_frame checks only that it exists)")
+def test_add_over_a_chunk_index_with_swapped_records(tmp_path: Path) -> None:
+    """Two records of the chunk index with their objects swapped (each object exists): a new version
+    sharing those chunks must still be stored right. Today the add stores a version whose tree
+    names the wrong objects; restore refuses it (never wrong weights) but the version is lost."""
+    from theta_store.gitstore import _RECORD
+
+    a = new_repo(tmp_path / "a")
+    write(a / M, model_bytes(0))
+    commit(a, "v1")
+    index = a / ".git" / "theta-store" / "chunks.idx"
+    records = [list(r) for r in _RECORD.iter_unpack(index.read_bytes())]
+    records[0][1:3], records[1][1:3] = records[1][1:3], records[0][1:3]
+    index.write_bytes(b"".join(_RECORD.pack(*r) for r in records))
+    v2 = model_bytes(0, bias=1.0)
+    write(a / M, v2)
+    commit(a, "v2")
+    (a / M).unlink()
+    ts(a, "restore", M)
+    assert (a / M).read_bytes() == v2
