@@ -15,6 +15,7 @@ import pytest
 
 import theta_store
 from servers import Remote
+from test_collab_c import _corrupt_loose, _make_loose
 from test_filter_errors import _corrupt_largest_frame
 from test_git_e2e import commit, daemon_remote, g, global_config, model_bytes, new_repo, pointer_version, ts, versions, write
 from theta_store.pointer import Pointer, looks_like_pointer
@@ -198,11 +199,16 @@ def _damage(repo: Path, version: str, kind: str) -> None:
         for i in range(0, len(data), 7):
             data[i] ^= 0xA5
         index.write_bytes(bytes(data[:-3]))  # and a partial last record
+    elif kind == "corrupt-loose-object":  # as in a repository that received its objects one by one
+        _make_loose(repo)
+        with theta_store.Repo(repo) as r:
+            frames = r.store.version_frames(bytes.fromhex(version))
+        _corrupt_loose(repo, max(frames.values(), key=lambda f: f.frame_len).object_id.hex())
     else:
         raise AssertionError(kind)
 
 
-DAMAGE = ["flipped-bit", "truncated-pack", "missing-object", "damaged-plan", "damaged-chunk-index"]
+DAMAGE = ["flipped-bit", "truncated-pack", "missing-object", "corrupt-loose-object", "damaged-plan", "damaged-chunk-index"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
