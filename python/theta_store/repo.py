@@ -591,7 +591,7 @@ class Repo:
         files += [str(f) for f in loose if f.is_file()]
         # Git must stop reading a damaged pack (a fetch would compare the objects it receives with
         # the damaged ones it holds): it goes to .git/theta-store/damaged/, kept for inspection.
-        aside = store.state_dir / "damaged" / time.strftime("%Y%m%dT%H%M%S")
+        aside = store.state_dir / "damaged" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside.mkdir(parents=True, exist_ok=True)
         moved: list[str] = []
         for f in files:
@@ -608,10 +608,9 @@ class Repo:
         # The intact objects of a moved pack are written back (loose): versions only here keep them.
         for f in moved:
             if f.endswith(".pack"):
-                with open(f, "rb") as stdin:
-                    r = subprocess.run(["git", "unpack-objects", "-r", "-q"], cwd=self.root, stdin=stdin, capture_output=True, check=False)
+                with open(f, "rb") as stdin:  # its errors are the damaged objects, which the fsck below names again
+                    subprocess.run(["git", "unpack-objects", "-r", "-q"], cwd=self.root, stdin=stdin, capture_output=True, check=False)
                 out["salvaged_packs"] += 1
-                del r  # its errors are the damaged objects, which fsck names again below
         store.refresh()
         middle = self.fsck(progress=progress)
         targets = sorted({bytes.fromhex(d["version"]) for d in [*before["damaged"], *middle["damaged"]]})
