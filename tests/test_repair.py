@@ -163,6 +163,8 @@ def test_repair_without_an_intact_copy_keeps_the_version(tmp_path: Path, daemon_
     rc, rep = _fsck(a, "--repair")
     assert rc == 1 and rep["not_repaired"] == [ver1] and rep["repaired"] == [], rep
     assert ver1 in versions(a)
+    r = ts(a, "fsck", "--repair", ok=False)
+    assert r.returncode == 1 and f"not repaired: version {ver1[:16]}" in r.stdout and f"damaged version {ver1[:16]}: {M}" in r.stdout, r
     rc, r = _fsck(a)
     assert rc == 1 and [d["version"] for d in r["damaged"]] == [ver1]
 
