@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _native, packs
 from .manifest import Manifest, Pointer, SpanEntry
-from .plan import PlannedChunk, ReadPlan, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
+from .plan import PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -340,10 +340,14 @@ def add_buffers(
 
 def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:
     """Rebuild the checkpoint of `pointer` at `dest`: temp file in the same folder, fsync, rename."""
+    from .errors import ThetaStoreError
     from .gitstore import remove_stale  # dulwich: only when a store is at hand anyway
 
-    manifest = load_manifest(store, pointer.manifest_id)
-    plan = plan_for(store, pointer, manifest=manifest, where=dest)
+    try:
+        manifest = load_manifest(store, pointer.manifest_id)
+        plan = plan_for(store, pointer, manifest=manifest, where=dest)
+    except ThetaStoreError as e:
+        raise _damaged_version(e, dest, pointer, "") from None
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     import tempfile  # here, not at the top: an add need not wait for pathlib and tempfile
@@ -355,7 +359,10 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     os.close(fd)
     try:
         with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
-            _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p, plan.native_bases())
+            try:
+                _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p, plan.native_bases())
+            except ThetaStoreError as e:
+                raise _damaged_version(e, dest, pointer, damaged_chunk(plan, store.read_object)) from None
         try:
             os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
         except FileNotFoundError:
@@ -366,6 +373,18 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
             os.unlink(tmp)
         raise
     return manifest
+
+
+def _damaged_version(e: Exception, dest: str, pointer: Pointer, chunk: str) -> Exception:
+    """A version that cannot be read, said naming the checkpoint, the version and (if known) the chunk."""
+    from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
+
+    if isinstance(e, (PointerError, VersionsMissing)) or not e.args:
+        return e
+    hint = "`theta-store fsck` lists what is damaged; `theta-store fsck --repair` fetches an intact copy from a remote"
+    message = str(e.args[0]).removeprefix(f"{dest}: ")
+    cls: type[ThetaStoreError] = ObjectNotFound if type(e) is ObjectNotFound else CorruptObject
+    return cls(f"{dest}: checkpoint version {pointer.manifest_id.hex()[:16]} cannot be read{chunk}: {message}", hint=hint)
 
 
 def _umask() -> int:

@@ -202,12 +202,33 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
     if args.remote is not None:
         return _check_remote(args, args.remote or None, None)
+    if args.repair:
+        return _repair(args)
     with Repo(args.C) as repo:
         r = repo.fsck(progress=args.progress)
     lines = [f"{p['version'][:12]} {p['object'][:12]} {p['problem']}" for p in r["problems"]]
+    for d in r["damaged"]:
+        lines.append(f"damaged version {d['version'][:16]}: {', '.join(d['paths']) or 'used by no path'}")
+        lines += [f"  {_commit_cell(c)}" for c in d["commits"]]
     lines.append(
         f"{r['versions']} versions, {r['chunks_checked']} chunks checked: " + ("ok" if r["ok"] else f"{len(r['problems'])} problems")
     )
+    _out(args, r, "\n".join(lines))
+    return 0 if r["ok"] else 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
+    with Repo(args.C) as repo:
+        r = repo.repair(remote=args.repair_from, progress=args.progress)
+    lines = [f"damaged version {d['version'][:16]}: {', '.join(d['paths']) or 'used by no path'}" for d in r["damaged"]]
+    lines += [f"moved aside: {f}" for f in r["moved_aside"]]
+    lines += [f"repaired version {v[:16]} (fetched an intact copy)" for v in r["repaired"]]
+    lines += [f"not repaired: version {v[:16]} (no remote had an intact copy)" for v in r["not_repaired"]]
+    if "error" in r:
+        lines.append(f"fetching failed: {r['error']}")
+    lines.append("fsck: ok" if r["ok"] else f"fsck: {len(r['fsck']['problems'])} problems remain")
     _out(args, r, "\n".join(lines))
     return 0 if r["ok"] else 1
 
@@ -773,6 +794,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         metavar="REMOTE",
         help="instead: list the commits on REMOTE's branches (as last fetched) whose checkpoint versions REMOTE lacks",
     )
+    sp.add_argument(
+        "--repair",
+        action="store_true",
+        help="set damaged packs aside, fetch intact copies of the damaged versions from a remote, rebuild the caches",
+    )
+    sp.add_argument("--from", dest="repair_from", metavar="REMOTE", help="with --repair: fetch from this remote only")
     sp = verb("install", "configure git to use theta-store (filter, diff, merge drivers, hooks)", cmd_install)
     sp.add_argument("--global", dest="global_", action="store_true", help="in ~/.gitconfig for every repository")
     sp.add_argument("--local", dest="global_", action="store_false", help="in this repository (default)")

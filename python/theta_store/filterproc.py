@@ -9,6 +9,9 @@ clean  (git add, git status): the checkpoint streams in; out goes its pointer. T
 smudge (checkout, clone): the pointer comes in; out go the checkpoint's bytes, decoded by the core
        and verified. A version not present locally is fetched from the remote; when git allows
        (`can-delay`), missing versions are collected and fetched in one batch.
+       With `thetastore.skipDownloadErrors` (or THETA_STORE_SKIP_DOWNLOAD_ERRORS=1) on, a version
+       that is damaged or cannot be fetched is answered with the pointer itself and the error goes
+       to stderr, like Git LFS's `lfs.skipdownloaderrors`: checkout, stash and rebase go on.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import threading
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ProtocolError, ThetaStoreError
 from .hooks import looks_installed
-from .plan import drop_plan, load_plan, plan_for, ref_name
+from .plan import damaged_chunk, drop_plan, load_plan, plan_for, ref_name
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 # Not typing, pathlib or re: this module starts with every filter process git runs (see
@@ -230,9 +233,9 @@ def _parse_pointer(data: bytes, pathname: str) -> Pointer:
         ) from None
 
 
-def _damaged(ptr: Pointer, e: BaseException) -> ThetaStoreError:
-    """An error while decoding a stored version, said as such, with what to do."""
-    if isinstance(e, CorruptObject) and ptr.manifest_id.hex()[:16] in e.args[0]:
+def _damaged(ptr: Pointer, e: BaseException, chunk: str = "") -> ThetaStoreError:
+    """An error while decoding a stored version, said as such (with the chunk, if known), with what to do."""
+    if isinstance(e, CorruptObject) and ptr.manifest_id.hex()[:16] in e.args[0] and not chunk:
         return e  # it names the version and the object already
     own = isinstance(e, ThetaStoreError) and bool(e.args)
     hint = (
@@ -241,8 +244,20 @@ def _damaged(ptr: Pointer, e: BaseException) -> ThetaStoreError:
         else "`theta-store fsck` lists what is damaged; a clone of the remote has an intact copy"
     )
     return CorruptObject(
-        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository: {e.args[0] if own else _message(e)}", hint=hint
+        f"checkpoint version {ptr.manifest_id.hex()[:16]} is damaged in this repository{chunk}: {e.args[0] if own else _message(e)}",
+        hint=hint,
     )
+
+
+def _skip_download_errors() -> bool:
+    """`THETA_STORE_SKIP_DOWNLOAD_ERRORS`, else git config `thetastore.skipDownloadErrors`; off by default."""
+    env = os.environ.get("THETA_STORE_SKIP_DOWNLOAD_ERRORS")
+    if env is not None:
+        return env.strip().lower() in ("1", "true", "yes", "on")
+    import subprocess
+
+    r = subprocess.run(["git", "config", "--type=bool", "--get", "thetastore.skipDownloadErrors"], capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout.strip() == "true"
 
 
 def _message(e: BaseException) -> str:
@@ -264,6 +279,8 @@ class FilterServer:
         self.delayed: dict[str, Pointer] = {}  # smudges answered "delayed": fetched in one batch
         self.ready: dict[str, Pointer] = {}  # fetched (or failed): git asks for them again
         self.failed: dict[str, ThetaStoreError] = {}
+        self.raw: dict[str, bytes] = {}  # the pointer of each delayed file, passed through if it fails
+        self._skip_errors: bool | None = None  # thetastore.skipDownloadErrors, read at the first smudge
         # Progress ("Filtering content: 3/7 checkpoints, 1.2/4.1 GB"), on a terminal only. Counted
         # per file: the core sends a file without reporting how far it is.
         self.line: StatusLine | None = None
@@ -298,9 +315,28 @@ class FilterServer:
             except ProtocolError:  # the stream is out of step: no answer git could read can follow
                 raise
             except Exception as e:  # the request was read whole: tell git this file failed, serve the next
+                if command == "smudge" and self.skip_errors:
+                    self.pass_through(pathname, content, e)
+                    continue
                 self.say(f"theta-store: {command} {pathname}: {_message(e)}")  # pauses the line
                 self.io.write_text("status=error")
                 self.io.flush_pkt()
+
+    @property
+    def skip_errors(self) -> bool:
+        if self._skip_errors is None:
+            self._skip_errors = _skip_download_errors()
+        return self._skip_errors
+
+    def pass_through(self, pathname: str, content: bytes, e: BaseException) -> None:
+        """A smudge that failed, answered with its pointer (the error printed): thetastore.skipDownloadErrors."""
+        data = content or self.raw.pop(pathname, b"")  # git sends no content when it asks for a delayed file again
+        self.say(
+            f"theta-store: smudge {pathname}: {_message(e)}\n"
+            f"theta-store: {pathname}: left as its pointer (thetastore.skipDownloadErrors is on); "
+            "`theta-store restore` rebuilds it once the version is intact"
+        )
+        self.reply(data)
 
     def say(self, message: str) -> None:
         if self.line is not None:
@@ -377,6 +413,7 @@ class FilterServer:
             if not self.repo.has_version(ptr.manifest_id):
                 if can_delay:
                     self.delayed[pathname] = ptr
+                    self.raw[pathname] = data
                     self.rest()
                     self.io.write_text("status=delayed")
                     self.io.flush_pkt()
@@ -391,6 +428,14 @@ class FilterServer:
                 raise
             except Exception as e:  # fail before announcing success when we can
                 raise _damaged(ptr, e) from None
+        if self.skip_errors:
+            # Once git has "status=success" the file can only fail, not become its pointer: decode
+            # the version once to nowhere first, so damage is found while the pointer can still go.
+            try:
+                _native.send_file(os.devnull, plan.native(), plan.packs, plan.size, plan.blake3, self.repo.read_object, plan.native_bases())
+            except Exception as e:
+                drop_plan(self.repo.state_dir, ptr.manifest_id)
+                raise _damaged(ptr, e, damaged_chunk(plan, self.repo.read_object)) from None
         self.io.write_text("status=success")
         self.io.flush_pkt()
         try:
@@ -400,7 +445,7 @@ class FilterServer:
         except Exception as e:  # git drops what it got so far: the working file is never half-written
             drop_plan(self.repo.state_dir, ptr.manifest_id)
             self.failed_count += 1
-            self.say(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}")
+            self.say(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e, damaged_chunk(plan, self.repo.read_object)))}")
             self.io.flush_pkt()
             self.io.write_text("status=error")
             self.io.flush_pkt()

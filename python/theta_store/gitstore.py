@@ -466,6 +466,11 @@ class GitStore:
             assert isinstance(commit, Commit)
             tree = self._load(commit.tree, manifest_id, "tree")
         except KeyError:
+            if ref in self.repo.refs:  # the ref is here, an object of it is not: damage, not a version never fetched
+                raise ObjectNotFound(
+                    f"checkpoint version {manifest_id.hex()[:16]} is damaged in this repository: its {ref.decode()} names a missing object",
+                    hint="`theta-store fsck --repair` fetches an intact copy from a remote",
+                ) from None
             raise ObjectNotFound(
                 f"checkpoint version {manifest_id.hex()[:16]} is not in this repository ({ref.decode()} missing)",
                 hint="run `theta-store fetch` to get it from the remote",

@@ -17,7 +17,7 @@ from .errors import CorruptObject, PointerError
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import Protocol
 
     from .manifest import Manifest
@@ -199,6 +199,22 @@ def native_chunks(chunks: Sequence[PlannedChunk]) -> list[tuple[int, int, bytes,
         (c.length, _NOT_IN_PACK if c.location is None else c.location.pack << 48 | c.location.offset, c.chunk_id, c.object_id)
         for c in chunks
     ]
+
+
+def damaged_chunk(plan: ReadPlan, read_object: Callable[[bytes], bytes]) -> str:
+    """After a read of `plan` failed: ", chunk <id> (file offset N)" for the first chunk that does
+    not read back by itself, else "" (each chunk is intact: the whole file is what is wrong).
+    Reads the version again, a chunk at a time: on the error path only."""
+    from . import _native
+
+    bases, offset = native_chunks(plan.bases), 0
+    for c in plan.chunks:
+        try:
+            _native.read_chunks(native_chunks([c]), plan.packs, read_object, bases)
+        except Exception:  # whatever the core or the object store raises for it, this chunk is the one
+            return f", chunk {c.chunk_id.hex()[:16]} (file offset {offset})"
+        offset += c.length
+    return ""
 
 
 # ---- versions and where their chunks are, from the store ----

@@ -514,17 +514,22 @@ class Repo:
     def fsck(self, progress: bool | None = None) -> dict[str, Any]:
         """Re-hash every stored object; report missing and corrupt ones (never raises for them)."""
         problems: list[dict[str, str]] = []
-        checked: set[bytes] = set()
+        # By (chunk, object): a version whose tree gives a chunk the wrong object is checked on its own.
+        checked: set[tuple[bytes, bytes]] = set()
+        bad: dict[tuple[bytes, bytes], str] = {}  # what is wrong with each damaged one
         versions = self.store.versions()
         for mid in versions:
             try:
                 m = load_manifest(self.store, mid)
                 plan = plan_from_store(self.store, mid, m)
                 packs, bases = plan.packs, plan.native_bases()
-                chunks = list({c.chunk_id: c for c in plan.chunks if c.chunk_id not in checked}.values())
+                chunks = list({(c.chunk_id, c.object_id): c for c in plan.chunks if (c.chunk_id, c.object_id) not in checked}.values())
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
                 continue
+            shared = {(c.chunk_id, c.object_id) for c in plan.chunks} & bad.keys()  # with a version checked before
+            for key in sorted(shared):
+                problems.append({"version": mid.hex(), "object": key[1].hex(), "problem": bad[key]})
             for i in range(0, len(chunks), FSCK_BATCH):
                 batch = chunks[i : i + FSCK_BATCH]
                 try:
@@ -534,8 +539,10 @@ class Repo:
                         try:
                             _native.read_chunks(native_chunks([c]), packs, self.store.read_object, bases)
                         except (ObjectNotFound, CorruptObject, OSError) as e:
-                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": str(e)})
-                checked.update(c.chunk_id for c in batch)
+                            key = (c.chunk_id, c.object_id)
+                            bad[key] = f"chunk {c.chunk_id.hex()[:16]}: {e}"
+                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[key]})
+                checked.update((c.chunk_id, c.object_id) for c in batch)
         for rel, oid in self.store.iter_paths(None):
             try:
                 data = self.store.read_object(oid)
@@ -551,7 +558,116 @@ class Repo:
                         )
                 except PointerError as e:
                     problems.append({"version": "", "object": oid.hex(), "problem": str(e)})
-        return {"versions": len(versions), "chunks_checked": len(checked), "problems": problems, "ok": not problems}
+        return {
+            "versions": len(versions),
+            "chunks_checked": len(checked),
+            "problems": problems,
+            "damaged": self._damaged_versions(problems),
+            "ok": not problems,
+        }
+
+    def repair(self, remote: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+        """`fsck --repair`: set aside what is damaged, keep what of it is intact, fetch intact
+        copies of the damaged versions from `remote` (None: every remote), rebuild the caches."""
+        import shutil
+        import time
+
+        from .plan import ref_name
+
+        before = self.fsck(progress=progress)
+        out: dict[str, Any] = {"damaged": before["damaged"], "moved_aside": [], "repaired": [], "not_repaired": [], "salvaged_packs": 0}
+        store = self.store
+        if before["ok"]:
+            self._rebuild_caches()
+            return {**out, "fsck": before, "ok": True}
+        bad_ids = {bytes.fromhex(p["object"]) for p in before["problems"] if p["object"]}
+        # A version whose commit, tree or manifest cannot be read: the pack of its commit is the suspect.
+        unread = {bytes.fromhex(p["version"]) for p in before["problems"] if p["version"] and not p["object"]}
+        bad_ids |= {c for v in unread if (c := store.version_commit(v)) is not None}
+        bad = sorted(bad_ids)
+        paths, where = store.locate(bad)
+        files = sorted({paths[loc.pack] for loc in where if loc is not None})
+        loose = [store.objects_dir / oid.hex()[:2] / oid.hex()[2:] for oid, loc in zip(bad, where, strict=True) if loc is None]
+        files += [str(f) for f in loose if f.is_file()]
+        # Git must stop reading a damaged pack (a fetch would compare the objects it receives with
+        # the damaged ones it holds): it goes to .git/theta-store/damaged/, kept for inspection.
+        aside = store.state_dir / "damaged" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside.mkdir(parents=True, exist_ok=True)
+        moved: list[str] = []
+        for f in files:
+            stem = f.removesuffix(".pack")
+            parts = [stem + ext for ext in (".pack", ".idx", ".keep", ".rev", ".mtimes", ".bitmap")] if f.endswith(".pack") else [f]
+            for part in parts:
+                if os.path.exists(part):
+                    dest = aside / os.path.basename(part)
+                    shutil.move(part, dest)
+                    moved.append(str(dest))
+        out["moved_aside"] = moved
+        self.store.close()
+        self.store = store = GitStore(self.root)
+        # The intact objects of a moved pack are written back (loose): versions only here keep them.
+        for f in moved:
+            if f.endswith(".pack"):
+                with open(f, "rb") as stdin:  # its errors are the damaged objects, which the fsck below names again
+                    subprocess.run(["git", "unpack-objects", "-r", "-q"], cwd=self.root, stdin=stdin, capture_output=True, check=False)
+                out["salvaged_packs"] += 1
+        store.refresh()
+        middle = self.fsck(progress=progress)
+        targets = sorted({bytes.fromhex(d["version"]) for d in [*before["damaged"], *middle["damaged"]]})
+        old = {v: store.version_commit(v) for v in targets}
+        for v in targets:
+            if old[v] is not None:
+                store.git("update-ref", "-d", ref_name(v))
+        try:
+            ensure_versions(store, set(targets), quiet=True, remote=remote)
+        except VersionsMissing as e:
+            for v in sorted(e.missing):
+                c = old[v]
+                if c is not None:  # nothing better found: the damaged version stays as it was, still listed
+                    store.git("update-ref", ref_name(v), c.hex())
+        except ThetaStoreError as e:
+            for v, c in old.items():
+                if c is not None and store.version_commit(v) is None:
+                    store.git("update-ref", ref_name(v), c.hex())
+            out["error"] = str(e)
+        store.refresh()
+        self._rebuild_caches()
+        after = self.fsck(progress=progress)
+        still = {d["version"] for d in after["damaged"]}
+        out["repaired"] = [v.hex() for v in targets if v.hex() not in still]
+        out["not_repaired"] = sorted(still)
+        return {**out, "fsck": after, "ok": after["ok"]}
+
+    def _rebuild_caches(self) -> None:
+        """The chunk index from the version trees; saved plans dropped (the next checkout of each version writes it again)."""
+        from .plan import drop_plan
+
+        self.store.rebuild_chunk_index()
+        for v in self.store.versions():
+            drop_plan(self.store.state_dir, v)
+
+    def _damaged_versions(self, problems: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """Each version fsck found damaged or missing, with the paths and commits that wrote a pointer to it."""
+        damaged: dict[str, dict[str, Any]] = {}
+        for p in problems:
+            if p["version"]:
+                d = damaged.setdefault(p["version"], {"version": p["version"], "paths": [], "commits": [], "problems": []})
+                d["problems"].append(p["problem"])
+        if not damaged:
+            return []
+        # Every branch, tag, remote branch and stash; not the version refs, which hold no pointers.
+        revs = ["--exclude=refs/theta/*", "--exclude=refs/theta-index/*", "--all"]
+        for w in pointer_writes(self.store, revs) if self.store.has_revision("HEAD") else []:
+            hit = damaged.get(w.version.hex())
+            if hit is not None:
+                if w.path not in hit["paths"]:
+                    hit["paths"].append(w.path)
+                hit["commits"].append({"commit": w.commit, "date": w.date, "path": w.path})
+        for rel, ptr in tree_pointers(self.store, None).items():
+            hit = damaged.get(ptr.manifest_id.hex())
+            if hit is not None and rel not in hit["paths"]:
+                hit["paths"].append(rel)  # staged, not committed yet
+        return [damaged[v] for v in sorted(damaged)]
 
     # ---- merges ----
     def merge_conflicted(self, path: str, default: Any | None, per_tensor: Sequence[tuple[str, Any]] = ()) -> list[str]:
