@@ -48,13 +48,13 @@ def test_slice_reads_only_needed_chunks(repo_dir: Path, monkeypatch: pytest.Monk
     theta_store.save_safetensors(str(p), {"w": big})
     add_commit(repo_dir, p)
     calls: list[int] = []
-    real = theta_store.reader._native.read_chunks
+    real = theta_store.reader._native.read_joined
 
     def counting(chunks, packs, read, bases=()):  # type: ignore[no-untyped-def]
         calls.append(len(chunks))
         return real(chunks, packs, read, list(bases))
 
-    monkeypatch.setattr(theta_store.reader._native, "read_chunks", counting)
+    monkeypatch.setattr(theta_store.reader._native, "read_joined", counting)
     with theta_store.open(p) as f:
         np.testing.assert_array_equal(f.get_slice("w")[10:20], big[10:20])
     assert calls == [1]

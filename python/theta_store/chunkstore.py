@@ -48,6 +48,7 @@ from . import _native, packs
 from .blobstore import BlobStore, coalesce
 from .errors import BlobStoreCorrupt, CorruptObject, ThetaStoreError
 from .gitstore import GitStore, StoredFrame
+from .plan import ref_name
 from .progress import Progress
 
 CONFIG_FILE = ".thetastore"
@@ -432,7 +433,7 @@ def download(store: GitStore, bs: BlobStore, versions: list[bytes], progress: bo
     finally:
         meter.__exit__(None, None, None)
     store.refresh()
-    _git(store, "update-ref", "--stdin", input="".join(f"update refs/theta/{v.hex()} {c}\n" for v, c in commits).encode())
+    _git(store, "update-ref", "--stdin", input="".join(f"update {ref_name(v)} {c}\n" for v, c in commits).encode())
     for _, placed in records.values():
         store.record_chunks({cid: p.frame for cid, p in placed.items()})
     if path is not None:
