@@ -97,7 +97,7 @@ class CheckpointReader:
         self._id = manifest_id
         self.manifest = manifest
         self.path = path
-        self._views = _views(manifest)
+        self._views = tensor_views(manifest)
         self._pointer = pointer or Pointer(manifest_id, manifest.size, manifest.blake3, len(manifest.tensors), manifest.format)
         self._plan: ReadPlan | None = None
         # A version whose frames are in a chunk store: each read fetches the frames it needs.
@@ -272,7 +272,9 @@ class TensorSlice:
         return rows[(builtins.slice(None), *rest)] if rest else rows
 
 
-def _views(m: Manifest) -> dict[str, TensorView]:
+def tensor_views(m: Manifest) -> dict[str, TensorView]:
+    """Every tensor a manifest's file names (name -> TensorView), in the file's order: a torch
+    pickle's tensors, tied weights and views included, else one per tensor span."""
     spans = {s.name: s for s in m.tensors}
     out: dict[str, TensorView] = {}
     views = m.metadata.get("views")
@@ -288,7 +290,8 @@ def _views(m: Manifest) -> dict[str, TensorView]:
                 tuple(v["stride"]),
             )
         return out
-    fortran = {a["name"]: bool(a.get("fortran_order")) for a in m.metadata.get("arrays", []) if isinstance(a, dict) and "name" in a}
+    arrays = m.metadata.get("arrays") if m.format == "numpy" else None  # flax keeps a count under that key
+    fortran = {a["name"]: bool(a.get("fortran_order")) for a in arrays or [] if isinstance(a, dict) and "name" in a}
     for s in m.tensors:
         out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran.get(s.name, False))
     return out

@@ -1,0 +1,116 @@
+"""Every tensor a format holds is visible: tied weights and views of shared torch storages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import theta_store
+from conftest import FIXTURES, git
+
+torch = pytest.importorskip("torch")
+
+
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "theta_store", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def setup_repo(d: Path, pattern: str) -> None:
+    cli(d, "install")
+    cli(d, "track", pattern)
+
+
+def tied_state_dict() -> dict[str, Any]:
+    emb = torch.nn.Embedding(10, 4)
+    dec = torch.nn.Linear(4, 10, bias=False)
+    dec.weight = emb.weight  # what transformers' tie_weights does for a decoder
+    sd: dict[str, Any] = torch.nn.ModuleDict({"embed": emb, "decoder": dec, "norm": torch.nn.LayerNorm(4)}).state_dict()
+    return sd
+
+
+def views_dict() -> dict[str, Any]:
+    base = torch.arange(48, dtype=torch.float32)
+    return {
+        "rows": base[:6].view(2, 3),
+        "transposed": base[6:18].view(3, 4).t(),
+        "strided": base[::5],
+        "tail": base[40:42],
+        "column": base[:12].view(3, 4)[:, 1],
+    }
+
+
+def test_tied_weight_listed_by_show_open_diff(repo_dir: Path) -> None:
+    setup_repo(repo_dir, "*.bin")
+    path = repo_dir / "pytorch_model.bin"
+    sd = tied_state_dict()
+    torch.save(sd, path)
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "one")
+
+    show = json.loads(cli(repo_dir, "show", "--json", "pytorch_model.bin").stdout)
+    assert show["tensors"] == len(sd) == 4
+    names = [r["name"] for r in show["rows"] if r["kind"] in ("tensor", "view")]
+    assert sorted(names) == sorted(sd)
+    (tied,) = [r for r in show["rows"] if r["kind"] == "view"]
+    assert tied["name"] == "decoder.weight" and tied["view_of"] == "embed.weight" and tied["stored"] == 0
+    assert "view of embed.weight" in cli(repo_dir, "show", "pytorch_model.bin").stdout
+
+    with theta_store.open(path, rev="HEAD") as f:
+        assert sorted(f.keys()) == sorted(sd)
+        for k, t in sd.items():
+            np.testing.assert_array_equal(f.get_tensor(k), t.numpy())
+
+    with torch.no_grad():
+        sd["embed.weight"][3] += 1.0  # changes the decoder too: one storage
+    torch.save(sd, path)
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "two")
+    diff = json.loads(cli(repo_dir, "diff", "--json", "HEAD~1", "HEAD", "--", "pytorch_model.bin").stdout)
+    changed = {t["name"] for f in (diff if isinstance(diff, list) else diff["files"]) for t in f["tensors"] if t["kind"] != "unchanged"}
+    assert changed == {"embed.weight", "decoder.weight"}
+
+
+def test_views_of_one_storage(repo_dir: Path) -> None:
+    setup_repo(repo_dir, "*.pt")
+    path = repo_dir / "views.pt"
+    d = views_dict()
+    torch.save(d, path)
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "views")
+    show = json.loads(cli(repo_dir, "show", "--json", "views.pt").stdout)
+    assert show["tensors"] == 5
+    stored = [r for r in show["rows"] if r["kind"] == "tensor"]
+    assert len(stored) == 1 and stored[0]["shape"] == [48]  # one region: the storage, once
+    views = {r["name"]: r for r in show["rows"] if r["kind"] == "view"}
+    assert set(views) == set(d)
+    assert views["transposed"]["stride"] == [1, 4] and views["transposed"]["storage_offset"] == 6
+    assert views["column"]["offset"] == stored[0]["offset"] + 4
+    with theta_store.open(path, rev="HEAD") as f:
+        assert list(f.keys()) == list(d)
+        for k, t in d.items():
+            got = f.get_tensor(k)
+            assert got.shape == tuple(t.shape)
+            np.testing.assert_array_equal(got, t.numpy())
+        np.testing.assert_array_equal(f.get_slice("transposed")[1:3], d["transposed"][1:3].numpy())
+
+
+def test_fixture_with_tied_weights(repo: theta_store.Repo, repo_dir: Path) -> None:
+    """The Hugging Face fixture names one tensor more than it has storages; show lists them all."""
+    dest = repo_dir / "pytorch_model.bin"
+    dest.write_bytes((FIXTURES / "torch/hf/pytorch_model.bin").read_bytes())
+    repo.add([str(dest)])  # type: ignore[attr-defined]
+    info = repo.show(str(dest))  # type: ignore[attr-defined]
+    want = torch.load(dest, weights_only=True)
+    assert info["tensors"] == len(want)
+    assert sorted(r["name"] for r in info["rows"] if r["kind"] in ("tensor", "view")) == sorted(want)
+    with theta_store.open(dest, rev=None) as f:
+        for k, t in want.items():
+            np.testing.assert_array_equal(f.get_tensor(k), t.numpy())
