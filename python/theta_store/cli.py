@@ -127,8 +127,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             r["dtype"],
             "x".join(map(str, r["shape"])) or "-",
             human_size(r["bytes"]),
-            human_size(r["stored"]) if r["kind"] != "view" else "-",
-            f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] and r["kind"] != "view" else "-",
+            human_size(r["stored"]) if r["kind"] in ("tensor", "skeleton") else "-",
+            f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] and r["kind"] in ("tensor", "skeleton") else "-",
             r["encoding"] + (f" (lossy, r={r['lossy']['rank']}, err {r['lossy']['rel_err']:.1e})" if r["lossy"] else ""),
             r["codec"],
         ]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +81,8 @@ class TensorView:
     storage_offset: int = 0
     stride: tuple[int, ...] | None = None
     fortran: bool = False
+    # An array inside a deflated .npz member (kept in the skeleton): read by inflating that member.
+    member: str | None = None
 
 
 class CheckpointReader:
@@ -195,6 +199,8 @@ class CheckpointReader:
     def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
         """The tensor as a numpy array (a copy; decodes only the chunks it needs)."""
         v = self._view(name)
+        if v.member is not None:
+            return self._member_array(v.member)
         dt = numpy_dtype(v.dtype)
         if v.span is None:
             raise ThetaStoreError(f"{self.path}: tensor {name!r} is stored inside the skeleton (compressed member); read the file")
@@ -213,6 +219,16 @@ class CheckpointReader:
         base = np.frombuffer(raw, dt)
         strides = tuple(s * dt.itemsize for s in v.stride)
         return np.lib.stride_tricks.as_strided(base, shape=v.shape, strides=strides).copy()
+
+    def _member_array(self, member: str) -> np.ndarray[Any, Any]:
+        """The array of a deflated .npz member, inflated from the stored file's bytes (its ZIP
+        directory and that member only)."""
+        try:
+            with zipfile.ZipFile(io.BufferedReader(_VersionFile(self))) as z, z.open(member) as fh:
+                arr: np.ndarray[Any, Any] = np.lib.format.read_array(fh, allow_pickle=False)
+                return arr
+        except (zipfile.BadZipFile, KeyError, ValueError, EOFError, zlib.error) as e:
+            raise ThetaStoreError(f"{self.path}: cannot read .npz member {member!r}: {e}") from None
 
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, self._view(name))
@@ -291,9 +307,17 @@ def tensor_views(m: Manifest) -> dict[str, TensorView]:
             )
         return out
     arrays = m.metadata.get("arrays") if m.format == "numpy" else None  # flax keeps a count under that key
-    fortran = {a["name"]: bool(a.get("fortran_order")) for a in arrays or [] if isinstance(a, dict) and "name" in a}
+    listed = [a for a in arrays or [] if isinstance(a, dict) and isinstance(a.get("name"), str)]
+    fortran = {a["name"]: bool(a.get("fortran_order")) for a in listed}
+    for a in listed:  # an .npz in its directory's order, deflated members included
+        if a["name"] in spans:
+            s = spans[a["name"]]
+            out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran[s.name])
+        elif a.get("compressed") and isinstance(a.get("member"), str):
+            out[a["name"]] = TensorView(a["name"], str(a.get("dtype")), tuple(a.get("shape") or ()), None, member=a["member"])
     for s in m.tensors:
-        out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran.get(s.name, False))
+        if s.name not in out:
+            out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran.get(s.name, False))
     return out
 
 

@@ -432,9 +432,12 @@ class Repo:
         kinds = chunk_kinds(self.store, frames, (c for s in m.spans for c, _ in s.chunks))
         rows: list[dict[str, Any]] = []
         views: dict[str, list[TensorView]] = {}
+        members = []
         for v in tensor_views(m).values():
             if v.span is not None:
                 views.setdefault(v.span.name, []).append(v)
+            elif v.member is not None:
+                members.append(v)
         for s in m.spans:
             stored = sum(frames[c].frame_len for c, _ in s.chunks if c in frames)
             codecs = sorted({frames[c].planes for c, _ in s.chunks if c in frames})
@@ -456,6 +459,8 @@ class Repo:
             )
             if s.kind == "tensor":
                 rows.extend(_view_rows(s, views.get(s.name, [])))
+        # Arrays of deflated .npz members: their bytes are in the skeleton, compressed.
+        rows.extend(_member_row(v) for v in members)
         unique = {c for s in m.spans for c, _ in s.chunks}
         return {
             "path": self.relpath(path),
@@ -681,6 +686,23 @@ def _view_rows(span: SpanEntry, views: list[TensorView]) -> list[dict[str, Any]]
             }
         )
     return rows
+
+
+def _member_row(v: TensorView) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "kind": "member",
+        "dtype": v.dtype,
+        "shape": list(v.shape),
+        "offset": None,
+        "bytes": math.prod(v.shape) * numpy_dtype(v.dtype).itemsize,
+        "stored": 0,
+        "chunks": 0,
+        "codec": "",
+        "encoding": f"in deflated member {v.member} (skeleton)",
+        "lossy": None,
+        "member": v.member,
+    }
 
 
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
