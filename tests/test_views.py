@@ -188,3 +188,67 @@ def test_stored_and_deflated_members_in_one_npz(repo: theta_store.Repo, repo_dir
         assert f.keys() == ["a", "b"]
         np.testing.assert_array_equal(f.get_tensor("a"), a)
         np.testing.assert_array_equal(f.get_tensor("b"), b)
+
+
+def write_sharded(d: Path, shards: dict[str, dict[str, np.ndarray[Any, Any]]]) -> None:
+    """Shards written by theta_store's safetensors writer, and the index transformers writes."""
+    weight_map = {}
+    for shard, tensors in shards.items():
+        theta_store.save_safetensors(str(d / shard), tensors)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    total = sum(a.nbytes for t in shards.values() for a in t.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def test_sharded_safetensors_seen_as_one_model(repo_dir: Path) -> None:
+    setup_repo(repo_dir, "*.safetensors")
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.standard_normal((16, 8)).astype(np.float32) for _ in range(3))
+    s1, s2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    write_sharded(repo_dir, {s1: {"a": a, "b": b}, s2: {"c": c}})
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "v1")
+    assert git(repo_dir, "show", "HEAD:model.safetensors.index.json").stdout.startswith("{")  # a plain file
+
+    show = json.loads(cli(repo_dir, "show", "--json", "model.safetensors.index.json").stdout)
+    assert show["tensors"] == 3 and [s["path"] for s in show["shards"]] == [s1, s2]
+    assert {(r["name"], r["shard"]) for r in show["rows"] if r["kind"] == "tensor"} == {("a", s1), ("b", s1), ("c", s2)}
+    assert "shards " + s1 in cli(repo_dir, "show", "model.safetensors.index.json").stdout
+
+    with theta_store.open(repo_dir / "model.safetensors.index.json", rev="HEAD") as f:
+        assert f.keys() == ["a", "b", "c"]
+        assert f.metadata() == {"total_size": 3 * a.nbytes}
+        np.testing.assert_array_equal(f.get_tensor("c"), c)
+        np.testing.assert_array_equal(f.get_slice("a")[2:4], a[2:4])
+
+    # v2: b moves to the second shard unchanged, c changes.
+    c2 = c.copy()
+    c2[5, 1] += 1.0
+    write_sharded(repo_dir, {s1: {"a": a}, s2: {"b": b, "c": c2}})
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "v2")
+    with theta_store.delta(repo_dir / "model.safetensors.index.json", "HEAD~1", "HEAD") as d:
+        assert {k: v.kind != "unchanged" for k, v in d.items()} == {"a": False, "b": False, "c": True}
+        np.testing.assert_array_equal(d["c"].indices, [5 * 8 + 1])
+    diff = json.loads(cli(repo_dir, "diff", "--json", "HEAD~1", "HEAD", "--", "model.safetensors.index.json").stdout)
+    (report,) = diff["files"]
+    assert report["path"] == "model.safetensors.index.json"
+    assert [t["name"] for t in report["tensors"]] == ["c"]
+    text = cli(repo_dir, "diff", "HEAD~1", "HEAD", "--", "model.safetensors.index.json").stdout
+    assert "1 of 3 tensors changed" in text
+    delta_text = cli(repo_dir, "delta", "HEAD~1", "HEAD", "--", "model.safetensors.index.json")
+    assert "1 of 3 tensors changed" in delta_text.stdout
+
+
+def test_sharded_index_naming_a_missing_tensor(repo_dir: Path) -> None:
+    setup_repo(repo_dir, "*.safetensors")
+    theta_store.save_safetensors(str(repo_dir / "s1.safetensors"), {"a": np.ones(3, np.float32)})
+    index = {"metadata": {}, "weight_map": {"a": "s1.safetensors", "ghost": "s1.safetensors"}}
+    (repo_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "v1")
+    with theta_store.open(repo_dir / "model.safetensors.index.json") as f:
+        np.testing.assert_array_equal(f.get_tensor("a"), np.ones(3, np.float32))
+        with pytest.raises(theta_store.ThetaStoreError, match=r"ghost.*s1\.safetensors"):
+            f.get_tensor("ghost")

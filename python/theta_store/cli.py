@@ -136,7 +136,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     ]
     head = (
         f"{info['path']}: {info['format']}, {info['tensors']} tensors, {human_size(info['size'])} stored as {human_size(info['stored'])}"
-        f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
+        f" ({info['stored'] / max(info['size'], 1):.3f})\n"
+        + (f"manifest {info['manifest']}\n" if info["manifest"] else f"shards {', '.join(s['path'] for s in info.get('shards', []))}\n")
     )
     if info["lossy"]:
         head += (
@@ -473,8 +474,18 @@ def _diff(args: argparse.Namespace, base: str | None, rev: str | None, paths: li
     new_name = rev or "the index"
     files: list[dict[str, Any]] = []
     lines: list[str] = []
+    from .formats.sharded import is_index
+
+    indexes = [p for p in paths if is_index(p)]
+    paths = [p for p in paths if not is_index(p)]
     with Repo(args.C) as repo:
-        for rel, status in repo.delta_files(base, rev, paths):
+        # A sharded model's index is diffed as one model over its shards (it is no pointer).
+        for p in indexes:
+            with repo.delta(p, base, rev) as deltas:
+                report = file_report(deltas, show_all=show_all, rank=rank)
+            files.append(report)
+            lines += render_text(report, _table, picture=picture)
+        for rel, status in repo.delta_files(base, rev, paths) if paths or not indexes else []:
             if status != "changed":
                 files.append({"path": rel, "status": status, "tensors": []})
                 what = {"added": f"added in {new_name}", "removed": f"removed in {new_name}", "unchanged": "unchanged (the same version)"}

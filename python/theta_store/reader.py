@@ -321,8 +321,84 @@ def tensor_views(m: Manifest) -> dict[str, TensorView]:
     return out
 
 
-def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None) -> CheckpointReader:
-    """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily.
+class ShardedReader:
+    """A sharded model (``model.safetensors.index.json`` and its shards) read as one checkpoint:
+    the tensors of the index's ``weight_map`` in its order, each read from its shard's stored
+    version in the same revision. Shards are opened when first needed. Use as a context manager."""
+
+    def __init__(self, store: GitStore, rel: str, rev: str | None) -> None:
+        from .formats.sharded import parse_index, shard_relpath
+
+        self._store = store
+        self.path = rel
+        self.rev = rev
+        where = f"{rel} ({'index' if rev is None else rev})"
+        data = store.read_path(rel, rev)
+        if looks_like_pointer(data):
+            raise PointerError(f"{where}: a sharded-checkpoint index is stored as a theta-store pointer; it should be a plain file")
+        self.index = parse_index(data, where)
+        self._shard_of = {name: shard_relpath(rel, shard) for name, shard in self.index["weight_map"].items()}
+        self.shards = [shard_relpath(rel, s) for s in self.index["shards"]]
+        self._readers: dict[str, CheckpointReader] = {}
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._store.close()
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def shard_of(self, name: str) -> str:
+        """The path of the shard holding tensor `name` (as the index's weight_map says)."""
+        try:
+            return self._shard_of[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r} in its weight_map (it has {len(self._shard_of)}: see keys())") from None
+
+    def shard(self, rel: str) -> CheckpointReader:
+        """The reader of one shard (by its path in the repository), opened once."""
+        if rel not in self._readers:
+            self._readers[rel] = read_version(GitStore(self._store.worktree), rel, self.rev)
+        return self._readers[rel]
+
+    def _reader(self, name: str) -> CheckpointReader:
+        r = self.shard(self.shard_of(name))
+        if name not in r.views:
+            raise ThetaStoreError(f"{self.path}: weight_map puts {name!r} in {r.path}, which has no tensor of that name")
+        return r
+
+    @property
+    def views(self) -> dict[str, TensorView]:
+        """Where each tensor lives (name -> TensorView in its shard), in the weight_map's order."""
+        return {name: self._reader(name).views[name] for name in self._shard_of}
+
+    def metadata(self) -> dict[str, Any]:
+        """The index's ``metadata`` (``total_size``...)."""
+        return dict(self.index["metadata"])
+
+    def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
+        return self._reader(name).get_tensor(name)
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return self._reader(name).get_slice(name)
+
+    def raw_bytes(self, name: str) -> bytes:
+        return self._reader(name).raw_bytes(name)
+
+
+def open(
+    path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None
+) -> CheckpointReader | ShardedReader:
+    """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily; a sharded
+    model's index (``*.safetensors.index.json``) opens all its shards as one (ShardedReader).
 
     A relative `path` is taken relative to `repo` when it is given (as `git -C repo` would),
     else to the current directory.
@@ -337,9 +413,11 @@ def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.
         ...     f.get_tensor("w")[1]
         array([3., 4., 5.], dtype=float32)
     """
+    from .formats.sharded import is_index
+
     store, rel = store_for(path, repo)
     try:
-        return read_version(store, rel, rev)
+        return ShardedReader(store, rel, rev) if is_index(rel) else read_version(store, rel, rev)
     except BaseException:
         store.close()
         raise

@@ -425,7 +425,13 @@ class Repo:
         return {fields[i]: fields[i + 2] for i in range(0, len(fields) - 2, 3)}
 
     def show(self, path: str, rev: str | None = None) -> dict[str, Any]:
-        """Per-tensor table of a stored checkpoint: name, dtype, shape, raw and stored bytes, codec."""
+        """Per-tensor table of a stored checkpoint: name, dtype, shape, raw and stored bytes, codec.
+        A sharded model's index (``*.safetensors.index.json``) shows its shards' rows, each with
+        its ``shard``."""
+        from .formats.sharded import is_index
+
+        if is_index(path):
+            return self._show_sharded(path, rev)
         p = self.pointer(path, rev)
         m = load_manifest(self.store, p.manifest_id)
         frames = self.store.version_frames(p.manifest_id)
@@ -473,6 +479,30 @@ class Repo:
             "rows": rows,
             "note": m.note,
             "lossy": m.lossy,
+        }
+
+    def _show_sharded(self, path: str, rev: str | None) -> dict[str, Any]:
+        from .reader import ShardedReader
+
+        rel = self.relpath(path)
+        with ShardedReader(GitStore(self.store.worktree), rel, rev) as sharded:
+            shards = sharded.shards
+            listed = set(sharded.keys())
+        infos = [self.show(os.path.join(self.root, s), rev) for s in shards]
+        rows = [r | {"shard": info["path"]} for info in infos for r in info["rows"]]
+        named = [r for r in rows if r["kind"] != "skeleton"]
+        return {
+            "path": rel,
+            "format": "sharded " + "+".join(sorted({i["format"] for i in infos})),
+            "size": sum(i["size"] for i in infos),
+            "manifest": "",
+            "shards": [{k: v for k, v in i.items() if k != "rows"} for i in infos],
+            "tensors": sum(i["tensors"] for i in infos),
+            "stored": sum(i["stored"] for i in infos),
+            "rows": rows,
+            "not_in_weight_map": [r["name"] for r in named if r["name"] not in listed],
+            "note": "; ".join(f"{i['path']}: {i['note']}" for i in infos if i["note"]),
+            "lossy": {k: v for i in infos for k, v in i["lossy"].items()},
         }
 
     def stats(self) -> dict[str, Any]:
