@@ -252,3 +252,19 @@ def test_sharded_index_naming_a_missing_tensor(repo_dir: Path) -> None:
         np.testing.assert_array_equal(f.get_tensor("a"), np.ones(3, np.float32))
         with pytest.raises(theta_store.ThetaStoreError, match=r"ghost.*s1\.safetensors"):
             f.get_tensor("ghost")
+
+
+def test_sharded_index_errors_name_the_file_and_place(repo_dir: Path) -> None:
+    setup_repo(repo_dir, "*.safetensors")
+    index = repo_dir / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "../outside.safetensors"}}))
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-qm", "bad")
+    show = [sys.executable, "-m", "theta_store", "show", "model.safetensors.index.json"]
+    r = subprocess.run(show, cwd=repo_dir, capture_output=True, text=True, check=False)
+    assert r.returncode != 0
+    assert "model.safetensors.index.json" in r.stderr and "weight_map['a']" in r.stderr and "Traceback" not in r.stderr
+    index.write_text(json.dumps({"weight_map": {"a": "missing.safetensors"}}))
+    git(repo_dir, "commit", "-qam", "missing shard")
+    with theta_store.open(index, rev="HEAD") as f, pytest.raises(theta_store.ThetaStoreError, match=r"missing\.safetensors"):
+        f.get_tensor("a")

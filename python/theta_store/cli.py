@@ -144,7 +144,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"lossy: {len(info['lossy'])} tensors are low-rank approximations of what was added (theta-store add --lossy);"
             " the others are byte-exact\n"
         )
-    _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "stored as", "codec (per byte plane)"]))
+    columns = ["tensor", "dtype", "shape", "raw", "stored", "ratio", "stored as", "codec (per byte plane)"]
+    if info.get("shards"):  # a sharded model: which shard each row is in
+        rows = [[*row, r["shard"]] for row, r in zip(rows, info["rows"], strict=True)]
+        columns.append("shard")
+    _out(args, info, head + _table(rows, columns))
     return 0
 
 
