@@ -217,6 +217,7 @@ def test_sharded_safetensors_seen_as_one_model(repo_dir: Path) -> None:
     assert "shards " + s1 in cli(repo_dir, "show", "model.safetensors.index.json").stdout
 
     with theta_store.open(repo_dir / "model.safetensors.index.json", rev="HEAD") as f:
+        assert isinstance(f, theta_store.ShardedReader)
         assert f.keys() == ["a", "b", "c"]
         assert f.metadata() == {"total_size": 3 * a.nbytes}
         np.testing.assert_array_equal(f.get_tensor("c"), c)
