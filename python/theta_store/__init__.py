@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .lora import extract_lora
     from .manifest import Manifest
     from .pointer import Pointer
-    from .reader import CheckpointReader, TensorSlice, open
+    from .reader import CheckpointReader, ShardedReader, TensorSlice, open
     from .repo import AddReport, Repo
 
 # Imported on first use (PEP 562): git runs `theta-store filter-process` for every command that
@@ -47,6 +47,7 @@ _LAZY = {
     "Manifest": "manifest",
     "Pointer": "pointer",
     "CheckpointReader": "reader",
+    "ShardedReader": "reader",
     "TensorSlice": "reader",
     "open": "reader",
     "AddReport": "repo",
@@ -82,6 +83,7 @@ __all__ = [
     "Pointer",
     "PointerError",
     "Repo",
+    "ShardedReader",
     "TensorRegion",
     "TensorSlice",
     "ThetaStoreError",

@@ -127,8 +127,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             r["dtype"],
             "x".join(map(str, r["shape"])) or "-",
             human_size(r["bytes"]),
-            human_size(r["stored"]),
-            f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] else "-",
+            human_size(r["stored"]) if r["kind"] in ("tensor", "skeleton") else "-",
+            f"{r['stored'] / r['bytes']:.3f}" if r["bytes"] and r["kind"] in ("tensor", "skeleton") else "-",
             r["encoding"] + (f" (lossy, r={r['lossy']['rank']}, err {r['lossy']['rel_err']:.1e})" if r["lossy"] else ""),
             r["codec"],
         ]
@@ -136,14 +136,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     ]
     head = (
         f"{info['path']}: {info['format']}, {info['tensors']} tensors, {human_size(info['size'])} stored as {human_size(info['stored'])}"
-        f" ({info['stored'] / max(info['size'], 1):.3f})\nmanifest {info['manifest']}\n"
+        f" ({info['stored'] / max(info['size'], 1):.3f})\n"
+        + (f"manifest {info['manifest']}\n" if info["manifest"] else f"shards {', '.join(s['path'] for s in info.get('shards', []))}\n")
     )
     if info["lossy"]:
         head += (
             f"lossy: {len(info['lossy'])} tensors are low-rank approximations of what was added (theta-store add --lossy);"
             " the others are byte-exact\n"
         )
-    _out(args, info, head + _table(rows, ["tensor", "dtype", "shape", "raw", "stored", "ratio", "stored as", "codec (per byte plane)"]))
+    columns = ["tensor", "dtype", "shape", "raw", "stored", "ratio", "stored as", "codec (per byte plane)"]
+    if info.get("shards"):  # a sharded model: which shard each row is in
+        rows = [[*row, r["shard"]] for row, r in zip(rows, info["rows"], strict=True)]
+        columns.append("shard")
+    _out(args, info, head + _table(rows, columns))
     return 0
 
 
@@ -494,8 +499,18 @@ def _diff(args: argparse.Namespace, base: str | None, rev: str | None, paths: li
     new_name = rev or "the index"
     files: list[dict[str, Any]] = []
     lines: list[str] = []
+    from .formats.sharded import is_index
+
+    indexes = [p for p in paths if is_index(p)]
+    paths = [p for p in paths if not is_index(p)]
     with Repo(args.C) as repo:
-        for rel, status in repo.delta_files(base, rev, paths):
+        # A sharded model's index is diffed as one model over its shards (it is no pointer).
+        for p in indexes:
+            with repo.delta(p, base, rev) as deltas:
+                report = file_report(deltas, show_all=show_all, rank=rank)
+            files.append(report)
+            lines += render_text(report, _table, picture=picture)
+        for rel, status in repo.delta_files(base, rev, paths) if paths or not indexes else []:
             if status != "changed":
                 files.append({"path": rel, "status": status, "tensors": []})
                 what = {"added": f"added in {new_name}", "removed": f"removed in {new_name}", "unchanged": "unchanged (the same version)"}

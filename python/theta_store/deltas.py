@@ -13,6 +13,7 @@ both tensors.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -24,8 +25,9 @@ import numpy as np
 from . import _native
 from .encodings import chunk_kinds
 from .errors import ObjectNotFound, ThetaStoreError
+from .formats.sharded import is_index
 from .gitstore import GitStore, StoredFrame
-from .reader import CheckpointReader, TensorView, numpy_dtype, read_version, store_for
+from .reader import CheckpointReader, ShardedReader, TensorView, numpy_dtype, read_version, store_for
 
 KINDS = ("unchanged", "added", "removed", "reshaped", "bits", "sparse", "low-rank", "dense")
 REL_THRESHOLD = 1e-6  # of `stats["fraction_changed_at"]`: |new - base| > REL_THRESHOLD * |base|
@@ -168,7 +170,16 @@ class Delta:
             return "reshaped"
         if self._old_chunks is not None and self._old_chunks == self._new_chunks:
             return "unchanged"
+        if (old.member is not None or new.member is not None) and self._same_member_bytes:
+            return "unchanged"
         return None
+
+    @cached_property
+    def _same_member_bytes(self) -> bool:
+        """Whether an array of a deflated .npz member holds the same bytes in both versions:
+        the manifest has no chunks of its own to compare, so the two arrays are inflated."""
+        a, b = self.base(), self.new()
+        return a is not None and b is not None and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
     @cached_property
     def kind(self) -> str:
@@ -483,6 +494,74 @@ class Deltas(dict[str, Delta]):
         self.close()
 
 
+class ShardedDeltas(Deltas):
+    """`{name: Delta}` of a sharded model (its ``*.index.json``) between two revisions, in the
+    new weight_map's order (removed tensors last); a tensor that moved to another shard is
+    compared across the two shards."""
+
+    def __init__(self, store: GitStore, old: ShardedReader, new: ShardedReader, path: str, base: str | None, rev: str | None) -> None:
+        dict.__init__(self)
+        self._store, self._old, self._new = store, old, new
+        self.path, self.base, self.rev = path, base, rev
+        pairs: dict[tuple[str, str], _Pair] = {}
+
+        def pair(o: CheckpointReader, n: CheckpointReader) -> _Pair:
+            return pairs.setdefault((o.path, n.path), _Pair(store, o, n))
+
+        def counterpart(side: ShardedReader, shard: str) -> CheckpointReader:
+            # An added (removed) tensor still needs a version on the other side: the shard of the
+            # same name if there is one, so that chunks it shares count as not new.
+            return side.shard(shard if shard in side.shards else side.shards[0])
+
+        old_views, new_views = old.views, new.views
+        for name, view in new_views.items():
+            n = new.shard(new.shard_of(name))
+            o = old.shard(old.shard_of(name)) if name in old_views else counterpart(old, n.path)
+            self[name] = Delta(pair(o, n), name, old_views.get(name), view)
+        for name, view in old_views.items():
+            if name not in new_views:
+                o = old.shard(old.shard_of(name))
+                self[name] = Delta(pair(o, counterpart(new, o.path)), name, view, None)
+
+    @staticmethod
+    def _id(side: ShardedReader) -> bytes:
+        """One id for a sharded version: a hash of its shards' paths and manifest ids."""
+        h = hashlib.blake2b(digest_size=32)
+        for rel in side.shards:
+            h.update(rel.encode() + b"\0" + side.shard(rel).manifest_id)
+        return h.digest()
+
+    @property
+    def base_version(self) -> bytes:
+        return self._id(self._old)
+
+    @property
+    def version(self) -> bytes:
+        return self._id(self._new)
+
+    def metadata(self) -> dict[str, Any]:
+        """The new index's ``metadata``."""
+        return self._new.metadata()
+
+    @property
+    def metadata_label(self) -> str:
+        return "index metadata"
+
+    def metadata_changes(self) -> dict[str, Any]:
+        """How the index's ``metadata`` changed (see Deltas.metadata_changes)."""
+        old, new = self._old.metadata(), self._new.metadata()
+        return {
+            "added": {k: new[k] for k in sorted(new) if k not in old},
+            "removed": {k: old[k] for k in sorted(old) if k not in new},
+            "changed": {k: [old[k], new[k]] for k in sorted(new) if k in old and old[k] != new[k]},
+        }
+
+    def close(self) -> None:
+        self._old.close()
+        self._new.close()
+        self._store.close()
+
+
 def delta(path: str | os.PathLike[str], a: str | None, b: str | None, *, repo: str | os.PathLike[str] | None = None) -> Deltas:
     """`{name: Delta}`: how the checkpoint at `path` changed from revision `a` to revision `b`.
 
@@ -513,14 +592,16 @@ def delta(path: str | os.PathLike[str], a: str | None, b: str | None, *, repo: s
     """
     store, rel = store_for(path, repo)
     try:
-        readers = []
         for rev in (a, b):
             if rev is not None and not store.has_revision(rev):
                 raise ObjectNotFound(
                     f"{rel}: revision {rev!r} is unknown here (no branch, tag or commit of that name)",
                     hint="`git log --oneline --all` lists the commits; `git fetch` brings a remote's branches",
                 )
-            readers.append(read_version(store, rel, rev))
+        if is_index(rel):
+            sides = [ShardedReader(GitStore(store.worktree), rel, rev) for rev in (a, b)]
+            return ShardedDeltas(store, sides[0], sides[1], rel, a, b)
+        readers = [read_version(store, rel, rev) for rev in (a, b)]
         return Deltas(_Pair(store, readers[0], readers[1]), rel, a, b)
     except BaseException:
         store.close()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +81,8 @@ class TensorView:
     storage_offset: int = 0
     stride: tuple[int, ...] | None = None
     fortran: bool = False
+    # An array inside a deflated .npz member (kept in the skeleton): read by inflating that member.
+    member: str | None = None
 
 
 class CheckpointReader:
@@ -97,7 +101,7 @@ class CheckpointReader:
         self._id = manifest_id
         self.manifest = manifest
         self.path = path
-        self._views = _views(manifest)
+        self._views = tensor_views(manifest)
         self._pointer = pointer or Pointer(manifest_id, manifest.size, manifest.blake3, len(manifest.tensors), manifest.format)
         self._plan: ReadPlan | None = None
         # A version whose frames are in a chunk store: each read fetches the frames it needs.
@@ -195,6 +199,8 @@ class CheckpointReader:
     def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
         """The tensor as a numpy array (a copy; decodes only the chunks it needs)."""
         v = self._view(name)
+        if v.member is not None:
+            return self._member_array(v.member)
         dt = numpy_dtype(v.dtype)
         if v.span is None:
             raise ThetaStoreError(f"{self.path}: tensor {name!r} is stored inside the skeleton (compressed member); read the file")
@@ -213,6 +219,16 @@ class CheckpointReader:
         base = np.frombuffer(raw, dt)
         strides = tuple(s * dt.itemsize for s in v.stride)
         return np.lib.stride_tricks.as_strided(base, shape=v.shape, strides=strides).copy()
+
+    def _member_array(self, member: str) -> np.ndarray[Any, Any]:
+        """The array of a deflated .npz member, inflated from the stored file's bytes (its ZIP
+        directory and that member only)."""
+        try:
+            with zipfile.ZipFile(io.BufferedReader(_VersionFile(self))) as z, z.open(member) as fh:
+                arr: np.ndarray[Any, Any] = np.lib.format.read_array(fh, allow_pickle=False)
+                return arr
+        except (zipfile.BadZipFile, KeyError, ValueError, EOFError, zlib.error) as e:
+            raise ThetaStoreError(f"{self.path}: cannot read .npz member {member!r}: {e}") from None
 
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, self._view(name))
@@ -272,7 +288,9 @@ class TensorSlice:
         return rows[(builtins.slice(None), *rest)] if rest else rows
 
 
-def _views(m: Manifest) -> dict[str, TensorView]:
+def tensor_views(m: Manifest) -> dict[str, TensorView]:
+    """Every tensor a manifest's file names (name -> TensorView), in the file's order: a torch
+    pickle's tensors, tied weights and views included, else one per tensor span."""
     spans = {s.name: s for s in m.tensors}
     out: dict[str, TensorView] = {}
     views = m.metadata.get("views")
@@ -288,14 +306,99 @@ def _views(m: Manifest) -> dict[str, TensorView]:
                 tuple(v["stride"]),
             )
         return out
-    fortran = {a["name"]: bool(a.get("fortran_order")) for a in m.metadata.get("arrays", []) if isinstance(a, dict) and "name" in a}
+    arrays = m.metadata.get("arrays") if m.format == "numpy" else None  # flax keeps a count under that key
+    listed = [a for a in arrays or [] if isinstance(a, dict) and isinstance(a.get("name"), str)]
+    fortran = {a["name"]: bool(a.get("fortran_order")) for a in listed}
+    for a in listed:  # an .npz in its directory's order, deflated members included
+        if a["name"] in spans:
+            s = spans[a["name"]]
+            out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran[s.name])
+        elif a.get("compressed") and isinstance(a.get("member"), str):
+            out[a["name"]] = TensorView(a["name"], str(a.get("dtype")), tuple(a.get("shape") or ()), None, member=a["member"])
     for s in m.tensors:
-        out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran.get(s.name, False))
+        if s.name not in out:
+            out[s.name] = TensorView(s.name, s.dtype, tuple(s.shape), s, fortran=fortran.get(s.name, False))
     return out
 
 
-def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None) -> CheckpointReader:
-    """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily.
+class ShardedReader:
+    """A sharded model (``model.safetensors.index.json`` and its shards) read as one checkpoint:
+    the tensors of the index's ``weight_map`` in its order, each read from its shard's stored
+    version in the same revision. Shards are opened when first needed. Use as a context manager."""
+
+    def __init__(self, store: GitStore, rel: str, rev: str | None) -> None:
+        from .formats.sharded import parse_index, shard_relpath
+
+        self._store = store
+        self.path = rel
+        self.rev = rev
+        where = f"{rel} ({'index' if rev is None else rev})"
+        data = store.read_path(rel, rev)
+        if looks_like_pointer(data):
+            raise PointerError(f"{where}: a sharded-checkpoint index is stored as a theta-store pointer; it should be a plain file")
+        self.index = parse_index(data, where)
+        self._shard_of = {name: shard_relpath(rel, shard) for name, shard in self.index["weight_map"].items()}
+        self.shards = [shard_relpath(rel, s) for s in self.index["shards"]]
+        self._readers: dict[str, CheckpointReader] = {}
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._store.close()
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def shard_of(self, name: str) -> str:
+        """The path of the shard holding tensor `name` (as the index's weight_map says)."""
+        try:
+            return self._shard_of[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r} in its weight_map (it has {len(self._shard_of)}: see keys())") from None
+
+    def shard(self, rel: str) -> CheckpointReader:
+        """The reader of one shard (by its path in the repository), opened once."""
+        if rel not in self._readers:
+            self._readers[rel] = read_version(GitStore(self._store.worktree), rel, self.rev)
+        return self._readers[rel]
+
+    def _reader(self, name: str) -> CheckpointReader:
+        r = self.shard(self.shard_of(name))
+        if name not in r.views:
+            raise ThetaStoreError(f"{self.path}: weight_map puts {name!r} in {r.path}, which has no tensor of that name")
+        return r
+
+    @property
+    def views(self) -> dict[str, TensorView]:
+        """Where each tensor lives (name -> TensorView in its shard), in the weight_map's order."""
+        return {name: self._reader(name).views[name] for name in self._shard_of}
+
+    def metadata(self) -> dict[str, Any]:
+        """The index's ``metadata`` (``total_size``...)."""
+        return dict(self.index["metadata"])
+
+    def get_tensor(self, name: str) -> np.ndarray[Any, Any]:
+        return self._reader(name).get_tensor(name)
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return self._reader(name).get_slice(name)
+
+    def raw_bytes(self, name: str) -> bytes:
+        return self._reader(name).raw_bytes(name)
+
+
+def open(
+    path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.PathLike[str] | None = None
+) -> CheckpointReader | ShardedReader:
+    """Open the checkpoint stored at `path` in commit `rev` (None: the index) lazily; a sharded
+    model's index (``*.safetensors.index.json``) opens all its shards as one (ShardedReader).
 
     A relative `path` is taken relative to `repo` when it is given (as `git -C repo` would),
     else to the current directory.
@@ -310,9 +413,11 @@ def open(path: str | os.PathLike[str], rev: str | None = "HEAD", repo: str | os.
         ...     f.get_tensor("w")[1]
         array([3., 4., 5.], dtype=float32)
     """
+    from .formats.sharded import is_index
+
     store, rel = store_for(path, repo)
     try:
-        return read_version(store, rel, rev)
+        return ShardedReader(store, rel, rev) if is_index(rel) else read_version(store, rel, rev)
     except BaseException:
         store.close()
         raise

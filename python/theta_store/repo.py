@@ -10,6 +10,7 @@ them: the checkpoint core (checkpoint, reader, manifest, formats) and this porce
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import subprocess
@@ -26,8 +27,10 @@ from .errors import CorruptObject, InvalidArgument, ObjectNotFound, PointerError
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
 from .lossy import apply_lossy, parse_spec
+from .manifest import SpanEntry
 from .plan import REF_PREFIX, load_manifest, native_chunks, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
+from .reader import TensorView, numpy_dtype, tensor_views
 from .remote import ensure_versions
 
 if TYPE_CHECKING:
@@ -422,12 +425,25 @@ class Repo:
         return {fields[i]: fields[i + 2] for i in range(0, len(fields) - 2, 3)}
 
     def show(self, path: str, rev: str | None = None) -> dict[str, Any]:
-        """Per-tensor table of a stored checkpoint: name, dtype, shape, raw and stored bytes, codec."""
+        """Per-tensor table of a stored checkpoint: name, dtype, shape, raw and stored bytes, codec.
+        A sharded model's index (``*.safetensors.index.json``) shows its shards' rows, each with
+        its ``shard``."""
+        from .formats.sharded import is_index
+
+        if is_index(path):
+            return self._show_sharded(path, rev)
         p = self.pointer(path, rev)
         m = load_manifest(self.store, p.manifest_id)
         frames = self.store.version_frames(p.manifest_id)
         kinds = chunk_kinds(self.store, frames, (c for s in m.spans for c, _ in s.chunks))
-        rows = []
+        rows: list[dict[str, Any]] = []
+        views: dict[str, list[TensorView]] = {}
+        members = []
+        for v in tensor_views(m).values():
+            if v.span is not None:
+                views.setdefault(v.span.name, []).append(v)
+            elif v.member is not None:
+                members.append(v)
         for s in m.spans:
             stored = sum(frames[c].frame_len for c, _ in s.chunks if c in frames)
             codecs = sorted({frames[c].planes for c, _ in s.chunks if c in frames})
@@ -447,6 +463,10 @@ class Repo:
                     "lossy": m.lossy.get(s.name) if s.kind == "tensor" else None,
                 }
             )
+            if s.kind == "tensor":
+                rows.extend(_view_rows(s, views.get(s.name, [])))
+        # Arrays of deflated .npz members: their bytes are in the skeleton, compressed.
+        rows.extend(_member_row(v) for v in members)
         unique = {c for s in m.spans for c, _ in s.chunks}
         return {
             "path": self.relpath(path),
@@ -454,11 +474,35 @@ class Repo:
             "size": m.size,
             "blake3": m.blake3.hex(),
             "manifest": p.manifest_id.hex(),
-            "tensors": len(m.tensors),
+            "tensors": len(tensor_views(m)),
             "stored": sum(frames[c].frame_len for c in unique if c in frames),
             "rows": rows,
             "note": m.note,
             "lossy": m.lossy,
+        }
+
+    def _show_sharded(self, path: str, rev: str | None) -> dict[str, Any]:
+        from .reader import ShardedReader
+
+        rel = self.relpath(path)
+        with ShardedReader(GitStore(self.store.worktree), rel, rev) as sharded:
+            shards = sharded.shards
+            listed = set(sharded.keys())
+        infos = [self.show(os.path.join(self.root, s), rev) for s in shards]
+        rows = [r | {"shard": info["path"]} for info in infos for r in info["rows"]]
+        named = [r for r in rows if r["kind"] != "skeleton"]
+        return {
+            "path": rel,
+            "format": "sharded " + "+".join(sorted({i["format"] for i in infos})),
+            "size": sum(i["size"] for i in infos),
+            "manifest": "",
+            "shards": [{k: v for k, v in i.items() if k != "rows"} for i in infos],
+            "tensors": sum(i["tensors"] for i in infos),
+            "stored": sum(i["stored"] for i in infos),
+            "rows": rows,
+            "not_in_weight_map": [r["name"] for r in named if r["name"] not in listed],
+            "note": "; ".join(f"{i['path']}: {i['note']}" for i in infos if i["note"]),
+            "lossy": {k: v for i in infos for k, v in i["lossy"].items()},
         }
 
     def stats(self) -> dict[str, Any]:
@@ -757,6 +801,62 @@ class Repo:
         from .lora import extract_lora
 
         return extract_lora(os.path.join(self.root, self.relpath(path)), base, rev, repo=self.root, **options)
+
+
+def _view_rows(span: SpanEntry, views: list[TensorView]) -> list[dict[str, Any]]:
+    """`show` rows of the tensors a torch pickle builds on the storage stored as `span`, other
+    than the one that is the span itself: tied weights and views, each an offset, shape and
+    strides (in elements) into that one stored region, which holds their bytes once."""
+    rows = []
+    for v in views:
+        if v.name == span.name and v.shape == span.shape and v.storage_offset == 0 and v.stride in (None, _c_strides(v.shape)):
+            continue
+        itemsize = numpy_dtype(v.dtype).itemsize
+        rows.append(
+            {
+                "name": v.name,
+                "kind": "view",
+                "dtype": v.dtype,
+                "shape": list(v.shape),
+                "offset": span.offset + v.storage_offset * itemsize,
+                "bytes": math.prod(v.shape) * itemsize,
+                "stored": 0,
+                "chunks": 0,
+                "codec": "",
+                "encoding": f"view of {span.name}"
+                + ("" if v.stride is None else f" (offset {v.storage_offset}, stride {'x'.join(map(str, v.stride)) or '-'})"),
+                "lossy": None,
+                "view_of": span.name,
+                "storage_offset": v.storage_offset,
+                "stride": list(v.stride) if v.stride is not None else None,
+            }
+        )
+    return rows
+
+
+def _member_row(v: TensorView) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "kind": "member",
+        "dtype": v.dtype,
+        "shape": list(v.shape),
+        "offset": None,
+        "bytes": math.prod(v.shape) * numpy_dtype(v.dtype).itemsize,
+        "stored": 0,
+        "chunks": 0,
+        "codec": "",
+        "encoding": f"in deflated member {v.member} (skeleton)",
+        "lossy": None,
+        "member": v.member,
+    }
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, n = [], 1
+    for d in reversed(shape):
+        out.append(n)
+        n *= d
+    return tuple(reversed(out))
 
 
 def file_blake3(path: str) -> bytes:

@@ -55,6 +55,13 @@ def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
         if size > MAX_INDEX:
             raise FormatError(p, "index", f"is {size} bytes, above the {MAX_INDEX}-byte limit for an index")
         data = f.read()
+    return parse_index(data, p)
+
+
+def parse_index(data: bytes, p: str) -> dict[str, Any]:
+    """:func:`read_index` of an index's bytes (``p`` names it in errors): a version stored in Git."""
+    if len(data) > MAX_INDEX:
+        raise FormatError(p, "index", f"is {len(data)} bytes, above the {MAX_INDEX}-byte limit for an index")
     try:
         doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
@@ -93,6 +100,11 @@ def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise FormatError(p, where, f"shard {shard!r} is not a relative path inside the index's directory")
         shards.add(shard)
     return {"metadata": metadata, "weight_map": dict(weight_map), "shards": sorted(shards)}
+
+
+def shard_relpath(index_rel: str, shard: str) -> str:
+    """A shard's path in the repository (``/``-separated), from the index's own path there."""
+    return posixpath.join(posixpath.dirname(index_rel), *shard.replace("\\", "/").split("/"))
 
 
 def shard_paths(path: str | os.PathLike[str], index: dict[str, Any]) -> list[str]:
