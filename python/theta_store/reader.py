@@ -321,6 +321,19 @@ def tensor_views(m: Manifest) -> dict[str, TensorView]:
     return out
 
 
+def is_sharded_model(store: GitStore, rel: str, rev: str | None) -> bool:
+    """Whether `rel` at `rev` is a sharded model's index kept as a plain file (an index added as
+    a checkpoint of its own is read as that file)."""
+    from .formats.sharded import is_index
+
+    if not is_index(rel):
+        return False
+    try:
+        return not looks_like_pointer(store.read_path(rel, rev))
+    except ThetaStoreError:
+        return True  # absent: the sharded reader says so, naming the index
+
+
 class ShardedReader:
     """A sharded model (``model.safetensors.index.json`` and its shards) read as one checkpoint:
     the tensors of the index's ``weight_map`` in its order, each read from its shard's stored
@@ -413,11 +426,9 @@ def open(
         ...     f.get_tensor("w")[1]
         array([3., 4., 5.], dtype=float32)
     """
-    from .formats.sharded import is_index
-
     store, rel = store_for(path, repo)
     try:
-        return ShardedReader(store, rel, rev) if is_index(rel) else read_version(store, rel, rev)
+        return ShardedReader(store, rel, rev) if is_sharded_model(store, rel, rev) else read_version(store, rel, rev)
     except BaseException:
         store.close()
         raise

@@ -30,7 +30,7 @@ from .lossy import apply_lossy, parse_spec
 from .manifest import SpanEntry
 from .plan import REF_PREFIX, load_manifest, native_chunks, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
-from .reader import TensorView, numpy_dtype, tensor_views
+from .reader import TensorView, is_sharded_model, numpy_dtype, tensor_views
 from .remote import ensure_versions
 
 if TYPE_CHECKING:
@@ -428,9 +428,7 @@ class Repo:
         """Per-tensor table of a stored checkpoint: name, dtype, shape, raw and stored bytes, codec.
         A sharded model's index (``*.safetensors.index.json``) shows its shards' rows, each with
         its ``shard``."""
-        from .formats.sharded import is_index
-
-        if is_index(path):
+        if is_sharded_model(self.store, self.relpath(path), rev):
             return self._show_sharded(path, rev)
         p = self.pointer(path, rev)
         m = load_manifest(self.store, p.manifest_id)
