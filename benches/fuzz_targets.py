@@ -9,6 +9,8 @@ pkt-lines git would call broken). Memory and time are bounded by the runner (lib
 
     python benches/fuzz_targets.py TARGET SECONDS CORPUS_DIR [ARTIFACT_DIR]
 
+(fault inputs are written to ARTIFACT_DIR/py-TARGET-crash-..., -timeout-..., -oom-...)
+
 runs one target under atheris (coverage-guided libFuzzer) for SECONDS, seeded with files made
 from tests/fixtures (written to CORPUS_DIR first); benches/fuzz.sh runs them all. `seeds(name)`
 and `TARGETS` are what tests/test_fuzz_regressions.py replays.
@@ -403,7 +405,7 @@ def run(name: str, seconds: int, corpus: str, artifacts: str) -> None:
         "-timeout=10",
         "-rss_limit_mb=2048",
         "-max_len=1048576",
-        f"-artifact_prefix={artifacts.rstrip('/')}/{name}-",
+        f"-artifact_prefix={artifacts.rstrip('/')}/py-{name}-",
         "-print_final_stats=1",
     ]
     atheris.Setup(args, target)
