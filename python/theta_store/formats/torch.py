@@ -29,8 +29,11 @@ Fallbacks (documented, never exceptions):
   ``region: None``).
 
 Refused with :class:`FormatError`: a pickle naming a global that can run code when unpickled
-(``os.system``, ``builtins.eval``, ``subprocess``, ...). Malformed archives and pickles are
-FormatErrors too.
+(``os.system``, ``builtins.eval``, ``subprocess``, ...), torch's own loaders used as gadgets
+(``torch.load``, ``torch.hub``, ``torch.utils.cpp_extension``, ...), protocol-4 dotted names that
+walk to such a thing (``torch.serialization`` + ``os.system``, ``torch`` + ``load.__globals__``),
+and a deflated ``data.pkl`` that expands more than a pickle does (a zip bomb). Malformed archives
+and pickles are FormatErrors too.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ NAME = "torch"
 # ``.bin`` is claimed by content only (sniff): too many unrelated formats use that extension.
 EXTENSIONS = (".pt", ".pth")
 MAX_PICKLE = 256 << 20
+# The most a deflated data.pkl may expand (its claimed size against its deflated size).
+PICKLE_MAX_RATIO = 32
 MAX_INT = 1 << 62
 
 # pickle of the legacy magic number 0x1950a86a20f9469cfc6c (LONG1, 10 bytes), at the start of pre-1.6 files.
@@ -225,6 +230,32 @@ _DANGEROUS_BUILTINS = frozenset(
 )
 
 
+# torch's own callables that load or build code (another pickle, a TorchScript or C++ module, a hub
+# repository): no tensor checkpoint names them.
+_DANGEROUS_TORCH = frozenset(
+    {"torch.load", "torch.serialization.load", "torch.jit.load", "torch.ops.load_library", "torch.classes.load_library"}
+)
+_DANGEROUS_TORCH_MODULES = ("torch.hub", "torch.utils.cpp_extension", "torch.package", "torch._dynamo")
+
+
+def _gadget(module: str, name: str) -> bool:
+    """Whether global `module.name` is one that runs code when the pickle is loaded: a dangerous
+    module or builtin, torch's loaders, or a protocol-4 dotted name walking to one through another
+    module's attributes (`torch.serialization` + `os.system`) or through a dunder (`__globals__`)."""
+    full = f"{module}.{name}"
+    root = module.split(".", 1)[0]
+    if root in _DANGEROUS_MODULES or module.startswith("numpy.testing"):
+        return True
+    if root in ("builtins", "__builtin__") and name.split(".", 1)[0] in _DANGEROUS_BUILTINS:
+        return True
+    if root == "operator" and name in ("attrgetter", "methodcaller"):
+        return True
+    if full in _DANGEROUS_TORCH or any(full.startswith(m + ".") for m in _DANGEROUS_TORCH_MODULES):
+        return True
+    walk = name.split(".") if "." in name else []
+    return any(a.startswith("__") or a.lstrip("_") in _DANGEROUS_MODULES or a in _DANGEROUS_BUILTINS for a in walk)
+
+
 class _Global:
     """An allowed global, as a value (a dtype, a storage type) or a callable the interpreter knows."""
 
@@ -349,6 +380,15 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
         if text not in ("little", "big"):
             raise FormatError(path, f"zip entry {bo.name!r}", f"is {text!r}, expected 'little' or 'big'")
         byteorder = text
+    if not pkl.stored and pkl.size > PICKLE_MAX_RATIO * pkl.compressed_size + (64 << 10):
+        # torch.save stores data.pkl uncompressed; a re-zipped pickle deflates maybe 10:1.
+        raise FormatError(
+            path,
+            f"zip entry {pkl.name!r}",
+            f"claims {pkl.size} bytes deflated into {pkl.compressed_size}, more than a pickle compresses "
+            f"(~{PICKLE_MAX_RATIO}:1 at most): refusing to inflate it",
+            hint="the archive is corrupt or hostile (zip bomb)",
+        )
     data = _zip.read_member(path, f, pkl, MAX_PICKLE)
     where = f"zip entry {pkl.name!r}"
     try:
@@ -609,13 +649,7 @@ class _Interpreter:
         if role is not None:
             return _Global(module, name, role)
         full = f"{module}.{name}"
-        root = module.split(".", 1)[0]
-        if (
-            root in _DANGEROUS_MODULES
-            or (root in ("builtins", "__builtin__") and name in _DANGEROUS_BUILTINS)
-            or (root == "operator" and name in ("attrgetter", "methodcaller"))
-            or module.startswith("numpy.testing")
-        ):
+        if _gadget(module, name):
             raise _Refusal(
                 self.path,
                 f"{self.where} at pickle byte {self.pos}",
