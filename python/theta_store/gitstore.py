@@ -45,6 +45,7 @@ from dulwich.repo import Repo as DulwichRepo
 
 from . import _native
 from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
+from .manifest import unpack_problem
 from .plan import REF_PREFIX as _REF_PREFIX
 from .plan import Location, ref_name
 
@@ -467,7 +468,7 @@ class GitStore:
         try:
             table = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as e:
-            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {e}") from None
+            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {unpack_problem(e)}") from None
         if not isinstance(table, dict):
             raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]} is not a map")
         return table

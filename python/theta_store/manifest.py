@@ -86,8 +86,8 @@ class Manifest:
         CorruptObject naming the field, never a wrong restore."""
         try:
             obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except (ValueError, TypeError, msgpack.UnpackException) as e:  # too deep: ValueError; a map as a key: TypeError
-            raise CorruptObject(f"{where}: cannot read manifest: {e}") from None
+        except (ValueError, TypeError, msgpack.UnpackException) as e:  # a map as a key: TypeError
+            raise CorruptObject(f"{where}: cannot read manifest: {unpack_problem(e)}") from None
         try:
             return cls._from_obj(obj)
         except _Bad as e:
@@ -147,6 +147,13 @@ class Manifest:
             _field(obj, "note", str, "note", ""),
             dict(lossy),
         )
+
+
+def unpack_problem(e: BaseException) -> str:
+    """What msgpack's error means (some of them have no message)."""
+    if isinstance(e, msgpack.StackError):
+        return "msgpack nests deeper than the unpacker allows (corrupt or hostile)"
+    return str(e) or type(e).__name__
 
 
 class _Bad(Exception):
