@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+
 import theta_store
 from test_git_e2e import commit, g, global_config, model_bytes, new_repo, write
 from theta_store.errors import CorruptObject, ProtocolError
@@ -19,7 +20,7 @@ from theta_store.gitstore import GitStore
 from theta_store.manifest import Manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-import fuzz_targets  # noqa: E402
+import fuzz_targets
 
 __all__ = ["global_config"]  # autouse fixture: theta-store installed in a private global config
 
