@@ -124,7 +124,7 @@ def _plan(data: bytes) -> None:
     from theta_store import plan
     from theta_store.pointer import Pointer
 
-    state = _scratch()
+    state = os.path.join(_scratch(), "git", "theta-store")
     pointer = Pointer(*_POINTER_FIELDS)
     path = plan.plan_path(state, pointer.manifest_id)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -329,7 +329,8 @@ def seeds(name: str) -> list[bytes]:
         return [Pointer(_native.chunk_id(m), 1000 + len(m), _native.chunk_id(m[::-1]), 3, "safetensors").to_bytes() for m in manifests]
     ids = [_native.chunk_id(m) for m in manifests]
     if name == "plan":
-        pack = os.path.join(_scratch(), "pack-0.pack")
+        pack = os.path.join(_scratch(), "git", "objects", "pack", "pack-0.pack")
+        os.makedirs(os.path.dirname(pack), exist_ok=True)
         with open(pack, "wb") as f:
             f.write(bytes(100))
         size, blake3 = _POINTER_FIELDS[1], _POINTER_FIELDS[2]

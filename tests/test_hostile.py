@@ -483,3 +483,35 @@ def test_sharded_index_escaping_its_folder_is_refused(repo: Path) -> None:
 
 if __name__ == "__main__":
     child()
+
+
+def test_saved_plan_naming_files_outside_the_pack_folder_is_dropped(repo: Path, tmp_path: Path) -> None:
+    """A saved plan (a cache under .git) naming a `..` path or another absolute path as a pack is
+    not read: the plan is dropped and rebuilt from the store, and restore gives the right bytes."""
+    import msgpack
+
+    import theta_store
+    from theta_store import plan
+
+    store, mid, _ = _stored_version(repo)
+    store.close()
+    data = (repo / "model.safetensors").read_bytes()
+    with theta_store.Repo(repo) as r:
+        ptr = r.pointer(str(repo / "model.safetensors"))
+        state = r.store.state_dir
+    saved = plan.load_plan(state, ptr)
+    assert saved is not None and len(saved.packs) == 1
+    real = saved.packs[0]
+    decoy = tmp_path / "pack" / "pack-0.pack"
+    decoy.parent.mkdir()
+    decoy.write_bytes(b"\0" * os.path.getsize(real))
+    raw = msgpack.unpackb(Path(plan.plan_path(state, mid)).read_bytes())
+    dotted = os.path.join(os.path.dirname(real), "..", "..", "..", "..", os.path.relpath(decoy, repo.parent))
+    for bad in (str(decoy), dotted, "pack/pack-1.pack"):
+        raw[3] = [[bad, os.path.getsize(decoy)]]
+        Path(plan.plan_path(state, mid)).write_bytes(msgpack.packb(raw, use_bin_type=True))
+        assert plan.load_plan(state, ptr) is None, bad
+    (repo / "model.safetensors").unlink()
+    with theta_store.Repo(repo) as r:
+        r.restore([str(repo / "model.safetensors")])
+    assert (repo / "model.safetensors").read_bytes() == data
