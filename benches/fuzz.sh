@@ -24,7 +24,7 @@ WANT=("$@")
 wanted() { [ ${#WANT[@]} -eq 0 ] || [[ " ${WANT[*]} " == *" $1 "* ]]; }
 
 command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
-python3 -c "import atheris" 2>/dev/null || python3 -m pip install -q "atheris>=2.3,<4"
+python3 -c "import atheris" 2>/dev/null || python3 -m pip install -q "atheris>=2.3,<4"  # the `fuzz` extra of pyproject.toml
 
 mkdir -p "$OUT/seeds" "$OUT/corpus" "$OUT/artifacts" "$OUT/logs"
 echo "== build (seeds, then the fuzz targets with ASan; nightly flags through RUSTC_BOOTSTRAP=1)" >&2
