@@ -24,6 +24,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def child() -> None:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
     limit = vm + (MEMORY_MB << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    hwm = _status_kb("VmHWM")
+    cpu = time.process_time()
     signal.setitimer(signal.ITIMER_PROF, CPU_SECONDS)
     out: dict[str, Any] = {"error": None}
     try:
@@ -78,7 +81,14 @@ def child() -> None:
     except BaseException as e:
         out = {"error": type(e).__name__, "bases": [c.__name__ for c in type(e).__mro__], "message": str(e)}
     signal.setitimer(signal.ITIMER_PROF, 0)
+    # For the record (pytest -s prints it): the caps above are what the tests hold to.
+    out.update(cpu_s=round(time.process_time() - cpu, 4), peak_growth_kb=_status_kb("VmHWM") - hwm)
     print(json.dumps(out))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -105,6 +115,7 @@ def refused(repo: Path, path: Path, error: str, message: str, op: str = "add", s
     assert error in out["bases"], f"expected {error}, got {out['error']}: {out['message']}"
     assert re.search(message, out["message"]), f"message {out['message']!r} does not match {message!r}"
     assert "MemoryError" not in out["bases"]
+    print(f"{path.name}: {out['error']} in {out['cpu_s']} s of CPU, peak RSS +{out['peak_growth_kb']} kB")
     if sentinel is not None:
         assert not sentinel.exists(), "a payload ran"
     after = snapshot(repo)
