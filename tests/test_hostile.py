@@ -275,6 +275,14 @@ def test_zip_bomb_pickle_is_refused(repo: Path) -> None:
     )
 
 
+def test_pickle_building_an_object_per_byte_is_refused(repo: Path) -> None:
+    """A 1 MB data.pkl (stored, no compression) of EMPTY_LIST opcodes: unbounded, the interpreter
+    held a million lists and walked them, +306 MB and 5 s of CPU for a 1 MB file."""
+    path = repo / "lists.pt"
+    path.write_bytes(torch_zip(b"\x80\x02](" + b"]" * 1_000_000 + b"e."))
+    refused(repo, path, "FormatError", r"lists\.pt: zip entry 'archive/data\.pkl' at pickle byte \d+: builds more containers")
+
+
 def test_zip_members_overlapping_are_refused(repo: Path) -> None:
     """Member 0's data claims to run over member 1's local header and data (the overlapping-member
     zip bomb: one stretch of bytes counted as many members)."""

@@ -311,6 +311,15 @@ class _Opaque(Exception):
         self.names = names
 
 
+# Opcodes that make the interpreter keep a new object (a container or a memo entry). A checkpoint's
+# pickle has one per 7-9 bytes; a hostile one may have one per byte, each costing ~100 bytes of
+# memory here: more than one per OBJECT_BYTES (beyond MIN_OBJECTS) is refused.
+_BUILDS = frozenset(
+    {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "LIST", "DICT", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"}
+    | {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+)
+OBJECT_BYTES = 3
+MIN_OBJECTS = 65536
 _MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _PUSH_ARG = frozenset(
@@ -411,10 +420,7 @@ def _ops(path: str, where: str, data: bytes) -> Iterator[tuple[str, Any, int]]:
     pos = 0
     while True:
         try:
-            with warnings.catch_warnings():
-                # a hostile STRING opcode with bad escapes makes pickletools warn: not the user's concern
-                warnings.simplefilter("ignore", DeprecationWarning)
-                op, arg, p = next(it)
+            op, arg, p = next(it)
         except StopIteration:
             return
         except (ValueError, OverflowError, struct.error, EOFError, IndexError, KeyError) as e:
@@ -457,8 +463,24 @@ class _Interpreter:
         return items
 
     def run(self) -> tuple[Any, dict[str, _Storage]]:
+        # One filter for the whole run (per opcode it cost more than the rest of the loop): a
+        # hostile STRING opcode with bad escapes makes pickletools warn, not the user's concern.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._run()
+
+    def _run(self) -> tuple[Any, dict[str, _Storage]]:
+        budget = len(self.data) // OBJECT_BYTES + MIN_OBJECTS
         for name, arg, pos in _ops(self.path, self.where, self.data):
             self.pos = pos
+            if name in _BUILDS:
+                budget -= 1
+                if budget < 0:
+                    raise self.fail(
+                        f"builds more containers and memo entries than {len(self.data) // OBJECT_BYTES + MIN_OBJECTS} "
+                        f"(a checkpoint's pickle builds one per ~8 bytes, this one of {len(self.data)} bytes more than one per "
+                        f"{OBJECT_BYTES}): refusing it"
+                    )
             if name == "STOP":
                 result = self.pop()
                 if self.unknown:
@@ -813,32 +835,35 @@ MAX_PATH_DEPTH = 256
 def _walk(path: str, root: Any) -> Iterator[tuple[list[str | int], Any]]:
     """Tensors and storages reachable from ``root``, depth-first in pickle order; each container once.
 
-    Paths are parent-linked while walking (deep containers cost O(1) per level); a tensor nested
-    deeper than MAX_PATH_DEPTH is a FormatError (no checkpoint nests like that, and its name would be absurd).
+    Paths are parent-linked while walking (deep containers cost O(1) per level), and each level
+    holds an iterator over its container, not a copy of its children; a tensor nested deeper than
+    MAX_PATH_DEPTH is a FormatError (no checkpoint nests like that, and its name would be absurd).
     """
     seen: set[int] = set()
     Chain = tuple[Any, str | int] | None  # (parent chain, key)
-    stack: list[tuple[Chain, int, Any]] = [(None, 0, root)]
+    top = object()
+    stack: list[tuple[Chain, int, Iterator[tuple[Any, Any]]]] = [(None, -1, iter([(top, root)]))]
     while stack:
-        chain, depth, v = stack.pop()
+        chain, depth, children = stack[-1]
+        item = next(children, None)
+        if item is None:
+            stack.pop()
+            continue
+        k, v = item
+        if k is not top:
+            chain = (chain, k if isinstance(k, (str, int)) and not isinstance(k, bool) else str(k))
         if isinstance(v, (_Tensor, _Storage)):
-            if depth > MAX_PATH_DEPTH:
-                raise FormatError(path, "data.pkl", f"a tensor is nested {depth} containers deep (limit {MAX_PATH_DEPTH})")
+            if depth + 1 > MAX_PATH_DEPTH:
+                raise FormatError(path, "data.pkl", f"a tensor is nested {depth + 1} containers deep (limit {MAX_PATH_DEPTH})")
             keys: list[str | int] = []
             while chain is not None:
-                chain, k = chain
-                keys.append(k)
+                chain, key = chain
+                keys.append(key)
             keys.reverse()
             yield keys, v
-        elif isinstance(v, (dict, list, tuple)):
-            if id(v) in seen:
-                continue
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
             seen.add(id(v))
-            items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
-            for k, child in reversed(items):
-                if isinstance(child, (_Tensor, _Storage, dict, list, tuple)):
-                    key = k if isinstance(k, (str, int)) and not isinstance(k, bool) else str(k)
-                    stack.append(((chain, key), depth + 1, child))
+            stack.append((chain, depth + 1, iter(v.items()) if isinstance(v, dict) else enumerate(v)))
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
