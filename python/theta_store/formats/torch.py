@@ -312,8 +312,8 @@ class _Opaque(Exception):
 
 
 # Opcodes that make the interpreter keep a new object (a container or a memo entry). A checkpoint's
-# pickle has one per 7-9 bytes; a hostile one may have one per byte, each costing ~100 bytes of
-# memory here: more than one per OBJECT_BYTES (beyond MIN_OBJECTS) is refused.
+# pickle spends several bytes on each, a hostile one may make one per byte (and each costs this
+# interpreter far more than a byte): more than one per OBJECT_BYTES (beyond MIN_OBJECTS) is refused.
 _BUILDS = frozenset(
     {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "LIST", "DICT", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"}
     | {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
@@ -463,8 +463,8 @@ class _Interpreter:
         return items
 
     def run(self) -> tuple[Any, dict[str, _Storage]]:
-        # One filter for the whole run (per opcode it cost more than the rest of the loop): a
-        # hostile STRING opcode with bad escapes makes pickletools warn, not the user's concern.
+        # One filter for the whole run, not one per opcode (setting it is dearer than most opcodes):
+        # a hostile STRING opcode with bad escapes makes pickletools warn, not the user's concern.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return self._run()
