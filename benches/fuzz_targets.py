@@ -262,8 +262,14 @@ _SCRATCH: list[str] = []
 
 
 def _scratch() -> str:
+    """A private folder for the files the targets write, removed when the process ends."""
     if not _SCRATCH:
+        import atexit
+        import shutil
+
         _SCRATCH.append(tempfile.mkdtemp(prefix="theta-fuzz-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+        atexit.register(lambda: [s.close() for s in _STORE])
     return _SCRATCH[0]
 
 
