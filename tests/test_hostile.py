@@ -348,13 +348,13 @@ TERABYTES: dict[str, tuple[str, bytes, str]] = {
             struct.pack("<IQ", 0, 0),
             bytes(64),
         ),
-        r"tensor 'w'",
+        r"tensor 'w': F32 \[1073741824, 1073741824\] needs bytes \[96, \d+\) but the file has 129",
     ),
     "zip entry size": ("e.pt", (FIXTURES / "malformed/zip_huge_uncompressed.pt").read_bytes(), r"4294967280 uncompressed bytes.*zip bomb"),
     "flax array": (
         "f.msgpack",
-        b"\x81\xa1w\xc7\x1c\x01" + b"\x93\x91\xcf" + struct.pack(">Q", TB) + b"\xa7float32\xc4\x08" + bytes(8),
-        r"w",
+        b"\x81\xa1w\xc7\x1d\x01" + b"\x93\x91\xcf" + struct.pack(">Q", TB) + b"\xa7float32\xc4\x08" + bytes(8),
+        r"array 'w': float32 shape \[1099511627776\] needs 4398046511104 bytes but holds 8",
     ),
 }
 
