@@ -77,22 +77,8 @@ def test_json_figures_match_numpy(repo: Path) -> None:
     assert set(listed) == {*LORA, SPARSE, BIAS}  # unchanged tensors are counted, not listed
     assert f["counts"]["unchanged"] == len(new) - 4 and f["summary"]["tensors"] == len(new)
     for name, t in listed.items():
-        a, b = old[name].astype(np.float64).ravel(), new[name].astype(np.float64).ravel()
-        d, st = b - a, t["stats"]
-        assert st["numel"] == a.size and st["changed"] == int(
-            np.count_nonzero(old[name].ravel().view(np.uint32) != new[name].ravel().view(np.uint32))
-        )
-        assert st["fraction_changed"] == pytest.approx(st["changed"] / a.size)
-        assert st["fraction_changed_at"] == pytest.approx(np.count_nonzero(np.abs(d) > 1e-6 * np.abs(a)) / a.size)
-        assert st["norm_delta"] == pytest.approx(np.linalg.norm(d), rel=1e-9)
-        assert st["max_abs_delta"] == pytest.approx(np.abs(d).max(), rel=1e-12)
-        if np.linalg.norm(a):
-            assert st["rel_change"] == pytest.approx(np.linalg.norm(d) / np.linalg.norm(a), rel=1e-9)
-            assert st["cosine"] == pytest.approx(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), rel=1e-9)
-        else:
-            assert st["rel_change"] is None and st["cosine"] is None
+        check_stats(t["stats"], old[name], new[name])
         assert t["shape"] == t["base_shape"] == list(new[name].shape) and t["dtype"] == "F32"
-        assert st["stored_bytes"] > 0
     for name in LORA:
         assert listed[name]["numerical_rank"] == 4
         assert listed[name]["kind"] in ("low-rank", "bits", "dense", "sparse")
@@ -113,6 +99,78 @@ def test_json_figures_match_numpy(repo: Path) -> None:
     row = next(ln.split() for ln in text if ln.strip().startswith(SPARSE))
     assert row[1] == listed[SPARSE]["kind"] and row[2] == "128x64" and float(row[3]) == pytest.approx(0.01, abs=0.001)
     assert len([ln for ln in ts(repo, "diff", "v1", "v4", "--all", "--no-strip").stdout.splitlines() if ln.startswith("  encoder.")]) == 48
+
+
+def check_stats(st: dict[str, Any], old: np.ndarray[Any, Any], new: np.ndarray[Any, Any]) -> None:
+    """A changed tensor's figures in `diff --json` against numpy in float64."""
+    a, b = old.astype(np.float64).ravel(), new.astype(np.float64).ravel()
+    d = b - a
+    bits = f"u{old.dtype.itemsize}"
+    assert st["numel"] == a.size and st["changed"] == int(np.count_nonzero(old.ravel().view(bits) != new.ravel().view(bits)))
+    assert st["fraction_changed"] == pytest.approx(st["changed"] / a.size)
+    assert st["fraction_changed_at"] == pytest.approx(np.count_nonzero(np.abs(d) > 1e-6 * np.abs(a)) / a.size)
+    assert st["norm_delta"] == pytest.approx(np.linalg.norm(d), rel=1e-9)
+    assert st["max_abs_delta"] == pytest.approx(np.abs(d).max(), rel=1e-12)
+    if np.linalg.norm(a):
+        assert st["norm_base"] == pytest.approx(np.linalg.norm(a), rel=1e-9)
+        assert st["rel_change"] == pytest.approx(np.linalg.norm(d) / np.linalg.norm(a), rel=1e-9)
+        assert st["cosine"] == pytest.approx(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), rel=1e-9)
+    else:
+        assert st["rel_change"] is None and st["cosine"] is None
+    assert st["stored_bytes"] > 0
+
+
+# Each scenario on its own: what changed from the previous version, and the metadata change.
+STEPS = [
+    ("v1", "v2", set(LORA), {"added": {"epoch": "1"}, "removed": {}, "changed": {"step": ["1", "2"]}}),
+    ("v2", "v3", {SPARSE}, {"added": {}, "removed": {}, "changed": {}}),
+    ("v3", "v4", {BIAS}, {"added": {}, "removed": {}, "changed": {}}),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "names", "meta"), STEPS, ids=["S2", "S3", "S4"])
+def test_json_figures_of_each_scenario_match_numpy(repo: Path, a: str, b: str, names: set[str], meta: dict[str, Any]) -> None:
+    js = json.loads(ts(repo, "diff", a, b, "--json").stdout)
+    (f,) = js["files"]
+    old, new = model(int(a[1]))[0], model(int(b[1]))[0]
+    listed = {t["name"]: t for t in f["tensors"]}
+    assert set(listed) == names and f["metadata"] == meta and f["counts"]["unchanged"] == len(new) - len(names)
+    for name, t in listed.items():
+        check_stats(t["stats"], old[name], new[name])
+    assert f["summary"]["elements_changed"] == sum(t["stats"]["changed"] for t in listed.values())
+
+
+def test_figures_of_16_bit_and_integer_tensors_match_numpy(tmp_path: Path) -> None:
+    """Differences of F16 and BF16 values are taken in float64 (exact), of integers in int64."""
+    import ml_dtypes
+
+    r = new_repo(tmp_path / "d")
+    rng = np.random.default_rng(4)
+    bf = ml_dtypes.bfloat16
+    v1 = {
+        "h": rng.standard_normal((40, 300)).astype(np.float16),
+        "b": rng.standard_normal((9000,)).astype(bf),
+        "i": rng.integers(-(2**40), 2**40, 5000),
+    }
+    v2 = {
+        "h": (v1["h"] + rng.standard_normal(v1["h"].shape) * 1e-2).astype(np.float16),
+        "b": np.where(rng.random(9000) < 0.3, v1["b"].astype(np.float32) * 1.01, v1["b"].astype(np.float32)).astype(bf),
+        "i": v1["i"] + rng.integers(-3, 4, 5000),
+    }
+
+    def save(tensors: dict[str, np.ndarray[Any, Any]]) -> None:
+        out = {k: (v.view(np.uint16), "BF16") if v.dtype == bf else v for k, v in tensors.items()}
+        theta_store.save_safetensors(str(r / "m.safetensors"), out)
+
+    save(v1)
+    commit(r, "v1")
+    save(v2)
+    commit(r, "v2")
+    (f,) = json.loads(ts(r, "diff", "HEAD~1", "HEAD", "--json").stdout)["files"]
+    listed = {t["name"]: t for t in f["tensors"]}
+    assert {n: t["dtype"] for n, t in listed.items()} == {"h": "F16", "b": "BF16", "i": "I64"}
+    for name, t in listed.items():
+        check_stats(t["stats"], v1[name], v2[name])
 
 
 def test_unchanged_tensors_are_not_read(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,3 +295,98 @@ def test_default_revisions(repo: Path) -> None:
     assert {t["name"] for t in js["files"][0]["tensors"]} == {BIAS, "embeddings.word_embeddings.weight"}
     bad = ts(repo, "diff", "v1", "v4", "nothing.safetensors", ok=False)
     assert bad.returncode == 1 and "no theta-store checkpoints under nothing.safetensors" in bad.stderr and "hint:" in bad.stderr
+
+
+def test_frame_heads_from_packs_git_deltas_and_loose_objects(repo: Path, tmp_path: Path) -> None:
+    """How each chunk is stored is read from its frame's first bytes, whether the frame lies whole
+    in a pack, as a git delta in one, or loose."""
+    from theta_store import _native
+    from theta_store.encodings import chunk_kinds
+    from theta_store.gitstore import GitStore
+
+    def check() -> tuple[set[str], int]:
+        """The kinds found, and how many heads needed the object read whole."""
+        with GitStore(repo) as s:
+            frames = {cid: f for mid in s.versions() for cid, f in s.version_frames(mid).items()}
+            want = {cid: _native.frame_info(s.read_object(f.object_id))["kind"] for cid, f in frames.items()}
+            heads = {f.object_id: s.read_object(f.object_id)[:64] for f in frames.values()}
+            whole_reads = []
+            read_object = s.read_object
+            s.read_object = lambda oid: whole_reads.append(oid) or read_object(oid)  # type: ignore[method-assign]
+            assert {oid: s.read_object_head(oid, 64) for oid in heads} == heads
+            assert chunk_kinds(s, frames, frames) == want
+            return set(want.values()), len(whole_reads)
+
+    kinds, whole = check()
+    assert kinds - {"plain"} and whole == 0  # delta frames, their heads read alone
+    # One pack of every object, in which a delta frame is a git delta against a larger near-copy
+    # of it (theta-store marks frames -delta; another tool's repack need not).
+    with GitStore(repo) as s:
+        frames = {cid: f for mid in s.versions() for cid, f in s.version_frames(mid).items()}
+        oid = next(f.object_id for f in frames.values() if f.bases)
+        padded = s.read_object(oid) + b"padding" * 100
+    written = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=repo, input=padded, capture_output=True, check=True)
+    copy = written.stdout.decode().strip()
+    listed = g(repo, "rev-list", "--objects", "--all").stdout.splitlines()
+    path = next(ln.split(" ", 1)[1] for ln in listed if ln.startswith(oid.hex()))
+    old_packs = list((repo / ".git/objects/pack").glob("pack-*"))
+    todo = "\n".join([*listed, f"{copy} {path}"]) + "\n"  # the same path: git compares the two
+    subprocess.run(["git", "pack-objects", "-q", "--window=1000", ".git/objects/pack/pack"], cwd=repo, input=todo.encode(), check=True)
+    for p in old_packs:
+        p.unlink()
+    g(repo, "prune-packed")
+    packed = g(repo, "verify-pack", "-v", *map(str, (repo / ".git/objects/pack").glob("*.idx"))).stdout
+    assert any(ln.startswith(oid.hex()) and len(ln.split()) == 7 for ln in packed.splitlines()), packed  # a git delta
+    assert check()[1] >= 2  # a git delta is read whole (for the test's head and for its kind)
+    for pack in (repo / ".git/objects/pack").glob("*.pack"):
+        moved = tmp_path / pack.name
+        pack.rename(moved)
+        pack.with_suffix(".idx").unlink()
+        with open(moved, "rb") as f:
+            subprocess.run(["git", "unpack-objects", "-q"], cwd=repo, stdin=f, check=True)
+    assert not list((repo / ".git/objects/pack").glob("*.pack"))
+    assert check() == (kinds, 0)
+
+
+def torch_checkpoint(w: np.ndarray[Any, Any], epoch: int, step: int) -> bytes:
+    """A torch.save archive, built by hand (torch is not needed): {"model": {"w": w}, "epoch": epoch,
+    "optimizer": {"step": step, "lr": 0.1}}."""
+    import struct
+
+    from test_formats import p_int, p_state_dict, p_str, p_tensor, torch_zip
+
+    model = p_state_dict([("w", p_tensor("FloatStorage", "0", w.size, 0, w.shape, (w.shape[1], 1)))])[2:-1]
+    optimizer = b"}(" + p_str("step") + p_int(step) + p_str("lr") + b"G" + struct.pack(">d", 0.1) + b"u"
+    pkl = b"\x80\x02}(" + p_str("model") + model + p_str("epoch") + p_int(epoch) + p_str("optimizer") + optimizer + b"u."
+    return torch_zip(pkl, {"0": w.astype(np.float32).tobytes()})
+
+
+def test_a_torch_checkpoints_epoch_and_step_show_in_diff_and_git_diff(tmp_path: Path) -> None:
+    r = new_repo(tmp_path / "t", "*.pt")
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (r / "ck.pt").write_bytes(torch_checkpoint(w, 1, 100))
+    commit(r, "epoch 1")
+    w[0, 0] = 0.5
+    (r / "ck.pt").write_bytes(torch_checkpoint(w, 2, 200))
+    commit(r, "epoch 2")
+    js = json.loads(ts(r, "diff", "HEAD~1", "HEAD", "--json").stdout)
+    (f,) = js["files"]
+    assert f["metadata"] == {"added": {}, "removed": {}, "changed": {"epoch": [1, 2], "optimizer.step": [100, 200]}}
+    assert f["metadata_label"] == "pickle" and [t["name"] for t in f["tensors"]] == ["model.w"]
+    text = ts(r, "diff", "HEAD~1", "HEAD", "--no-strip").stdout.splitlines()
+    assert "  pickle ~ epoch: 1 -> 2" in text and "  pickle ~ optimizer.step: 100 -> 200" in text
+    changed = [ln for ln in g(r, "log", "-p", "-1", "--format=").stdout.splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---")]
+    pickled = sorted(ln for ln in changed if ln[1:].startswith("pickle\t"))
+    assert pickled == ["+pickle\tepoch\t2", "+pickle\toptimizer.step\t200", "-pickle\tepoch\t1", "-pickle\toptimizer.step\t100"], changed
+    assert any(ln.startswith("-model.w\t") for ln in changed)  # and the tensor's line
+
+
+def test_summary_line_percentages() -> None:
+    from theta_store.diffview import summary_line
+
+    def pct(part: int) -> str:
+        s = {"counts": {"bits": 1}, "parameters": 1000, "elements_changed": part, "parameters_changed": part}
+        line = summary_line({**s, "changed": 1, "tensors": 2, "stored_bytes": 0, "low_rank_ranks": []})
+        return line.split(", ")[1].split("%")[0]
+
+    assert [pct(p) for p in (0, 21, 123, 999, 1000)] == ["0", "2.1", "12.3", "99.9", "100"]

@@ -323,3 +323,86 @@ def test_a_blended_merge_commit_pushes_and_clones_back_byte_exactly(tmp_path: Pa
     assert (b / "m.safetensors").read_bytes() == merged
     clean_status(b)
     ts(b, "fsck")
+
+
+# ---------------------------------------------------------------- tensors of many blocks, read once
+
+
+@pytest.fixture
+def big_branches(tmp_path: Path) -> tuple[Path, dict[str, tuple[Arr, Arr, Arr]]]:
+    """Tensors of several of merging.BLOCK elements; task vectors on a grid of 1/8, so many
+    magnitudes tie at a TIES cut and the ties span blocks."""
+    rng = np.random.default_rng(11)
+    values: dict[str, tuple[Arr, Arr, Arr]] = {}
+    for name, dt, shape in (("f32", np.float32, (300, 110)), ("bf16", BF16, (5, 9000)), ("f16", np.float16, (20000,))):
+        b = np.round(rng.standard_normal(shape) * 8) / 8
+        values[name] = tuple((b + np.round(rng.standard_normal(shape) * s) / 8).astype(dt) for s in (0, 3, 2))  # type: ignore[assignment]
+    a = diverge(tmp_path, *(st({k: v[i] for k, v in values.items()}) for i in range(3)))
+    return a, values
+
+
+MANY = ["linear:0.3", "task-arithmetic:0.7", "ties", "ties:0.35", "dare-linear", "dare-ties:0.3", "slerp:0.3"]
+
+
+@pytest.mark.parametrize("strategy", MANY)
+def test_blends_of_many_blocks_match_the_numpy_reference(big_branches: tuple[Path, dict[str, Any]], strategy: str) -> None:
+    from theta_store import merging
+
+    a, values = big_branches
+    assert all(v[0].size > 2 * merging.BLOCK for v in values.values())
+    ts(a, "merge", "main:m.safetensors", "other", "-o", "out.safetensors", "--strategy", strategy)
+    got, _ = load(a / "out.safetensors")
+    for name, (b, o, t) in values.items():
+        want = reference(strategy, name, b, o, t)
+        if strategy.startswith("slerp"):  # its sums add up in another order: at most one unit in the last place
+            bits = {1: np.int8, 2: np.int16, 4: np.int32}[o.dtype.itemsize]
+            assert np.abs(got[name].view(bits).astype(np.int64) - want.view(bits)).max() <= 1, name
+        else:
+            assert got[name].tobytes() == want.tobytes(), f"{strategy} {name}"
+
+
+def test_a_merge_reads_each_input_of_a_tensor_once(big_branches: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    import theta_store
+    from theta_store import merging
+    from theta_store.reader import CheckpointReader
+
+    a, values = big_branches
+    read: list[str] = []
+    raw, get = CheckpointReader.raw_bytes, CheckpointReader.get_tensor
+
+    def count_raw(self: Any, name: str) -> bytes:
+        read.append(name)
+        return raw(self, name)
+
+    def count_get(self: Any, name: str) -> Any:
+        read.append(name)
+        return get(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "raw_bytes", count_raw)
+    monkeypatch.setattr(CheckpointReader, "get_tensor", count_get)
+    sides = [("main", "m.safetensors"), ("other", "m.safetensors")]
+    with theta_store.Repo(a) as r:
+        r.merge_revisions(sides, str(a / "ta.safetensors"), merging.parse("task-arithmetic"))
+        assert sorted(read) == sorted([*values] * 3)  # base, ours, theirs: nothing read twice to compare
+        read.clear()
+        r.merge_revisions(sides, str(a / "lin.safetensors"), merging.parse("linear"))
+        assert sorted(read) == sorted([*values] * 2)  # linear needs no base
+
+
+def test_ties_of_three_revisions_matches_the_reference(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    b = rng.standard_normal((40, 50))
+    sides = [(b + rng.standard_normal(b.shape) * 0.1).astype(np.float32) for _ in range(3)]
+    base = b.astype(np.float32)
+    a = diverge(tmp_path, st({"w": base}), st({"w": sides[0]}), st({"w": sides[1]}))
+    g(a, "switch", "-q", "-c", "third", "main~1")
+    write(a / "m.safetensors", st({"w": sides[2]}))
+    commit(a, "third")
+    g(a, "switch", "-q", "main")
+    ts(a, "merge", "main:m.safetensors", "other", "third", "-o", "out.safetensors", "-s", "ties:0.4")
+    trimmed = [_ref_trim(s.astype(np.float64).ravel() - base.astype(np.float64).ravel(), 0.4) for s in sides]
+    elected = np.where(sum(trimmed) >= 0, 1.0, -1.0)
+    agree = [np.sign(t) == elected for t in trimmed]
+    mean = sum(np.where(ok, t, 0) for ok, t in zip(agree, trimmed, strict=True)) / np.maximum(sum(ok.astype(np.float64) for ok in agree), 1)
+    want = (base.astype(np.float64).ravel() + mean).astype(np.float32).reshape(b.shape)
+    assert load(a / "out.safetensors")[0]["w"].tobytes() == want.tobytes()

@@ -16,9 +16,12 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "frame_info",
+    "frame_kind",
     "lowrank_factors",
     "parse_factors",
     "read_chunks",
+    "read_joined",
+    "read_pack_blobs",
     "receive_content",
     "restore_file",
     "scan_buffers",
@@ -107,6 +110,7 @@ class PackBuilder:
         buffers: Sequence[Buffer] | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> list[WrittenFrame]: ...
+    def add_frames(self, frames: Sequence[Buffer]) -> list[tuple[bytes, int]]: ...
     def add_objects(self, objects: list[tuple[str, bytes]]) -> None: ...
     def count(self) -> int: ...
     def finish(self) -> Path | None: ...
@@ -139,6 +143,14 @@ def read_chunks(
     read_object: Callable[[bytes], bytes],
     bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> list[bytes]: ...
+def read_pack_blobs(pack: str, entries: list[tuple[int, int]]) -> list[bytes | None]: ...
+def read_joined(
+    chunks: list[tuple[int, int, bytes, bytes]],
+    packs: list[str],
+    read_object: Callable[[bytes], bytes],
+    bases: list[tuple[int, int, bytes, bytes]] = ...,
+) -> bytes: ...
+def frame_kind(head: Buffer) -> str: ...
 def tensor_chunk_len(chunk_bytes: int, align: int) -> int: ...
 
 @final

@@ -7,6 +7,7 @@ interface the two backends implement, and their selection by URL:
 - `s3://bucket/prefix` (s3store.py): an S3-compatible bucket; keys `<prefix>/frames/<BLAKE3 hex>`.
 - `lfs` or an `http(s)://.../info/lfs` URL (lfsstore.py): a Git LFS server's batch API; objects are
   LFS objects named by their SHA-256 oid.
+- `file:///path` (dirstore.py): a directory, e.g. a shared or network drive.
 
 Which names the backends give objects differs (LFS needs SHA-256), so `key` is the backend's.
 """
@@ -49,9 +50,14 @@ class BlobStore(Protocol):
         (put-if-absent); `progress` gets byte counts as they are sent."""
         ...
 
-    def get(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def get(self, key: str, ranges: Sequence[tuple[int, int]], size: int | None = None) -> list[bytes]:
         """The byte ranges [start, end) of one object, in the order asked (ranged GETs where the
-        store allows them)."""
+        store allows them); `size`: the object's, where the caller knows it (LFS asks for it)."""
+        ...
+
+    def prefetch(self, objects: Sequence[tuple[str, int]]) -> None:
+        """These (key, size) will be read soon: a store that must ask where objects are (LFS's
+        batch API) asks for all of them in one request."""
         ...
 
     def stats(self) -> TransferStats:
@@ -59,3 +65,18 @@ class BlobStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """The spans covering these ranges, merging those less than `gap` bytes apart.
+
+    >>> coalesce([(10, 20), (0, 5), (2_000_000, 2_000_010)], 1 << 20)
+    [(0, 20), (2000000, 2000010)]
+    """
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if spans and start <= spans[-1][1] + gap:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans

@@ -361,6 +361,35 @@ def _check_remote(args: argparse.Namespace, remote: str | None, revs: list[str] 
     return 0 if r["ok"] else 1
 
 
+def cmd_remote(args: argparse.Namespace) -> int:
+    from .repo import Repo
+
+    with Repo(args.C) as repo:
+        if args.action == "add":
+            if len(args.args) != 2:
+                raise ThetaStoreError("usage: theta-store remote add NAME URL [--endpoint URL] [--region R]")
+            r = repo.store_add(args.args[0], args.args[1], endpoint=args.endpoint, region=args.region, default=not args.no_default)
+            _out(args, r, f"chunk store {r['name']}: {r['url']} (in {r['file']}, staged: commit it so clones find it)")
+            return 0
+        if args.action in ("remove", "rm"):
+            if len(args.args) != 1:
+                raise ThetaStoreError("usage: theta-store remote remove NAME")
+            repo.store_remove(args.args[0])
+            _out(args, {"removed": args.args[0]}, f"removed chunk store {args.args[0]} (staged)")
+            return 0
+        if args.action not in (None, "list"):
+            raise ThetaStoreError(f"unknown action {args.action!r}: add, remove or list")
+        r = repo.stores()
+    lines = [
+        f"{c['name']}{' (default)' if c['name'] == r['default'] else ''}\t{c['url']}"
+        + (f"\tendpoint {c['endpoint']}" if c["endpoint"] else "")
+        for c in r["stores"]
+    ] or ["no chunk stores: frames go to the Git remote as Git objects"]
+    lines += [f"git remote {name}: frames in {where}" for name, where in r["remotes"].items()]
+    _out(args, r, "\n".join(lines))
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .repo import Repo
 
@@ -370,6 +399,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     dropped = r["dropped"]
     assert isinstance(dropped, list)
     lines = [f"{verb} {v}" for v in dropped]
+    evicted = r["evicted"]
+    assert isinstance(evicted, list)
+    lines += [f"{'would evict' if args.dry_run else 'evicted'} {v} (in the chunk store; fetched again when needed)" for v in evicted]
     freed = r["freed_bytes"]
     assert isinstance(freed, int)
     lines.append(f"{verb} {len(dropped)} of {r['versions']} versions ({human_size(freed)} of frames no other version uses)")
@@ -657,6 +689,7 @@ VERBS = (
     "fetch",
     "pull",
     "push",
+    "remote",
     "gc",
     "demo",
     "delta",
@@ -781,6 +814,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument(
         "--check", action="store_true", help="send nothing: list the commits whose checkpoint versions the remote lacks (exit 1 if any)"
     )
+    sp = verb(
+        "remote",
+        "chunk stores for frames (add NAME s3://bucket/prefix | lfs | https://lfs-url | file:///dir; remove NAME; list),"
+        " named in .thetastore",
+        cmd_remote,
+    )
+    sp.add_argument("action", nargs="?", metavar="add|remove|list")
+    sp.add_argument("args", nargs="*", metavar="NAME [URL]")
+    sp.add_argument("--endpoint", metavar="URL", help="an S3-compatible server's endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    sp.add_argument("--region", metavar="R", help="the bucket's region (default: from the AWS configuration)")
+    sp.add_argument("--no-default", action="store_true", help="do not make pushes use this store")
     sp = verb("gc", "drop stored versions that no branch, tag or remote-tracking ref needs", cmd_gc)
     sp.add_argument("--dry-run", "-n", action="store_true", help="only show what would go")
     sp.add_argument("--prune", action="store_true", help="then run git gc --prune=now to free the space")

@@ -104,7 +104,9 @@ def _dense_dtype(dtype: str) -> np.dtype[Any]:
 # Unit roundoff of each float dtype (integers: 0), for the numerical rank's tolerance.
 _EPS = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3}
 _EPS.update(dict.fromkeys(_INTEGER, 0.0))
-_BLOCK = 1 << 20  # elements per step of the statistics' sums
+# Elements per step of the statistics' sums: under OpenBLAS's 10,000 at which a dot product
+# starts threads, which on a shared machine spend more time waiting than summing.
+_BLOCK = 8192
 
 
 def _flat(reader: CheckpointReader, view: TensorView | None) -> np.ndarray[Any, Any] | None:
@@ -267,8 +269,11 @@ class Delta:
         stored low-rank delta, else None). For a reshaped tensor only numel, changed,
         fraction_changed, norm_base and stored_bytes are filled (the rest are None).
 
-        Each tensor is read once and the figures are summed block by block, so the memory this
-        takes is the two tensors plus a few blocks; an unchanged tensor is not read at all.
+        Differences of float tensors are taken in float64: exact for F16, and for F32 and BF16
+        unless the two values' magnitudes are more than 2^29 and 2^45 apart (F64 rounds once);
+        of integer tensors in int64, then rounded once to float64. Each
+        tensor is read once and the figures are summed block by block into float64, so the memory
+        this takes is the two tensors plus three small blocks; an unchanged tensor is not read.
         """
         out: dict[str, Any] = {"stored_bytes": self.stored_bytes, "rank": None}
         factors = self.factors
@@ -290,22 +295,42 @@ class Delta:
             out.update(dict.fromkeys(("fraction_changed_at", "norm_delta", "rel_change", "cosine", "max_abs_delta")))
             return out
         new = _flat(self._pair.new, self._new)
+        integer = _dense_dtype(self.dtype or self.base_dtype or "") == np.int64
         changed = changed_at = 0
         sd = sb = sn = dot = mx = 0.0
+        # Three block buffers, reused: the base and the new values in float64, then |delta| and
+        # 1e-6 |base| in their place, and the comparisons.
+        bb, nn, cmp = np.empty(min(numel, _BLOCK)), np.empty(min(numel, _BLOCK)), np.empty(min(numel, _BLOCK), bool)
         for lo in range(0, numel, _BLOCK):
-            o = old[lo : lo + _BLOCK] if old is not None else None
-            n = new[lo : lo + _BLOCK] if new is not None else None
-            d = self._diff(o, n).astype(np.float64)
-            b = o.astype(np.float64) if o is not None else np.zeros_like(d)
-            nn = n.astype(np.float64) if n is not None else np.zeros_like(d)
-            changed += d.size if o is None or n is None else int(np.count_nonzero(_bits(o) != _bits(n)))
-            ad = np.abs(d)
-            changed_at += int(np.count_nonzero(ad > REL_THRESHOLD * np.abs(b)))
-            sd += float(np.dot(d, d))
+            hi = min(lo + _BLOCK, numel)
+            b, n, c = bb[: hi - lo], nn[: hi - lo], cmp[: hi - lo]
+            o_part = old[lo:hi] if old is not None else None
+            n_part = new[lo:hi] if new is not None else None
+            if o_part is None or n_part is None:
+                changed += hi - lo
+            else:
+                np.not_equal(_bits(o_part), _bits(n_part), out=c)
+                changed += int(np.count_nonzero(c))
+            for part, buf in ((o_part, b), (n_part, n)):
+                if part is None:
+                    buf.fill(0.0)
+                else:
+                    buf[...] = part
             sb += float(np.dot(b, b))
-            sn += float(np.dot(nn, nn))
-            dot += float(np.dot(b, nn))
-            mx = max(mx, float(ad.max())) if ad.size else mx
+            sn += float(np.dot(n, n))
+            dot += float(np.dot(b, n))
+            if integer:
+                n[...] = self._diff(o_part, n_part)
+            else:
+                np.subtract(n, b, out=n)
+            d = n
+            sd += float(np.dot(d, d))
+            np.abs(d, out=d)
+            mx = max(mx, float(d.max()))
+            np.abs(b, out=b)
+            np.multiply(b, REL_THRESHOLD, out=b)
+            np.greater(d, b, out=c)
+            changed_at += int(np.count_nonzero(c))
         nd, nb, nnew = math.sqrt(sd), math.sqrt(sb), math.sqrt(sn)
         out.update(
             numel=numel,
@@ -399,11 +424,19 @@ class Deltas(dict[str, Delta]):
         """The new version's format metadata (safetensors' `__metadata__`)."""
         return self._pair.new.metadata()
 
+    @property
+    def metadata_label(self) -> str:
+        """What the entries of `metadata_changes` are called: `__metadata__` (safetensors),
+        `pickle` (torch.save), else `metadata`."""
+        fmt = self._pair.new.manifest.format
+        return {"safetensors": "__metadata__", "torch": "pickle"}.get(fmt, "metadata")
+
     def metadata_changes(self) -> dict[str, Any]:
-        """How the format metadata (safetensors' `__metadata__`, or a skeleton's entries such as
-        an optimizer step) changed: {"added": {key: value}, "removed": {key: value},
-        "changed": {key: [old, new]}}; read from the manifests only."""
-        old, new = self._pair.old.metadata(), self._pair.new.metadata()
+        """How what the checkpoint keeps beside its tensors changed (`CheckpointReader.entries`:
+        safetensors' `__metadata__`, from the manifests; a torch.save pickle's plain values such
+        as an epoch or an optimizer step, from the two stored pickles): {"added": {key: value},
+        "removed": {key: value}, "changed": {key: [old, new]}}."""
+        old, new = self._pair.old.entries(), self._pair.new.entries()
         return {
             "added": {k: new[k] for k in sorted(new) if k not in old},
             "removed": {k: old[k] for k in sorted(old) if k not in new},

@@ -72,6 +72,7 @@ def file_report(deltas: Any, *, show_all: bool = False, rank: bool = False) -> d
         "counts": summary["counts"],
         "stored_bytes": summary["stored_bytes"],
         "metadata": deltas.metadata_changes(),
+        "metadata_label": deltas.metadata_label,
         "tensors": tensors,
     }
     out["layers"] = _grid(deltas, tensors)
@@ -94,7 +95,8 @@ def summary_line(s: dict[str, Any]) -> str:
     part = s["parameters_changed"] if exact is None else exact
     pct = 100.0 * part / s["parameters"] if s["parameters"] else (100.0 if part else 0.0)
     line = f"{s['changed']} of {s['tensors']} tensors changed" + (f" ({kinds})" if kinds else "")
-    line += f", {pct:.2g}% of parameters" if exact is not None else f" holding {pct:.2g}% of parameters"
+    shown = f"{pct:.2g}" if pct < 10 else f"{pct:.3g}"  # 2.1, 12.3, 100 (not 1e+02)
+    line += f", {shown}% of parameters" if exact is not None else f" holding {shown}% of parameters"
     line += f", stored {human_size(s['stored_bytes'])}"
     ranks = s["low_rank_ranks"]
     if ranks:
@@ -148,7 +150,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 def metadata_lines(meta: dict[str, Any]) -> list[str]:
-    """`__metadata__` changes, one line each: `+ key: value`, `- key: value`, `~ key: old -> new`."""
+    """Metadata changes, one line each: `+ key: value`, `- key: value`, `~ key: old -> new`."""
 
     def v(x: Any) -> str:
         return json.dumps(x, ensure_ascii=False, sort_keys=True)
@@ -307,7 +309,7 @@ def render_text(report: dict[str, Any], table: Any, *, picture: bool = False) ->
     """A file's diff as text: the summary line, metadata changes, the table (drawn by `table`,
     the CLI's table maker), and the strip."""
     lines = [f"{report['path']}: {report['summary_line']}"]
-    lines += ["  __metadata__ " + m for m in metadata_lines(report["metadata"])]
+    lines += [f"  {report['metadata_label']} {m}" for m in metadata_lines(report["metadata"])]
     rows = table_rows(report)
     if rows:
         lines += ["  " + line for line in table(rows, TABLE_HEADER).splitlines()]
@@ -390,7 +392,7 @@ def render_html(reports: list[dict[str, Any]], title: str) -> str:
         parts.append(f"<div class='heatmap' id='heatmap-{i}'></div>")
         meta = metadata_lines(r["metadata"])
         if meta:
-            parts.append("<p>__metadata__:</p><ul>" + "".join(f"<li><code>{e(m)}</code></li>" for m in meta) + "</ul>")
+            parts.append(f"<p>{e(r['metadata_label'])}:</p><ul>" + "".join(f"<li><code>{e(m)}</code></li>" for m in meta) + "</ul>")
         rows = table_rows(r)
         if rows:
             parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER) + "</tr>")

@@ -21,17 +21,20 @@ __all__ = ["KINDS", "chunk_kinds", "frame_kind"]
 KINDS = ("plain", "xor", "diff", "sparse", "low-rank")
 
 
+HEAD_LEN = 6  # a frame's bytes that say its codec: magic, format version, codec
+
+
 def frame_kind(frame: bytes) -> str:
-    """The encoding of one frame, from its header (the core names its codec)."""
-    return str(_native.frame_info(frame)["kind"])
+    """The encoding of one frame, from its first HEAD_LEN bytes (the core names its codec)."""
+    return _native.frame_kind(frame[:HEAD_LEN])
 
 
 def chunk_kinds(store: GitStore, frames: Mapping[bytes, StoredFrame], chunk_ids: Iterable[bytes]) -> dict[bytes, str]:
-    """The encoding of each chunk (reading only the frames that have bases)."""
+    """The encoding of each chunk (reading the first bytes of the frames that have bases only)."""
     out: dict[bytes, str] = {}
     for cid in chunk_ids:
         f = frames.get(cid)
         if cid in out or f is None:
             continue
-        out[cid] = frame_kind(store.read_object(f.object_id)) if f.bases else "plain"
+        out[cid] = frame_kind(store.read_object_head(f.object_id, HEAD_LEN)) if f.bases else "plain"
     return out

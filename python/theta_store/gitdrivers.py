@@ -64,6 +64,8 @@ def textconv(path: str, out: TextIO | None = None) -> None:
     counts = _counts([r.shape for r in layout.regions])
     print(f"# theta-store checkpoint: {layout.format}, {counts}, {layout.size} bytes, blake3 {whole.hex()[:16]}", file=w)
     _print_metadata(layout.metadata, w)
+    if layout.format == "torch":
+        _print_pickle_entries(path, layout.size, w)
     for r, d in zip(layout.regions, digests, strict=True):
         print(f"{r.name}\t{r.dtype}\t{_shape(r.shape)}\t{r.length}\tblake3:{d.hex()[:16]}", file=w)
 
@@ -78,6 +80,19 @@ def _print_metadata(metadata: dict[str, object], w: TextIO) -> None:
         return
     for k in sorted(meta):
         print(f"__metadata__\t{k}\t{json.dumps(meta[k], ensure_ascii=False)}", file=w)
+
+
+def _print_pickle_entries(path: str, size: int, w: TextIO) -> None:
+    """A torch.save archive's plain values (an epoch, an optimizer step...), one `pickle<TAB>KEY<TAB>VALUE`
+    line per key in key order, like `__metadata__`."""
+    import json
+
+    from .formats import torch
+
+    with open(path, "rb") as f:
+        found = torch.entries(path, f, size)
+    for k in sorted(found):
+        print(f"pickle\t{k}\t{json.dumps(found[k], ensure_ascii=False)}", file=w)
 
 
 def _counts(shapes: list[tuple[int, ...]]) -> str:
@@ -99,17 +114,20 @@ def _digests(path: str, regions: list[TensorRegion]) -> tuple[bytes, list[bytes]
     """BLAKE3 of the whole file and of each region (sorted, disjoint), in one pass."""
     whole = _native.Hasher()
     out = []
-    with open(path, "rb") as f:
+    # One buffer read into again and again: a fresh 4 MiB bytes object per read costs its pages'
+    # faults, more than the hashing.
+    buf = memoryview(bytearray(4 << 20))
+    with open(path, "rb", buffering=0) as f:
 
         def feed(n: int, h: _native.Hasher | None) -> None:
             while n > 0:
-                block = f.read(min(n, 4 << 20))
-                if not block:
+                got = f.readinto(buf[: min(n, len(buf))])
+                if not got:
                     raise FormatError(path, "", "file ended early (changed while being read?)")
-                whole.update(block)
+                whole.update(buf[:got])
                 if h is not None:
-                    h.update(block)
-                n -= len(block)
+                    h.update(buf[:got])
+                n -= got
 
         pos = 0
         for r in regions:
@@ -118,8 +136,8 @@ def _digests(path: str, regions: list[TensorRegion]) -> tuple[bytes, list[bytes]
             feed(r.length, h)
             out.append(h.digest())
             pos = r.offset + r.length
-        while block := f.read(4 << 20):
-            whole.update(block)
+        while got := f.readinto(buf):
+            whole.update(buf[:got])
     return whole.digest(), out
 
 

@@ -46,8 +46,8 @@ from dulwich.repo import Repo as DulwichRepo
 from . import _native
 from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
 from .manifest import unpack_problem
+from .plan import INDEX_PREFIX, Location, index_ref_name, ref_name
 from .plan import REF_PREFIX as _REF_PREFIX
-from .plan import Location, ref_name
 
 REF_PREFIX = Ref(_REF_PREFIX.encode())
 AUTHOR = b"theta-store <theta-store@localhost>"
@@ -163,11 +163,64 @@ def _unpack_modes(n: int, code: int) -> str:
     return "+".join(_MODES[(code >> (2 * j)) & 3] for j in range(n))
 
 
+def _fixed_commit(tree: ObjectID, message: str) -> Commit:
+    """A deterministic parentless commit: fixed author, time 0 (the same objects give the same id)."""
+    commit = Commit()
+    commit.tree = tree
+    commit.author = commit.committer = AUTHOR
+    commit.author_time = commit.commit_time = 0
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.encoding = None
+    commit.message = message.encode()
+    return commit
+
+
 def _unknown_revision(rev: str) -> ObjectNotFound:
     return ObjectNotFound(
         f"{rev}: unknown revision (no branch, tag or commit of that name here)",
         hint="`git log --oneline --all` lists the commits; `git fetch` brings a remote's branches",
     )
+
+
+def _inflate_head(f: Any, data: bytes, n: int) -> bytes:
+    """The first `n` bytes of the zlib stream that starts `data` and goes on in file `f`."""
+    z = zlib.decompressobj()
+    out = z.decompress(data, n)
+    while len(out) < n and not z.eof:
+        more = f.read(4096)
+        if not more:
+            break
+        out += z.decompress(z.unconsumed_tail + more, n - len(out))
+    return out
+
+
+def _packed_head(pack: str, offset: int, n: int) -> bytes | None:
+    """The first `n` bytes of the whole (not git-deltified) object at `offset` in `pack`; None
+    for a git delta or anything unreadable."""
+    try:
+        with open(pack, "rb") as f:
+            f.seek(offset)
+            data = f.read(4096)
+            kind = (data[0] >> 4) & 7
+            i = 0
+            while data[i] & 0x80:  # the object's size, seven bits a byte
+                i += 1
+            if kind not in (1, 2, 3, 4):
+                return None
+            return _inflate_head(f, data[i + 1 :], n)
+    except (OSError, IndexError, zlib.error):
+        return None
+
+
+def _loose_head(path: Path, n: int) -> bytes | None:
+    """The first `n` bytes of a loose object's content (after its `blob SIZE\\0` header)."""
+    try:
+        with open(path, "rb") as f:
+            head = _inflate_head(f, f.read(4096), n + 32)
+    except (OSError, zlib.error):
+        return None
+    end = head.find(b"\0")
+    return head[end + 1 : end + 1 + n] if 0 <= end < 32 else None
 
 
 class GitStore:
@@ -286,6 +339,26 @@ class GitStore:
             raise self._corrupt(oid.hex(), "", e) from None
         return bytes(data)
 
+    def read_object_head(self, oid: bytes, n: int) -> bytes:
+        """The first `n` bytes of an object (all of it if shorter), inflating only those: dulwich
+        maps a whole pack to read any object in it, and reading the head of every frame of a
+        version that way would put the version's packs in our resident set."""
+        hexid = _hex(oid)
+        for pack in self.repo.object_store.packs:
+            try:
+                offset = pack.index.object_offset(hexid)
+            except KeyError:
+                continue
+            head = _packed_head(pack._data_path, offset, n)
+            if head is not None:
+                return head
+            break
+        else:
+            head = _loose_head(self.objects_dir / hexid[:2].decode() / hexid[2:].decode(), n)
+            if head is not None:
+                return head
+        return self.read_object(oid)[:n]  # a git delta, or damage: the whole read says which
+
     def _corrupt(self, hexid: str, what: str, e: BaseException) -> CorruptObject:
         """The error for an object git has but cannot read, naming it and where it lies."""
         loose = self.objects_dir / hexid[:2] / hexid[2:]
@@ -373,13 +446,7 @@ class GitStore:
             objects += [tblob, sub]
             root.add(prefix.encode(), 0o040000, sub.id)
         objects.append(root)
-        commit = Commit()
-        commit.tree = root.id
-        commit.author = commit.committer = AUTHOR
-        commit.author_time = commit.commit_time = 0
-        commit.author_timezone = commit.commit_timezone = 0
-        commit.encoding = None
-        commit.message = f"theta-store version {manifest_id.hex()}\n".encode()
+        commit = _fixed_commit(root.id, f"theta-store version {manifest_id.hex()}\n")
         stored = self._stored([commit.id, *(o.id for o in objects)])
         if commit.id in stored:
             return commit, []
@@ -478,6 +545,47 @@ class GitStore:
             return bytes.fromhex(self.repo.refs[_ref(manifest_id)].decode())
         except KeyError:
             return None
+
+    # ---- index records: versions whose frames live in a chunk store (chunkstore.py) ----
+    def write_index_record(self, manifest_id: bytes, manifest: bytes, record: bytes) -> bytes:
+        """Point refs/theta-index/<id> at a deterministic commit of `manifest` and `record`
+        (where the version's frames are in a chunk store). Returns the commit id."""
+        mblob, rblob = Blob.from_string(manifest), Blob.from_string(record)
+        root = Tree()
+        root.add(b"manifest", 0o100644, mblob.id)
+        root.add(b"record", 0o100644, rblob.id)
+        commit = _fixed_commit(root.id, f"theta-store index {manifest_id.hex()}\n")
+        missing = [o for o in (mblob, rblob, root, commit) if o.id not in self._stored([o.id])]
+        if missing:
+            _native.write_objects([(o.type_name.decode(), o.as_raw_string()) for o in missing], str(self.pack_dir))
+            self.refresh()
+        self.repo.refs[Ref(index_ref_name(manifest_id).encode())] = commit.id
+        return bytes.fromhex(commit.id.decode())
+
+    def read_index_record(self, manifest_id: bytes) -> tuple[bytes, bytes] | None:
+        """(manifest, record) of the version's index record, None if there is none here."""
+        try:
+            sha = self.repo.refs[Ref(index_ref_name(manifest_id).encode())]
+        except KeyError:
+            return None
+        commit = self._load(sha, manifest_id, "index record")
+        assert isinstance(commit, Commit)
+        tree = self._load(commit.tree, manifest_id, "index record tree")
+        assert isinstance(tree, Tree)
+        try:
+            parts = [bytes(self._load(tree[name][1], manifest_id, "index record").as_raw_string()) for name in (b"manifest", b"record")]
+        except KeyError:
+            raise CorruptObject(f"index record of version {manifest_id.hex()[:16]} lacks its manifest or record") from None
+        return parts[0], parts[1]
+
+    def index_records(self) -> dict[bytes, bytes]:
+        """Versions with an index record here -> the record's commit id."""
+        out = {}
+        base = Ref(INDEX_PREFIX.encode())
+        for ref in self.repo.refs.keys(base=base):
+            with contextlib.suppress(ValueError, KeyError):
+                out[bytes.fromhex(ref.decode())] = bytes.fromhex(self.repo.refs[Ref(base + ref)].decode())
+        return out
 
     # ---- the work tree and the index (through the git binary: it owns the index format) ----
     def git(self, *args: str, input: bytes | None = None) -> bytes:

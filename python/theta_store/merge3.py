@@ -14,8 +14,10 @@ For each tensor name, with B its value in the base and M_1..M_n its values on th
 `__metadata__` keys merge the same way; a key both sides set differently takes ours' value under
 a blending strategy (a string cannot be averaged) and is said on stderr.
 
-Equal values are known without reading data when their chunk ids are equal; tensors are read
-one at a time, so memory stays about the sides plus the base of the largest tensor.
+Equal values are known without reading data when their chunk ids are equal, and unequal ones
+when the chunks have the same lengths but other ids. A blended tensor is computed as the result
+is written, one tensor at a time and block by block, so memory stays about the sides plus the
+base of the largest tensor.
 The merged file keeps the tensor order of ours (tensors only the others have follow, in their
 order) and the format; it is stored as a version with deltas against ours.
 """
@@ -71,8 +73,16 @@ class Outcome:
     counts: dict[str, int] = field(default_factory=dict)  # "ours", "theirs"...: tensors taken as is from a side
     both_changed: list[str] = field(default_factory=list)  # what the strategy decided
     same_as: int | None = None  # the result is this side's version, byte for byte
-    items: list[tuple[str, Any]] = field(default_factory=list)  # (name, side index or merged array)
+    items: list[tuple[str, int | Blend]] = field(default_factory=list)  # (name, the side it is taken from, or its blend)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """A tensor the strategy computes from the sides (and the base), when the result is written."""
+
+    strategy: merging.Strategy
+    base: Version | None
 
 
 def open_version(store: GitStore, pointer: Pointer, label: str, path: str) -> Version:
@@ -108,6 +118,8 @@ class _Equal:
             return False
         if sa.chunks == sb.chunks:
             return True
+        if [n for _, n in sa.chunks] == [n for _, n in sb.chunks]:
+            return False  # the same cuts, another chunk id: other bytes
         assert a is not None and b is not None
         key = (id(a), id(b), name)
         if key not in self._memo:
@@ -186,11 +198,7 @@ def _conflict(out: Outcome, name: str, base: Version | None, sides: list[Version
     if problem:
         out.conflicts.append(f"{name}: {problem} ({base_desc}; {what}); strategy {s} cannot merge it")
         return None
-    if out.conflicts:  # a merge that will not be written: do not compute
-        return None
-    values = [v.reader.get_tensor(name) for v in sides]
-    b = base.reader.get_tensor(name) if base is not None and bspan is not None else None
-    out.items.append((name, merging.apply(s, name, values, b)))
+    out.items.append((name, Blend(s, base if s.needs_base else None)))
     out.blended.append(f"{name} ({s})")
     out.both_changed.append(name)
     return -1
@@ -251,14 +259,9 @@ def write_safetensors(out: Outcome, sides: list[Version], dest: str) -> None:
         header["__metadata__"] = out.metadata
     pos = 0
     for name, src in out.items:
-        if isinstance(src, int):
-            sp = sides[src].span(name)
-            assert sp is not None
-            dtype, shape, length = sp.dtype, list(sp.shape), sp.length
-        else:
-            ref = next(v.span(name) for v in sides if v.span(name) is not None)
-            assert ref is not None
-            dtype, shape, length = ref.dtype, list(ref.shape), src.nbytes
+        sp = sides[src if isinstance(src, int) else 0].span(name)  # a blend's sides share dtype and shape
+        assert sp is not None
+        dtype, shape, length = sp.dtype, list(sp.shape), sp.length
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + length]}
         pos += length
     h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -269,12 +272,26 @@ def write_safetensors(out: Outcome, sides: list[Version], dest: str) -> None:
             f.write(struct.pack("<Q", len(h)))
             f.write(h)
             for name, src in out.items:
-                f.write(sides[src].reader.raw_bytes(name) if isinstance(src, int) else np.ascontiguousarray(src).tobytes())
+                if isinstance(src, int):
+                    f.write(sides[src].reader.raw_bytes(name))
+                else:
+                    _write_blend(f, name, src, sides)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _write_blend(f: Any, name: str, blend: Blend, sides: list[Version]) -> None:
+    """Compute a blended tensor block by block into `f`; its inputs are freed on return."""
+    sp = sides[0].span(name)
+    assert sp is not None
+    dt = numpy_dtype(sp.dtype)
+    values = [np.frombuffer(v.reader.raw_bytes(name), dt) for v in sides]
+    base = np.frombuffer(blend.base.reader.raw_bytes(name), dt) if blend.base is not None else None
+    for block in merging.blend(blend.strategy, name, values, base):
+        f.write(block.view(np.uint8))
 
 
 def store_result(store: GitStore, out: Outcome, sides: list[Version], path: str) -> Pointer:

@@ -31,7 +31,11 @@ even (numpy's and ml_dtypes' `astype`). Integer and bool tensors are not blended
 - `slerp[:t]` (t = 0.5; t = 0 is ours, 1 is theirs): with a = M_1, b = M_2 flattened,
   c = clip(<a/|a|, b/|b|>, -1, 1), theta = arccos(c):
   sin((1 - t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b; when |c| > 0.9995 or a norm
-  is 0, the linear (1 - t) * a + t * b.
+  is 0, the linear (1 - t) * a + t * b. |a|, |b| and the dot product are sums over blocks of
+  8,192 elements, each block's in the compute dtype, added in order in the compute dtype.
+
+Every formula is computed block by block (`blend`), one block of each input at a time; all but
+slerp's sums are elementwise, so the bytes are those of the formula over whole tensors.
 
 Conventions. Public tools give TIES and DARE different details: mergekit weights the task vectors
 before electing signs, divides the disjoint sum by the sum of the agreeing weights and (in recent
@@ -47,6 +51,7 @@ clone gives the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,35 +124,83 @@ def compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
     return None
 
 
+BLOCK = 8192  # elements a step: dot products stay under OpenBLAS's 10,000, where it starts threads
+
+
 def apply(strategy: Strategy, name: str, sides: list[NDArray], base: NDArray | None) -> NDArray:
     """The merged tensor (of the sides' dtype and shape) that `strategy` makes of `sides`."""
-    dtype, shape = sides[0].dtype, sides[0].shape
+    out = np.empty(sides[0].size, sides[0].dtype)
+    pos = 0
+    for block in blend(strategy, name, [np.ascontiguousarray(s).reshape(-1) for s in sides], base):
+        out[pos : pos + block.size] = block
+        pos += block.size
+    return out.reshape(sides[0].shape)
+
+
+def blend(strategy: Strategy, name: str, sides: list[NDArray], base: NDArray | None) -> Iterator[NDArray]:
+    """The merged tensor, flat in C order, BLOCK elements at a time in the sides' dtype.
+
+    `sides` and `base` are flat arrays of one dtype and size (read-only ones will do). Each
+    step converts one block of each input to the compute dtype, so a merge holds the inputs
+    plus a few blocks; ties (the cut of each trim), slerp (the norms and the angle) first pass
+    over the inputs for their scalars. Blockwise is elementwise: the bytes are those of the
+    formula over whole tensors; slerp's sums add up block by block, in order.
+    """
+    dtype = sides[0].dtype
     ct = compute_dtype(dtype)
     if ct is None:
         raise TypeError(f"{dtype} tensors are not blended")
-    ms = [s.astype(ct).ravel() for s in sides]
-    b = base.astype(ct).ravel() if base is not None else None
+    size = sides[0].size
+    if any(s.size != size for s in sides) or (base is not None and base.reshape(-1).size != size):
+        raise ValueError(f"{name}: the inputs of a blend differ in size")
+    flat = [s.reshape(-1) for s in sides]
+    b_flat = base.reshape(-1) if base is not None else None
     p = strategy.param
     n = strategy.name
+    if n == "linear" and len(sides) != 2 and strategy.given:
+        raise ValueError(f"linear:w weights two sides (ours and theirs); {len(sides)} given: use `linear` for their mean")
+    if n == "slerp" and len(sides) != 2:
+        raise ValueError("slerp merges exactly two sides")
+    if n not in ("linear", "slerp") and b_flat is None:
+        raise ValueError(f"{n} needs a base version")
+
+    def inputs(lo: int) -> tuple[list[NDArray], NDArray | None]:
+        hi = min(lo + BLOCK, size)
+        return [s[lo:hi].astype(ct) for s in flat], b_flat[lo:hi].astype(ct) if b_flat is not None else None
+
+    mix: Callable[[list[NDArray], NDArray | None], NDArray]
     if n == "linear":
-        out = linear(ms, p if strategy.given else None)
+        w = p if strategy.given else None
+        mix = lambda ms, b: linear(ms, w)  # noqa: E731
     elif n == "slerp":
-        if len(ms) != 2:
-            raise ValueError("slerp merges exactly two sides")
-        out = slerp(ms[0], ms[1], 0.5 if p is None else p)
+        mix = _slerp_mix(flat, ct, 0.5 if p is None else p)
+    elif n == "task-arithmetic":
+        lam = 1.0 if p is None else p
+
+        def mix(ms: list[NDArray], b: NDArray | None) -> NDArray:
+            assert b is not None
+            return b + lam * _sum([m - b for m in ms])
+
+    elif n == "ties":
+        assert b_flat is not None
+        trims = [_Trim(side, b_flat, ct, 0.2 if p is None else p) for side in flat]
+
+        def mix(ms: list[NDArray], b: NDArray | None) -> NDArray:
+            assert b is not None
+            return b + disjoint_mean([t.apply(m - b) for t, m in zip(trims, ms, strict=True)])
+
     else:
-        if b is None:
-            raise ValueError(f"{n} needs a base version")
-        taus = [m - b for m in ms]
-        if n == "task-arithmetic":
-            out = b + (1.0 if p is None else p) * _sum(taus)
-        elif n == "ties":
-            out = b + disjoint_mean([trim(t, 0.2 if p is None else p) for t in taus])
-        else:
-            d = 0.5 if p is None else p
-            dropped = [dare(t, d, name, i) for i, t in enumerate(taus)]
-            out = b + (_sum(dropped) if n == "dare-linear" else disjoint_mean(dropped))
-    return np.asarray(out).astype(dtype).reshape(shape)
+        d = 0.5 if p is None else p
+        draws = [np.random.Generator(np.random.PCG64(dare_seed(name, i))) for i in range(len(flat))]
+
+        def mix(ms: list[NDArray], b: NDArray | None) -> NDArray:
+            assert b is not None
+            dropped = [dare(m - b, d, g) for m, g in zip(ms, draws, strict=True)]
+            return b + (_sum(dropped) if n == "dare-linear" else disjoint_mean(dropped))
+
+    for lo in range(0, size, BLOCK):
+        ms, b = inputs(lo)
+        yield np.asarray(mix(ms, b)).astype(dtype)
 
 
 def _sum(xs: list[NDArray]) -> NDArray:
@@ -161,29 +214,65 @@ def linear(ms: list[NDArray], w: float | None) -> NDArray:
     """w * ms[0] + (1 - w) * ms[1]; n sides and no w: their mean, (1/n) * sum."""
     if w is None and len(ms) != 2:
         return _sum([m * (1.0 / len(ms)) for m in ms])
-    if len(ms) != 2:
-        raise ValueError(f"linear:w weights two sides (ours and theirs); {len(ms)} given: use `linear` for their mean")
     w = 0.5 if w is None else w
     return w * ms[0] + (1.0 - w) * ms[1]
 
 
-def trim(tau: NDArray, density: float) -> NDArray:
-    """tau with all but its k = floor(density * N) largest magnitudes zeroed (ties at the cut: the
-    lower flat indices are kept), in O(N)."""
-    n = tau.size
-    k = int(np.floor(density * n))
-    if k >= n:
-        return tau.copy()
-    out = np.zeros_like(tau)
-    if k <= 0:
-        return out
-    mag = np.abs(tau)
-    cut = np.partition(mag, n - k)[n - k]  # the k-th largest magnitude
-    keep = mag > cut
-    at = np.flatnonzero(mag == cut)[: k - int(keep.sum())]
-    keep[at] = True
-    out[keep] = tau[keep]
-    return out
+class _Trim:
+    """TIES' trim of one side's task vector tau = side - base: keep its k = floor(density * N)
+    largest magnitudes (ties at the cut: the lower flat indices), zero the rest. The cut (the
+    k-th largest |tau|) is selected exactly, sixteen bits at a time over the bit patterns of
+    |tau| (a non-negative float's bits order as its value), a pass per sixteen bits, so no
+    whole-tensor array is made; `apply` then trims block after block, in order."""
+
+    def __init__(self, side: NDArray, base: NDArray, ct: np.dtype[Any], density: float) -> None:
+        n = side.size
+        self.k = k = int(np.floor(density * n))
+        self.cut: Any = None
+        self.ties_kept = 0  # elements equal to the cut still to keep, in flat order
+        if 0 < k < n:
+            uint = np.dtype(f"u{ct.itemsize}")
+
+            def bits() -> Iterator[NDArray]:
+                for lo in range(0, n, BLOCK):
+                    tau = side[lo : lo + BLOCK].astype(ct) - base[lo : lo + BLOCK].astype(ct)
+                    yield np.abs(tau).view(uint)
+
+            value, below, equal = _select(bits, n - k, 8 * ct.itemsize)
+            self.cut = np.array([value], uint).view(ct)[0]
+            self.ties_kept = k - (n - below - equal)
+
+    def apply(self, tau: NDArray) -> NDArray:
+        if self.cut is None:
+            return tau.copy() if self.k > 0 else np.zeros_like(tau)
+        mag = np.abs(tau)
+        keep = mag > self.cut
+        if self.ties_kept > 0:
+            at = np.flatnonzero(mag == self.cut)[: self.ties_kept]
+            keep[at] = True
+            self.ties_kept -= at.size
+        return np.where(keep, tau, tau.dtype.type(0))
+
+
+def _select(blocks: Callable[[], Iterator[NDArray]], rank: int, nbits: int) -> tuple[int, int, int]:
+    """(v, below, equal): v the value at 0-based position `rank` of the sorted unsigned integers
+    that `blocks()` yields, with the counts of those below v and equal to it (a radix select:
+    one pass over the blocks per sixteen bits)."""
+    prefix = below = equal = 0
+    for shift in range(nbits - 16, -1, -16):
+        counts = np.zeros(1 << 16, np.int64)
+        for u in blocks():
+            if shift + 16 < nbits:
+                u = u[(u >> (shift + 16)) == prefix]
+            counts += np.bincount(((u >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
+        cum = np.cumsum(counts)
+        digit = int(np.searchsorted(cum, rank, side="right"))
+        before = int(cum[digit - 1]) if digit else 0
+        below += before
+        rank -= before
+        equal = int(counts[digit])
+        prefix = (prefix << 16) | digit
+    return prefix, below, equal
 
 
 def dare_seed(name: str, side: int) -> int:
@@ -193,9 +282,10 @@ def dare_seed(name: str, side: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def dare(tau: NDArray, density: float, name: str, side: int) -> NDArray:
-    """Keep each element with probability `density` (seeded by name and side), rescale by 1/density."""
-    u = np.random.Generator(np.random.PCG64(dare_seed(name, side))).random(tau.size)
+def dare(tau: NDArray, density: float, draw: np.random.Generator) -> NDArray:
+    """Keep each element with probability `density` (the next uniform draws of `draw`, one per
+    element), rescale by 1/density."""
+    u = draw.random(tau.size)
     out = np.where(u < density, tau, 0).astype(tau.dtype)
     scaled: NDArray = out * tau.dtype.type(1.0 / density)
     return scaled
@@ -214,16 +304,27 @@ def disjoint_mean(ts: list[NDArray]) -> NDArray:
     return acc / np.maximum(count, 1)
 
 
-def slerp(a: NDArray, b: NDArray, t: float) -> NDArray:
-    """Spherical interpolation from a (t = 0) to b (t = 1); linear when nearly colinear."""
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+def _slerp_mix(flat: list[NDArray], ct: np.dtype[Any], t: float) -> Callable[[list[NDArray], NDArray | None], NDArray]:
+    """Spherical interpolation from ours (t = 0) to theirs (t = 1), linear when nearly colinear:
+    its coefficients from a pass over both (sums in the compute dtype, block by block)."""
+    a, b = flat
+    zero = ct.type(0)
+    saa, sbb = zero, zero
+    for lo in range(0, a.size, BLOCK):
+        x, y = a[lo : lo + BLOCK].astype(ct), b[lo : lo + BLOCK].astype(ct)
+        saa += np.dot(x, x)
+        sbb += np.dot(y, y)
+    na, nb = float(np.sqrt(saa)), float(np.sqrt(sbb))
     if na == 0 or nb == 0:
-        return (1 - t) * a + t * b
-    c = float(np.clip(np.dot(a / na, b / nb), -1.0, 1.0))
+        return lambda ms, _: (1 - t) * ms[0] + t * ms[1]
+    sab = zero
+    for lo in range(0, a.size, BLOCK):
+        sab += np.dot(a[lo : lo + BLOCK].astype(ct) / na, b[lo : lo + BLOCK].astype(ct) / nb)
+    c = float(np.clip(sab, -1.0, 1.0))
     if abs(c) > SLERP_COLINEAR:
-        return (1 - t) * a + t * b
+        return lambda ms, _: (1 - t) * ms[0] + t * ms[1]
     theta = np.arccos(c)
     s = np.sin(theta)
-    k = a.dtype.type  # the coefficients in the compute dtype: a float64 scalar would widen float32 arrays
-    mixed: NDArray = k(np.sin((1 - t) * theta) / s) * a + k(np.sin(t * theta) / s) * b
-    return mixed
+    k = ct.type  # the coefficients in the compute dtype: a float64 scalar would widen float32 arrays
+    ka, kb = k(np.sin((1 - t) * theta) / s), k(np.sin(t * theta) / s)
+    return lambda ms, _: ka * ms[0] + kb * ms[1]

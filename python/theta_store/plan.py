@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 # Every stored version is kept reachable by refs/theta/<manifest id hex> (README "In Git").
 REF_PREFIX = "refs/theta/"
+# Versions whose frames are in a chunk store: a small commit of the manifest and where each frame is.
+INDEX_PREFIX = "refs/theta-index/"
 PLAN_VERSION = 3
 _NOT_IN_PACK = (1 << 64) - 1  # what the core reads as "ask read_object for it"
 
@@ -56,11 +58,16 @@ def ref_name(manifest_id: bytes) -> str:
     return REF_PREFIX + manifest_id.hex()
 
 
-def version_of_ref(name: str) -> bytes | None:
-    """The manifest id a refs/theta/ ref names, or None for any other name."""
-    if not name.startswith(REF_PREFIX):
+def index_ref_name(manifest_id: bytes) -> str:
+    """The ref of version `manifest_id`'s index record: refs/theta-index/<hex>."""
+    return INDEX_PREFIX + manifest_id.hex()
+
+
+def version_of_ref(name: str, prefix: str = REF_PREFIX) -> bytes | None:
+    """The manifest id a refs/theta/ ref (or another `prefix`'s) names, or None for any other name."""
+    if not name.startswith(prefix):
         return None
-    tail = name[len(REF_PREFIX) :]
+    tail = name[len(prefix) :]
     if len(tail) != 64:
         return None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from types import TracebackType
 
@@ -22,9 +23,11 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._last = 0.0
         self._start = time.monotonic()
+        self._lock = threading.Lock()  # uploads count their bytes from several threads
 
     def __call__(self, n: int) -> None:
-        self.done += n
+        with self._lock:
+            self.done += n
         now = time.monotonic()
         if self.enabled and now - self._last >= 0.1:
             self._last = now

@@ -14,9 +14,10 @@ Missing versions are fetched from the remote (whole versions: git moves refs, no
 from __future__ import annotations
 
 import builtins
+import io
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +25,10 @@ from . import _native
 from .errors import PointerError, ThetaStoreError
 from .gitstore import GitStore
 from .manifest import Manifest, Pointer, SpanEntry, looks_like_pointer
-from .plan import ReadPlan, load_manifest, native_chunks, plan_for
+from .plan import ReadPlan, load_manifest, native_chunks, plan_for, plan_from_store
+
+if TYPE_CHECKING:
+    from .chunkstore import LazyVersion
 
 _NUMPY = {
     "F64": "<f8",
@@ -80,7 +84,15 @@ class TensorView:
 class CheckpointReader:
     """A stored checkpoint revision; tensors are decoded on demand. Use as a context manager."""
 
-    def __init__(self, store: GitStore, manifest_id: bytes, manifest: Manifest, path: str, pointer: Pointer | None = None) -> None:
+    def __init__(
+        self,
+        store: GitStore,
+        manifest_id: bytes,
+        manifest: Manifest,
+        path: str,
+        pointer: Pointer | None = None,
+        lazy: LazyVersion | None = None,
+    ) -> None:
         self._store = store
         self._id = manifest_id
         self.manifest = manifest
@@ -88,8 +100,12 @@ class CheckpointReader:
         self._views = _views(manifest)
         self._pointer = pointer or Pointer(manifest_id, manifest.size, manifest.blake3, len(manifest.tensors), manifest.format)
         self._plan: ReadPlan | None = None
+        # A version whose frames are in a chunk store: each read fetches the frames it needs.
+        self._lazy = lazy
 
     def close(self) -> None:
+        if self._lazy is not None:
+            self._lazy.close()
         self._store.close()
 
     def __enter__(self) -> CheckpointReader:
@@ -117,12 +133,22 @@ class CheckpointReader:
             return dict(meta.get("__metadata__") or {})
         return dict(meta)
 
-    def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
-        """Bytes [start, end) of a span, decoding only the chunks that overlap them."""
-        end = span.length if end is None else end
-        if end <= start:
+    def entries(self) -> dict[str, Any]:
+        """What a diff compares beside the tensors: safetensors' `__metadata__`; the plain values
+        a torch.save archive keeps beside its tensors (an epoch, an optimizer's step...), read
+        from the stored pickle (formats.torch.entries); other formats' adapter metadata."""
+        if self.manifest.format == "torch":
+            from .formats import torch
+
+            return torch.entries(self.path, io.BufferedReader(_VersionFile(self)), self.manifest.size)
+        return self.metadata()
+
+    def read_range(self, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of the stored file, decoding only the chunks that overlap them."""
+        if hi <= lo:
             return b""
-        lo, hi = span.offset + start, span.offset + end
+        if self._lazy is not None:
+            return self._read_lazy(self._lazy, lo, hi)
         if self._plan is not None:
             try:
                 return self._read(self._plan, lo, hi)
@@ -131,10 +157,26 @@ class CheckpointReader:
         self._plan = plan_for(self._store, self._pointer, manifest=self.manifest, where=self.path)
         return self._read(self._plan, lo, hi)
 
+    def _read_lazy(self, lazy: LazyVersion, lo: int, hi: int) -> bytes:
+        """read_range of a version in a chunk store: fetch the frames of the chunks [lo, hi) needs
+        (and their bases), then plan again where frames were fetched."""
+        if self._plan is None:
+            self._plan = plan_from_store(lazy, self._id, self.manifest)
+        picked, _ = self._plan.covering(lo, hi)
+        if lazy.ensure([c.chunk_id for c in picked]):
+            self._plan = plan_from_store(lazy, self._id, self.manifest)
+        return self._read(self._plan, lo, hi)
+
+    def _bytes(self, span: SpanEntry, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of a span, decoding only the chunks that overlap them."""
+        end = span.length if end is None else end
+        return self.read_range(span.offset + start, span.offset + end)
+
     def _read(self, plan: ReadPlan, start: int, end: int) -> bytes:
         """File bytes [start, end), decoding the chunks that hold them."""
         picked, first = plan.covering(start, end)
-        data = b"".join(_native.read_chunks(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases()))
+        data = _native.read_joined(native_chunks(picked), plan.packs, self._store.read_object, plan.native_bases())
+        # A whole tensor's chunks start and end with it: the slice is then `data` itself, no copy.
         return data[start - first : end - first]
 
     def raw_bytes(self, name: str) -> bytes:
@@ -174,6 +216,34 @@ class CheckpointReader:
 
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, self._view(name))
+
+
+class _VersionFile(io.RawIOBase):
+    """A stored version as a read-only file: a format adapter reads the few structures it needs
+    (a ZIP directory, a pickle) without the whole file being rebuilt."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self._r = reader
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos if whence == 0 else self._pos + pos if whence == 1 else self._r.manifest.size + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        data = self._r.read_range(self._pos, min(self._pos + len(buf), self._r.manifest.size))
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class TensorSlice:
@@ -264,8 +334,12 @@ def read_version(store: GitStore, rel: str, rev: str | None) -> CheckpointReader
         raise PointerError(f"{rel}: {'the index' if rev is None else rev} holds a regular file, not a theta-store pointer")
     pointer = Pointer.parse(data, f"{rel} ({rev or 'index'})")
     if store.version_commit(pointer.manifest_id) is None:
-        from .remote import ensure_versions
+        from .remote import ensure_versions, lazy_version
 
+        lazy = lazy_version(store, pointer.manifest_id)
+        if lazy is not None:
+            manifest = load_manifest(lazy, pointer.manifest_id)
+            return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer, lazy=lazy)
         ensure_versions(store, {pointer.manifest_id}, what=rel)
     manifest = load_manifest(store, pointer.manifest_id)
     return CheckpointReader(store, pointer.manifest_id, manifest, rel, pointer)

@@ -29,14 +29,14 @@ from typing import Any
 if sys.platform != "win32":
     import fcntl
 
-from . import packs
-from .errors import GitCommandError, ThetaStoreError
+from . import chunkstore, packs
+from .errors import BlobStoreAuthError, CorruptObject, GitCommandError, ThetaStoreError
 from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
 from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
 from .gitstore import GitStore
 from .history import pointer_writes, pointers_in, tree_pointers
-from .plan import REF_PREFIX, drop_plan, ref_name, version_of_ref
+from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, plan_path, ref_name, version_of_ref
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
@@ -70,10 +70,13 @@ def remotes(store: GitStore) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> set[bytes]:
-    """Versions the remote has (all of them, or only among `ids`: protocol v2 filters by prefix)."""
-    patterns = [ref_name(i) for i in ids] if ids is not None else [REF_PREFIX + "*"]
-    found: set[bytes] = set()
+def remote_refs(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> tuple[set[bytes], set[bytes]]:
+    """Versions the remote has in Git objects (refs/theta/) and those it has as index records
+    (refs/theta-index/: frames in a chunk store), of all or of `ids` (protocol v2 filters by prefix)."""
+    wanted = sorted(ids) if ids is not None else None
+    patterns = [f(i) for i in wanted for f in (ref_name, index_ref_name)] if wanted is not None else [REF_PREFIX + "*", INDEX_PREFIX + "*"]
+    full: set[bytes] = set()
+    indexed: set[bytes] = set()
     for i in range(0, max(len(patterns), 1), PUSH_BATCH):
         batch = patterns[i : i + PUSH_BATCH]
         if not batch:
@@ -82,10 +85,18 @@ def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = 
         if r.returncode != 0:
             raise ThetaStoreError(f"cannot reach remote {remote!r}: {r.stderr.decode(errors='replace').strip()}")
         for line in r.stdout.decode().splitlines():
-            version = version_of_ref(line.partition("\t")[2])
-            if version is not None:
-                found.add(version)
-    return found
+            name = line.partition("\t")[2]
+            if (version := version_of_ref(name)) is not None:
+                full.add(version)
+            elif (version := version_of_ref(name, INDEX_PREFIX)) is not None:
+                indexed.add(version)
+    return full, indexed
+
+
+def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = None) -> set[bytes]:
+    """Versions the remote has, either way (all of them, or only among `ids`)."""
+    full, indexed = remote_refs(store, remote, ids)
+    return full | indexed
 
 
 MARKER_ENV = {
@@ -114,7 +125,9 @@ def _transport(store: GitStore) -> dict[str, str]:
     env.pop("GIT_WORK_TREE", None)
     env.pop("GIT_INDEX_FILE", None)
     # Mirror our versions (they become the "haves" of a fetch) and keep the shallow marker.
-    refs = "".join(f"{store.version_commit(v).hex()} {ref_name(v)}\n" for v in store.versions())  # type: ignore[union-attr]
+    pairs = [(ref_name(v), store.version_commit(v)) for v in store.versions()]
+    pairs += [(index_ref_name(v), c) for v, c in store.index_records().items()]
+    refs = "".join(f"{c.hex()} {r}\n" for r, c in sorted(pairs) if c is not None)
     (t / "packed-refs").write_text("# pack-refs with: peeled fully-peeled sorted\n" + refs)
     # Written each time (deterministic ids): a git gc in our repository may have pruned them.
     tree = subprocess.run(["git", "hash-object", "-t", "tree", "-w", "--stdin"], input=b"", env=env, capture_output=True, check=True)
@@ -127,6 +140,7 @@ def _transport(store: GitStore) -> dict[str, str]:
     )
     (t / "shallow").write_text(marker.stdout.decode())
     shutil.rmtree(t / "refs" / "theta", ignore_errors=True)
+    shutil.rmtree(t / "refs" / "theta-index", ignore_errors=True)
     return env
 
 
@@ -156,33 +170,15 @@ def _run_transport_shown(store: GitStore, args: list[str], progress: bool) -> tu
 
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
-    """Fetch these versions from one remote; returns the ones it had."""
-    have = remote_versions(store, remote, sorted(ids))
-    todo = sorted(have & ids)
-    got: set[bytes] = set()
+    """Fetch these versions from one remote (and its chunk store); returns the ones it had."""
+    full, indexed = remote_refs(store, remote, sorted(ids))
+    todo = sorted(full & ids)
+    from_store = sorted((indexed & ids) - full)
     # On a terminal, git's own progress (receiving objects) shows as it comes, without the ref lines
     tty = on_terminal()
-    if tty and todo:
-        print(f"theta-store: fetching {len(todo)} checkpoint version(s) from {remote}", file=sys.stderr, flush=True)
-    for i in range(0, len(todo), PUSH_BATCH):
-        batch = todo[i : i + PUSH_BATCH]
-        specs = [f"+{ref_name(v)}:{ref_name(v)}" for v in batch]
-        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
-        with _transport_lock(store):
-            rc, err = _run_transport_shown(store, args, tty)
-            if rc != 0:
-                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
-            t = store.state_dir / "transport"
-            listing = subprocess.run(
-                ["git", "for-each-ref", "--format=%(objectname) %(refname)", *[ref_name(v) for v in batch]],
-                env=dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir)),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                check=True,
-            ).stdout.decode()
-        pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
-        _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
-        got |= {v for _, ref in pairs if (v := version_of_ref(ref)) is not None}
+    if tty and (todo or from_store):
+        print(f"theta-store: fetching {len(todo) + len(from_store)} checkpoint version(s) from {remote}", file=sys.stderr, flush=True)
+    got = set(_fetch_refs(store, remote, [ref_name(v) for v in todo], tty))
     store.refresh()
     fetched: list[bytes] = []
     for v in sorted(got):
@@ -191,6 +187,69 @@ def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
         fetched += [f.object_id for f in frames.values()]
     # What git fetched is frames like an add's: kept out of git's repacking, consolidated in tiers
     packs.settle(store, store.locate(fetched)[0])
+    if from_store:
+        need = [v for v in from_store if store.read_index_record(v) is None]
+        _fetch_refs(store, remote, [index_ref_name(v) for v in need], tty)
+        store.refresh()
+        cfg = chunkstore.for_remote(store, remote)
+        if cfg is None:
+            raise ThetaStoreError(
+                f"{remote} keeps {len(from_store)} of these checkpoint versions in a chunk store,"
+                f" and no {chunkstore.CONFIG_FILE} names one",
+                hint=f"check out a commit that has {chunkstore.CONFIG_FILE}, or `theta-store remote add NAME URL`",
+            )
+        bs = chunkstore.open_store(store, cfg, remote)
+        try:
+            chunkstore.download(store, bs, from_store, progress=tty)
+        finally:
+            bs.close()
+        got |= set(from_store)
+    return got
+
+
+def lazy_version(store: GitStore, version: bytes) -> chunkstore.LazyVersion | None:
+    """A version whose frames are in a chunk store, to be read frame by frame as needed: its
+    index record (fetched from the first remote that has it) and the store. None if no remote
+    keeps it that way (then it is fetched whole, as any other)."""
+    for name in remotes(store):
+        try:
+            cfg = chunkstore.for_remote(store, name)
+            if cfg is None:
+                continue
+            if store.read_index_record(version) is None:
+                _, indexed = remote_refs(store, name, [version])
+                if version not in indexed:
+                    continue
+                _fetch_refs(store, name, [index_ref_name(version)], on_terminal())
+                store.refresh()
+        except ThetaStoreError:
+            continue  # an unreachable remote: the next one, then a whole fetch, may do
+        return chunkstore.LazyVersion(store, chunkstore.open_store(store, cfg, name), version)
+    return None
+
+
+def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> list[bytes]:
+    """Fetch these refs/theta/ or refs/theta-index/ refs through the transport into ours."""
+    got: list[bytes] = []
+    for i in range(0, len(refs), PUSH_BATCH):
+        batch = refs[i : i + PUSH_BATCH]
+        specs = [f"+{r}:{r}" for r in batch]
+        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
+        with _transport_lock(store):
+            rc, err = _run_transport_shown(store, args, tty)
+            if rc != 0:
+                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
+            t = store.state_dir / "transport"
+            listing = subprocess.run(
+                ["git", "for-each-ref", "--format=%(objectname) %(refname)", *batch],
+                env=dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir)),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=True,
+            ).stdout.decode()
+        pairs = [line.split(" ", 1) for line in listing.splitlines() if line]
+        _git(store, "update-ref", "--stdin", input="".join(f"update {ref} {sha}\n" for sha, ref in pairs).encode())
+        got += [v for _, ref in pairs if (v := version_of_ref(ref)) is not None]
     return got
 
 
@@ -216,6 +275,8 @@ def ensure_versions(
     for name in [remote] if remote else [r for r in remotes(store) if r not in exclude]:
         try:
             got = fetch_versions(store, name, missing)
+        except (CorruptObject, BlobStoreAuthError):
+            raise  # damaged data or refused credentials: another remote is no answer to those
         except ThetaStoreError as e:
             if not quiet:
                 print(f"theta-store: {e}", file=sys.stderr)
@@ -303,7 +364,8 @@ def send_versions(
     """
     if not needed:
         return {"versions": 0}
-    everything = remote_versions(store, target)  # one ls-remote: also tells new frames from reused ones
+    full, indexed = remote_refs(store, target)  # one ls-remote: also tells new frames from reused ones
+    everything = full | indexed
     on_remote = everything & set(needed)
     todo = sorted(v for v in needed if v not in on_remote)
     absent = {v for v in todo if store.version_commit(v) is None}
@@ -334,8 +396,22 @@ def send_versions(
         return {"versions": 0, "would_push": len(local), "new_bytes": new_bytes, "reused_bytes": reused}
     if progress:
         print(f"theta-store: pushing {len(local)} checkpoint version(s) to {remote}", file=sys.stderr, flush=True)
-    for i in range(0, len(local), PUSH_BATCH):
-        specs = [f"{ref_name(v)}:{ref_name(v)}" for v in local[i : i + PUSH_BATCH]]
+    cfg = chunkstore.for_remote(store, remote if remote == target else None)
+    refs = [ref_name(v) for v in local]
+    where = ""
+    if cfg is not None:
+        bs = chunkstore.open_store(store, cfg, remote)
+        try:
+            done = chunkstore.upload(store, bs, local, indexed, progress=progress)
+        finally:
+            bs.close()
+        # The frames are in the store: Git gets the small index records, sent last.
+        refs = [index_ref_name(v) for v in local]
+        new_bytes = done["bytes"]
+        sizes = f"{human_size(new_bytes)} new" + (f", {human_size(reused)} already there" if reused else "")
+        where = f" (frames in {cfg.name}: {cfg.url}, {done['objects_sent']} object(s) sent)"
+    for i in range(0, len(refs), PUSH_BATCH):
+        specs = [f"{r}:{r}" for r in refs[i : i + PUSH_BATCH]]
         # On a terminal, git's own progress (writing objects) shows as it comes, without the ref lines
         args = ["push", "--no-verify", "-q", *(["--progress"] if progress else []), target, *specs]
         with _transport_lock(store):
@@ -345,7 +421,7 @@ def send_versions(
                 f"pushing checkpoint versions to {remote} failed: {err.decode(errors='replace').strip()}",
                 hint="set THETA_STORE_SKIP_PUSH=1 to push the commits alone",
             )
-    print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {sizes}", file=sys.stderr)
+    print(f"theta-store: pushed {len(local)} checkpoint version(s) to {remote}: {sizes}{where}", file=sys.stderr)
     return {"versions": len(local), "new_bytes": new_bytes, "reused_bytes": reused, "fetched": fetched}
 
 
@@ -432,27 +508,88 @@ GC_ROOTS = ["--exclude=" + REF_PREFIX + "*", "--all", "--reflog", "--indexed-obj
 
 
 def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str, object]:
-    """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index needs."""
+    """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index
+    needs; then, if `thetastore.cacheSize` is set and our packs exceed it, evict versions whose
+    frames a chunk store holds (an index record is here) and that neither HEAD nor the index uses."""
     needed = set(pointers_in(store, GC_ROOTS))
     versions = store.versions()
     drop = [v for v in versions if v not in needed]
-    keep_frames = _frames(store, [v for v in versions if v in needed])
+    kept = [v for v in versions if v in needed]
+    keep_frames = _frames(store, kept)
     drop_frames = _frames(store, drop)
     freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
+    limit = cache_limit(store)
+    evict = _evictable(store, kept, keep_frames, limit - (_packs_size(store) - freed)) if limit is not None else []
+    if evict:
+        still = _frames(store, [v for v in kept if v not in evict])
+        freed += sum(n for cid, n in _frames(store, evict).items() if cid not in still)
     if not dry_run:
-        for v in drop:
+        for v in drop + evict:
             _git(store, "update-ref", "-d", ref_name(v))
             drop_plan(store.state_dir, v)
         store.rebuild_chunk_index()
-        if prune:
+        if prune or evict:
             packs.prune(store)  # git never prunes from our kept packs
+        if prune:
             _git(store, "gc", "--quiet", "--prune=now")
         packs.consolidate(store, limit=None)
     return {
         "versions": len(versions),
         "dropped": [v.hex() for v in drop],
-        "kept": len(versions) - len(drop),
+        "evicted": [v.hex() for v in evict],
+        "cache_limit": limit,
+        "kept": len(versions) - len(drop) - len(evict),
         "freed_bytes": freed,
         "dry_run": dry_run,
-        "pruned": prune and not dry_run,
+        "pruned": (prune or bool(evict)) and not dry_run,
     }
+
+
+def cache_limit(store: GitStore) -> int | None:
+    """`thetastore.cacheSize` in bytes (git's k/m/g suffixes), None if unset."""
+    r = _git(store, "config", "--type=int", "thetastore.cacheSize", check=False)
+    return int(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _packs_size(store: GitStore) -> int:
+    return sum(packs.ours(store.pack_dir).values())
+
+
+def _evictable(store: GitStore, kept: list[bytes], frames: dict[bytes, int], room: int) -> list[bytes]:
+    """Versions to drop locally until about `-room` bytes are freed (room >= 0: none), oldest here
+    first: only those a chunk store holds and the checkout does not use."""
+    if room >= 0:
+        return []
+    current = {p.manifest_id for rev in ("HEAD", None) for p in _quiet_pointers(store, rev)}
+    stored = store.index_records()
+    candidates = [v for v in kept if v in stored and v not in current]
+    candidates.sort(key=lambda v: _last_used(store, v))
+    out: list[bytes] = []
+    uses: dict[bytes, int] = {}
+    for v in kept:
+        for cid in store.version_frames(v):
+            uses[cid] = uses.get(cid, 0) + 1
+    for v in candidates:
+        if room >= 0:
+            break
+        out.append(v)
+        for cid in store.version_frames(v):
+            uses[cid] -= 1
+            if uses[cid] == 0:
+                room += frames.get(cid, 0)
+    return out
+
+
+def _quiet_pointers(store: GitStore, rev: str | None) -> list[Any]:
+    try:
+        return list(tree_pointers(store, rev).values())
+    except ThetaStoreError:
+        return []  # no HEAD yet
+
+
+def _last_used(store: GitStore, v: bytes) -> float:
+    """When this repository stored or first read the version (its saved plan's time), else 0."""
+    try:
+        return os.stat(plan_path(store.state_dir, v)).st_mtime
+    except OSError:
+        return 0.0

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _native, install
+from . import _native, chunkstore, install
 from . import remote as transport
 from .bases import base_version, delta_depth
 from .checkpoint import DEFAULT_CHUNK_BYTES, Factors, Scanned, add_file, restore_to, scan
@@ -345,6 +345,28 @@ class Repo:
         """Drop the stored versions that no ref, reflog or index needs; `prune`: then free their
         frames' space (git gc --prune=now)."""
         return transport.gc(self.store, dry_run=dry_run, prune=prune)
+
+    # ---- chunk stores ----
+    def store_add(
+        self, name: str, url: str, *, endpoint: str | None = None, region: str | None = None, default: bool = True
+    ) -> dict[str, Any]:
+        """Name a chunk store in `.thetastore` (staged: commit it so clones find it); `default`:
+        pushes keep frames there. Returns {"name", "url", "file"}."""
+        path = chunkstore.add_store(self.store, name, url, endpoint=endpoint, region=region, default=default)
+        return {"name": name, "url": url, "endpoint": endpoint, "file": str(path), "default": default}
+
+    def store_remove(self, name: str) -> None:
+        """Remove a chunk store from `.thetastore` (staged). Versions already there stay there."""
+        chunkstore.remove_store(self.store, name)
+
+    def stores(self) -> dict[str, Any]:
+        """The chunk stores `.thetastore` names, the default one, and which Git remote uses which."""
+        found, default = chunkstore.stores(self.store)
+        remotes = {}
+        for name in transport.remotes(self.store):
+            cfg = chunkstore.for_remote(self.store, name)
+            remotes[name] = cfg.name if cfg else "git"
+        return {"stores": [asdict(c) for c in found.values()], "default": default, "remotes": remotes}
 
     # ---- tracking ----
     def track(self, patterns: Sequence[str]) -> dict[str, Any]:

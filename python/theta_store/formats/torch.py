@@ -374,14 +374,7 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
         )
     if head[:4] not in (_zip.LOCAL_SIG, _zip.EOCD_SIG):
         raise FormatError(path, "header", "is neither a torch.save ZIP archive nor a legacy torch pickle", hint="is this a PyTorch file?")
-    entries = _zip.read_directory(path, f, size)
-    if not entries:
-        raise FormatError(path, "zip directory", "the archive is empty: not a torch.save file")
-    prefix = entries[0].name.split("/", 1)[0]
-    by_name = {e.name: e for e in entries}
-    pkl = by_name.get(f"{prefix}/data.pkl")
-    if pkl is None:
-        raise FormatError(path, "zip directory", f"has no {prefix + '/data.pkl'!r} member: not a torch.save archive")
+    prefix, by_name, pkl = _archive(path, f, size)
     byteorder = "little"
     bo = by_name.get(f"{prefix}/byteorder")
     if bo is not None:
@@ -412,6 +405,53 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
             "objects; stored opaque (content-defined chunks), never unpickled",
         )
     return _layout(path, size, prefix, byteorder, by_name, root, storages)
+
+
+def _archive(path: str, f: BinaryIO, size: int) -> tuple[str, dict[str, _zip.ZipEntry], _zip.ZipEntry]:
+    """(prefix, members by name, the data.pkl member) of a torch.save ZIP archive."""
+    members = _zip.read_directory(path, f, size)
+    if not members:
+        raise FormatError(path, "zip directory", "the archive is empty: not a torch.save file")
+    prefix = members[0].name.split("/", 1)[0]
+    by_name = {e.name: e for e in members}
+    pkl = by_name.get(f"{prefix}/data.pkl")
+    if pkl is None:
+        raise FormatError(path, "zip directory", f"has no {prefix + '/data.pkl'!r} member: not a torch.save archive")
+    return prefix, by_name, pkl
+
+
+MAX_ENTRIES = 10_000
+
+
+def entries(path: str, f: BinaryIO, size: int) -> dict[str, Any]:
+    """The plain values (ints, floats, strings, bools, None) a torch.save archive keeps beside its
+    tensors, by dotted key path in pickle order: an epoch, an optimizer's step and learning rate,
+    hyperparameters. At most MAX_ENTRIES; none for a file this adapter stores opaque. Reads the
+    ZIP directory and data.pkl only; raises FormatError as `parse` does."""
+    f.seek(0)
+    head = f.read(32)
+    if _is_legacy(head) or head[:4] not in (_zip.LOCAL_SIG, _zip.EOCD_SIG):
+        return {}
+    _, _, pkl = _archive(path, f, size)
+    data = _zip.read_member(path, f, pkl, MAX_PICKLE)
+    try:
+        root, _ = _Interpreter(path, f"zip entry {pkl.name!r}", data).run()
+    except _Opaque:
+        return {}
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, int, Any]] = [("", 0, root)]
+    while stack and len(out) < MAX_ENTRIES:
+        key, depth, v = stack.pop()
+        if v is None or isinstance(v, (bool, int, float, str)):
+            if key:
+                out[key] = v
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen and depth < MAX_PATH_DEPTH:
+            seen.add(id(v))
+            items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
+            for k, child in reversed(items):
+                stack.append((f"{key}.{k}" if key else str(k), depth + 1, child))
+    return out
 
 
 # ----------------------------------------------------------------------------- the pickle interpreter

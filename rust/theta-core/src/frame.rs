@@ -796,6 +796,32 @@ pub fn encode_frame(data: &[u8], dtype: DType) -> Vec<u8> {
     encode_frame_with_id(data, dtype, &chunk_id(data))
 }
 
+/// The codec byte of a frame from its first bytes alone (magic, format version, codec), so a
+/// caller that only wants to know how a chunk is stored need not read the whole frame.
+pub fn frame_codec(head: &[u8]) -> Result<u8> {
+    let bad = |what: String| Error::CorruptFrame(what);
+    if head.len() < 6 {
+        return Err(bad(format!(
+            "{} bytes, shorter than a frame's first 6",
+            head.len()
+        )));
+    }
+    if head[..4] != MAGIC {
+        return Err(bad("bad magic: not a theta-store frame".into()));
+    }
+    match (head[4], head[5]) {
+        (VERSION, CODEC_PLANES) => Ok(CODEC_PLANES),
+        (VERSION, codec) => Err(bad(format!("unknown codec {codec}"))),
+        (VERSION_BASES, CODEC_PLANES) => Err(bad(format!(
+            "format-{VERSION_BASES} frame with codec {CODEC_PLANES}"
+        ))),
+        (VERSION_BASES, codec) => Ok(codec),
+        (v, _) => Err(bad(format!(
+            "frame format version {v} is not supported (this build reads {VERSION} and {VERSION_BASES})"
+        ))),
+    }
+}
+
 /// Parse and validate a frame header against the frame's length.
 pub fn frame_info(frame: &[u8]) -> Result<FrameInfo> {
     let bad = |what: String| Error::CorruptFrame(what);
@@ -1292,6 +1318,30 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_codec_reads_the_first_six_bytes_only() {
+        let f = encode_frame(&[1, 2, 3, 4, 5, 6, 7, 8], DType::F32);
+        assert_eq!(frame_codec(&f[..6]).unwrap(), CODEC_PLANES);
+        assert!(frame_codec(&f[..5]).is_err());
+        let mut bad = f[..6].to_vec();
+        bad[0] = 0;
+        assert!(frame_codec(&bad).is_err());
+        for (version, codec) in [
+            (VERSION, 2),
+            (VERSION_BASES, CODEC_PLANES),
+            (9, CODEC_PLANES),
+        ] {
+            let mut h = f[..6].to_vec();
+            h[4] = version;
+            h[5] = codec;
+            assert!(frame_codec(&h).is_err(), "version {version} codec {codec}");
+        }
+        let mut h = f[..6].to_vec();
+        h[4] = VERSION_BASES;
+        h[5] = 2;
+        assert_eq!(frame_codec(&h).unwrap(), 2);
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -468,6 +468,10 @@ proptest! {
         let shape = [rows as u64, cols as u64];
         let d = tensordelta::encode_tensor(&job(&case, &shape, None)).unwrap();
         prop_assert_eq!(d.frames.len(), case.chunks.len());
+        for f in &d.frames {
+            // a frame's first six bytes name its codec as its whole header does
+            prop_assert_eq!(frame::frame_codec(&f[..6]).unwrap(), frame::frame_info(f).unwrap().codec);
+        }
         let bases = known(&case, &d);
         decode_all(&case, &d, &bases).unwrap();
         let plain: usize = case

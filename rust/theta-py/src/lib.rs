@@ -13,7 +13,8 @@ use theta_core::frame::{self, ChunkId};
 use theta_core::pack::{self, ObjectId};
 use theta_core::pipeline::input::{Buffers, FileInput, Input};
 use theta_core::pipeline::{self, read, Chunk, Progress, RestoreChunk, Span, Written};
-use theta_core::store::{GitPacks, Location, ObjectStore, PackSink};
+use theta_core::sha1x16;
+use theta_core::store::{FrameRef, FrameSink, GitPacks, Location, ObjectStore, PackSink};
 use theta_core::{DType, Error};
 
 pyo3::import_exception!(theta_store.errors, CorruptObject);
@@ -128,17 +129,19 @@ impl Held {
             .map(Held)
     }
 
-    fn input(&self) -> Buffers<'_> {
-        // SAFETY: each buffer is C-contiguous, of len_bytes() bytes, and pinned by `self` for as
-        // long as the slices live. A caller changing one meanwhile makes the write path refuse
-        // the chunk (Buffers are re-hashed), not read out of bounds.
+    fn slices(&self) -> Vec<&[u8]> {
+        // SAFETY: as in `input`: C-contiguous, len_bytes() long, pinned by `self`.
         #[allow(unsafe_code)]
-        let slices = self
-            .0
+        self.0
             .iter()
             .map(|b| unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, b.len_bytes()) })
-            .collect();
-        Buffers::new("buffers", slices)
+            .collect()
+    }
+
+    fn input(&self) -> Buffers<'_> {
+        // A caller changing a buffer meanwhile makes the write path refuse the chunk (Buffers
+        // are re-hashed), not read out of bounds.
+        Buffers::new("buffers", self.slices())
     }
 }
 
@@ -720,6 +723,40 @@ impl PackBuilder {
         Ok(written_frames(py, &written?))
     }
 
+    /// Append frames that were encoded elsewhere (fetched from a chunk store) as stored blobs,
+    /// their Git ids computed sixteen at once. Returns [(object id, offset in the pack)].
+    fn add_frames<'py>(
+        &self,
+        py: Python<'py>,
+        frames: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<(Bound<'py, PyBytes>, u64)>> {
+        let held = Held::new(&frames)?;
+        let placed = self.with_sink(|sink| {
+            py.detach(|| {
+                let slices = held.slices();
+                let ids = sha1x16::blob_ids(&slices);
+                let zero: ChunkId = [0; 32];
+                slices
+                    .iter()
+                    .zip(&ids)
+                    .map(|(bytes, object)| {
+                        let at = sink.append(&FrameRef {
+                            chunk: &zero,
+                            object,
+                            bytes,
+                        })?;
+                        Ok((*object, at.offset))
+                    })
+                    .collect::<Result<Vec<_>, Error>>()
+            })
+            .map_err(to_py)
+        })?;
+        Ok(placed
+            .into_iter()
+            .map(|(o, at)| (PyBytes::new(py, &o), at))
+            .collect())
+    }
+
     /// Append small objects [(kind, data)] ("blob", "tree", "commit") after the frames.
     fn add_objects(&self, py: Python<'_>, objects: Vec<(String, Vec<u8>)>) -> PyResult<()> {
         let objects = object_kinds(objects)?;
@@ -968,6 +1005,37 @@ fn receive_content<'py>(
     ))
 }
 
+/// The blobs at these offsets of one pack, as stored (a frame's bytes, undecoded), by positioned
+/// reads: [(offset, max_len)] -> bytes, or None where the entry is not a plain blob (git stored
+/// it as a delta: ask for it by id).
+#[pyfunction]
+fn read_pack_blobs<'py>(
+    py: Python<'py>,
+    pack: PathBuf,
+    entries: Vec<(u64, u64)>,
+) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
+    let name = pack.display().to_string();
+    let blobs = py
+        .detach(|| -> Result<Vec<Option<Vec<u8>>>, Error> {
+            let file = std::fs::File::open(&pack).map_err(|e| Error::io(&name, e))?;
+            entries
+                .iter()
+                .map(|&(offset, max_len)| {
+                    let mut out = Vec::new();
+                    Ok(
+                        pack::read_pack_blob_into(&file, &name, offset, max_len, &mut out)?
+                            .then_some(out),
+                    )
+                })
+                .collect()
+        })
+        .map_err(to_py)?;
+    Ok(blobs
+        .into_iter()
+        .map(|b| b.map(|b| PyBytes::new(py, &b)))
+        .collect())
+}
+
 /// Decode chunks to bytes (same chunk tuples as restore_file).
 #[pyfunction]
 #[pyo3(signature = (chunks, packs, read_object, bases=Vec::new()))]
@@ -988,6 +1056,42 @@ fn read_chunks<'py>(
         |chunks, source, _| read::read_chunks(chunks, source),
     )?;
     Ok(raw.iter().map(|b| PyBytes::new(py, b)).collect())
+}
+
+/// Decode chunks one after the other into one bytes object, their concatenation (same chunk
+/// tuples as restore_file): a tensor read this way is in memory once, not as parts plus a join.
+#[pyfunction]
+#[pyo3(signature = (chunks, packs, read_object, bases=Vec::new()))]
+fn read_joined<'py>(
+    py: Python<'py>,
+    chunks: Vec<ChunkTuple<'py>>,
+    packs: Vec<PathBuf>,
+    read_object: Py<PyAny>,
+    bases: Vec<ChunkTuple<'py>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let total = chunks
+        .iter()
+        .try_fold(0u64, |n, c| n.checked_add(c.0))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| PyValueError::new_err("chunk lengths overflow"))?;
+    PyBytes::new_with(py, total, |out| {
+        with_chunks(
+            py,
+            chunks,
+            bases,
+            &packs,
+            &read_object,
+            None,
+            |chunks, source, _| read::read_into(chunks, source, out).map(|_| ()),
+        )
+    })
+}
+
+/// How a frame is stored ("plain", "xor", "diff", "sparse", "low-rank"), from its first 6 bytes.
+#[pyfunction]
+fn frame_kind(py: Python<'_>, head: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    let codec = with_bytes(py, head, |_, d| frame::frame_codec(d))?.map_err(to_py)?;
+    Ok(theta_core::tensordelta::codec_kind(codec))
 }
 
 /// Incremental BLAKE3 (for streams: the filter process hashes what git sends as it arrives).
@@ -1044,6 +1148,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_pack, m)?)?;
     m.add_function(wrap_pyfunction!(restore_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(read_pack_blobs, m)?)?;
+    m.add_function(wrap_pyfunction!(read_joined, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_kind, m)?)?;
     m.add_function(wrap_pyfunction!(send_file, m)?)?;
     m.add_function(wrap_pyfunction!(receive_content, m)?)?;
     m.add_function(wrap_pyfunction!(write_objects, m)?)?;
