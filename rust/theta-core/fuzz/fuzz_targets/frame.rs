@@ -1,5 +1,6 @@
-//! Frame decode, every format and codec: the frame is the first part of the input, the bytes of
-//! its base chunks the rest (see `Bases`); decoded unverified, so codecs run on mutated frames.
+//! Frame decode, every format and codec, and `frame_codec` (the six-byte reading): the frame is
+//! the first part of the input, the bytes of its base chunks the rest (see `Bases`); decoded
+//! unverified, so codecs run on mutated frames.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use theta_core::frame;
@@ -10,9 +11,12 @@ fuzz_target!(|data: &[u8]| {
     let (f, rest) = split(data);
     let (a, b) = split(rest);
     let bases = Bases { a, b };
+    let codec = frame::frame_codec(f);
     let Ok(info) = frame::frame_info(f) else {
         return;
     };
+    // The six-byte reading of a frame agrees with the whole header's.
+    assert_eq!(codec.ok(), Some(info.codec));
     if info.raw_len > MAX_OUT {
         return;
     }
