@@ -111,10 +111,12 @@ def test_the_filter_imports_no_dulwich_and_no_heavy_modules() -> None:
 # ---------------------------------------------------------------- the typed plan
 
 
-def _plan(tmp_path: Path, n: int = 3) -> tuple[ReadPlan, Pointer]:
+def _plan(state: Path, n: int = 3) -> tuple[ReadPlan, Pointer]:
+    """A plan of version state/../ (`state` is its <git dir>/theta-store), packs in its pack folder."""
     packs = []
     for i in range(2):
-        p = tmp_path / f"pack-{i}.pack"
+        p = state.parent / "objects" / "pack" / f"pack-{i}.pack"
+        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"P" * (100 + i))
         packs.append(str(p))
     chunks = [PlannedChunk(10 + i, bytes([i]) * 32, bytes([i]) * 20, Location(i % 2, 12 + i)) for i in range(n)]
@@ -133,20 +135,20 @@ def test_native_form_is_spelled_in_one_place() -> None:
 
 
 def test_saved_plan_round_trip_and_cache_rules(tmp_path: Path) -> None:
-    p, ptr = _plan(tmp_path)
-    save_plan(tmp_path, ptr, p)
-    assert load_plan(tmp_path, ptr) == p
+    state = tmp_path / "theta-store"
+    p, ptr = _plan(state)
+    save_plan(state, ptr, p)
+    assert load_plan(state, ptr) == p
     # another file (size or BLAKE3) than the pointer names: not this plan
-    assert load_plan(tmp_path, Pointer(ptr.manifest_id, ptr.size + 1, ptr.blake3, 1, "raw")) is None
+    assert load_plan(state, Pointer(ptr.manifest_id, ptr.size + 1, ptr.blake3, 1, "raw")) is None
     # a pack that changed size since: the offsets may not hold
     Path(p.packs[1]).write_bytes(b"longer" * 100)
-    assert load_plan(tmp_path, ptr) is None
+    assert load_plan(state, ptr) is None
     # a plan with a chunk outside any pack is not saved (read through the object store each time)
-    (tmp_path / "x").mkdir()
-    q, ptr2 = _plan(tmp_path / "x")
+    q, ptr2 = _plan(tmp_path / "x" / "theta-store")
     q.chunks[0].location = None
-    save_plan(tmp_path / "x", ptr2, q)
-    assert not os.path.exists(plan_path(tmp_path / "x", ptr2.manifest_id))
+    save_plan(tmp_path / "x" / "theta-store", ptr2, q)
+    assert not os.path.exists(plan_path(tmp_path / "x" / "theta-store", ptr2.manifest_id))
 
 
 @pytest.mark.parametrize(
@@ -170,16 +172,17 @@ def test_saved_plan_round_trip_and_cache_rules(tmp_path: Path) -> None:
 def test_damaged_saved_plans_are_ignored(tmp_path: Path, damage: object) -> None:
     import msgpack
 
-    p, ptr = _plan(tmp_path)
-    save_plan(tmp_path, ptr, p)
-    path = plan_path(tmp_path, ptr.manifest_id)
+    state = tmp_path / "theta-store"
+    p, ptr = _plan(state)
+    save_plan(state, ptr, p)
+    path = plan_path(state, ptr.manifest_id)
     with open(path, "rb") as f:
         saved = msgpack.unpackb(f.read())
     assert callable(damage)
     bad = damage(saved)
     with open(path, "wb") as f:
         f.write(bad if isinstance(bad, bytes) else msgpack.packb(bad, use_bin_type=True))
-    assert load_plan(tmp_path, ptr) is None
+    assert load_plan(state, ptr) is None
 
 
 def test_covering_picks_the_chunks_of_a_byte_range(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .progress import StatusLine
 
 MAX_PKT_DATA = 65516
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 _CACHE_REC = struct.Struct("<32sH")
 
 
@@ -64,20 +65,21 @@ class PktIO:
     def read_pkt(self) -> bytes | None:
         """One packet's payload, or None for a flush packet."""
         head = self._read(4)
-        try:
-            n = int(head, 16)
-        except ValueError:
-            raise ProtocolError(f"bad pkt-line header {head!r}") from None
+        # Four hex digits exactly, as git writes them: int() alone would take "+00a" or " 1f ".
+        if not all(c in _HEX_DIGITS for c in head):
+            raise ProtocolError(f"bad pkt-line header {head!r}")
+        n = int(head, 16)
         if n == 0:
             return None
-        if n < 4:
-            raise ProtocolError(f"bad pkt-line length {n}")
+        if not 4 < n <= MAX_PKT_DATA + 4:
+            raise ProtocolError(f"bad pkt-line length {n} (header {head!r})")
         return self._read(n - 4)
 
     def read_text_list(self) -> list[str]:
         out = []
         while (p := self.read_pkt()) is not None:
-            out.append(p.decode().rstrip("\n"))
+            # A path git sends is bytes, not always UTF-8: decoded as the file system's names are.
+            out.append(os.fsdecode(p).rstrip("\n"))
         return out
 
     def read_stream(self) -> Iterator[bytes]:

@@ -45,6 +45,7 @@ from dulwich.repo import Repo as DulwichRepo
 
 from . import _native
 from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
+from .manifest import unpack_problem
 from .plan import INDEX_PREFIX, Location, index_ref_name, ref_name
 from .plan import REF_PREFIX as _REF_PREFIX
 
@@ -66,6 +67,24 @@ class StoredFrame:
     frame_len: int
     planes: str  # "raw+raw+raw+rans"
     bases: tuple[bytes, ...] = ()  # the chunks a delta frame is decoded against
+
+
+def frame_entry(value: Any) -> tuple[int, str, tuple[bytes, ...]]:
+    """A frames table's entry of one chunk, `[frame length, plane modes(, [base ids])]`, checked
+    field by field (the table may come from a remote: ValueError names the bad field)."""
+    if not isinstance(value, list | tuple) or len(value) not in (2, 3):
+        raise ValueError(
+            f"is a {type(value).__name__} of {len(value) if isinstance(value, list | tuple) else 1}, not [length, planes(, bases)]"
+        )
+    flen, planes, *rest = value
+    if not isinstance(flen, int) or isinstance(flen, bool) or not 0 <= flen < 1 << 63:
+        raise ValueError(f"frame length {flen!r} is not a byte count")
+    if not isinstance(planes, str) or any(m not in _MODES for m in planes.split("+") if planes):
+        raise ValueError(f"plane modes {planes!r} are not '+'-joined {'/'.join(_MODES)}")
+    raw = rest[0] if rest else []
+    if not isinstance(raw, list | tuple) or not all(isinstance(b, bytes) and len(b) == 32 for b in raw):
+        raise ValueError("base ids are not a list of 32-byte ids")
+    return flen, planes, tuple(raw)
 
 
 def with_bases(frames: dict[bytes, StoredFrame], lookup: Callable[[bytes], StoredFrame | None], where: str) -> dict[bytes, StoredFrame]:
@@ -254,7 +273,9 @@ class GitStore:
             for cid, base in _BASE_RECORD.iter_unpack(raw[: len(raw) - len(raw) % _BASE_RECORD.size]):
                 bases.setdefault(cid, []).append(base)
             for cid, oid, flen, n, code in _RECORD.iter_unpack(data[:usable]):
-                index[cid] = StoredFrame(oid, flen, _unpack_modes(n, code), tuple(bases.get(cid, ())))
+                # A record no add writes (a damaged cache) is dropped: its chunk is then stored again.
+                if n <= 8 and all((code >> (2 * j)) & 3 < len(_MODES) for j in range(n)):
+                    index[cid] = StoredFrame(oid, flen, _unpack_modes(n, code), tuple(bases.get(cid, ())))
             self._index = index
         return self._index
 
@@ -508,13 +529,10 @@ class GitStore:
                 except ValueError:
                     raise CorruptObject(f"version {manifest_id.hex()[:16]} names a frame {leaf.path!r}") from None
                 try:
-                    flen, planes, *rest = part.get(cid, [0, ""])
-                    bases = tuple(bytes(b) for b in rest[0]) if rest else ()
-                    if any(len(b) != 32 for b in bases):
-                        raise ValueError("base id")
-                    out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), int(flen), str(planes), bases)
-                except (TypeError, ValueError):
-                    raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: bad entry for {cid.hex()[:16]}") from None
+                    flen, planes, bases = frame_entry(part.get(cid, [0, ""]))
+                except ValueError as e:
+                    raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: entry of chunk {cid.hex()[:16]}: {e}") from None
+                out[cid] = StoredFrame(bytes.fromhex(leaf.sha.decode()), flen, planes, bases)
         return out
 
     def _table(self, sha: ObjectID, manifest_id: bytes) -> dict[bytes, Any]:
@@ -522,7 +540,7 @@ class GitStore:
         try:
             table = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as e:
-            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {e}") from None
+            raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]}: {unpack_problem(e)}") from None
         if not isinstance(table, dict):
             raise CorruptObject(f"frames table of version {manifest_id.hex()[:16]} is not a map")
         return table

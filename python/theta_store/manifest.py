@@ -81,46 +81,102 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
+        """Parse and check a manifest: every field has its type, and the spans tile the file in
+        order (no gap, no overlap, no negative length), so a damaged or hostile manifest is a
+        CorruptObject naming the field, never a wrong restore."""
         try:
             obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            if obj.get("type") != MANIFEST_TYPE:
-                raise ValueError("not a theta-store manifest")
-            if obj.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"manifest version {obj.get('version')} is not supported (this build reads {MANIFEST_VERSION})")
-            spans = []
-            pos = 0
-            for s in obj["spans"]:
-                chunks = tuple((bytes(c[0]), int(c[1])) for c in s["chunks"])
-                if any(len(c) != 32 for c, _ in chunks):
-                    raise ValueError("chunk id is not 32 bytes")
-                entry = SpanEntry(
-                    kind=s["kind"],
-                    offset=int(s["offset"]),
-                    length=int(s["length"]),
-                    chunks=chunks,
-                    name=s.get("name", ""),
-                    dtype=s.get("dtype", "BYTES"),
-                    shape=tuple(s.get("shape", ())),
-                )
-                if entry.offset != pos or sum(n for _, n in chunks) != entry.length:
-                    raise ValueError(f"span at {entry.offset} does not tile the file")
-                pos += entry.length
-                spans.append(entry)
-            f = obj["file"]
-            if pos != f["size"]:
-                raise ValueError(f"spans cover {pos} bytes, file has {f['size']}")
-            return cls(
-                obj["format"],
-                int(f["size"]),
-                bytes(f["blake3"]),
-                int(obj["chunk_bytes"]),
-                spans,
-                obj.get("metadata", {}),
-                obj.get("note", ""),
-                dict(obj.get("lossy") or {}),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
+        except (ValueError, TypeError, msgpack.UnpackException) as e:  # a map as a key: TypeError
+            raise CorruptObject(f"{where}: cannot read manifest: {unpack_problem(e)}") from None
+        try:
+            return cls._from_obj(obj)
+        except _Bad as e:
             raise CorruptObject(f"{where}: cannot read manifest: {e}") from None
+
+    @classmethod
+    def _from_obj(cls, obj: Any) -> Manifest:
+        if not isinstance(obj, dict) or obj.get("type") != MANIFEST_TYPE:
+            raise _Bad("not a theta-store manifest")
+        if obj.get("version") != MANIFEST_VERSION:
+            raise _Bad(f"manifest version {obj.get('version')!r} is not supported (this build reads {MANIFEST_VERSION})")
+        f = _field(obj, "file", dict, "file")
+        size = _count(f.get("size"), "file.size")
+        blake3 = _field(f, "blake3", bytes, "file.blake3")
+        if len(blake3) != 32:
+            raise _Bad("file.blake3 is not 32 bytes")
+        spans = []
+        pos = 0
+        for i, s in enumerate(_field(obj, "spans", list, "spans")):
+            w = f"spans[{i}]"
+            if not isinstance(s, dict):
+                raise _Bad(f"{w} is not a map")
+            kind = s.get("kind")
+            if kind not in ("tensor", "skeleton"):
+                raise _Bad(f"{w}.kind {kind!r} is not 'tensor' or 'skeleton'")
+            chunks = []
+            for j, c in enumerate(_field(s, "chunks", list, f"{w}.chunks")):
+                if not (isinstance(c, list) and len(c) == 2 and isinstance(c[0], bytes) and len(c[0]) == 32):
+                    raise _Bad(f"{w}.chunks[{j}] is not [32-byte chunk id, length]")
+                chunks.append((c[0], _count(c[1], f"{w}.chunks[{j}] length")))
+            shape = _field(s, "shape", list, f"{w}.shape", [])
+            entry = SpanEntry(
+                kind=kind,
+                offset=_count(s.get("offset"), f"{w}.offset"),
+                length=_count(s.get("length"), f"{w}.length"),
+                chunks=tuple(chunks),
+                name=_field(s, "name", str, f"{w}.name", ""),
+                dtype=_field(s, "dtype", str, f"{w}.dtype", "BYTES"),
+                shape=tuple(_count(d, f"{w}.shape") for d in shape),
+            )
+            if entry.offset != pos:
+                raise _Bad(f"{w} starts at byte {entry.offset} but the spans before it end at {pos} (a gap or an overlap)")
+            if sum(n for _, n in chunks) != entry.length:
+                raise _Bad(f"{w}: its chunks add up to {sum(n for _, n in chunks)} bytes, not its length {entry.length}")
+            pos += entry.length
+            spans.append(entry)
+        if pos != size:
+            raise _Bad(f"spans cover {pos} bytes, file has {size}")
+        lossy = _field(obj, "lossy", dict, "lossy", {}) or {}
+        return cls(
+            _field(obj, "format", str, "format"),
+            size,
+            blake3,
+            _count(obj.get("chunk_bytes"), "chunk_bytes"),
+            spans,
+            _field(obj, "metadata", dict, "metadata", {}),
+            _field(obj, "note", str, "note", ""),
+            dict(lossy),
+        )
+
+
+def unpack_problem(e: BaseException) -> str:
+    """What msgpack's error means (some of them have no message)."""
+    if isinstance(e, msgpack.StackError):
+        return "msgpack nests deeper than the unpacker allows (corrupt or hostile)"
+    return str(e) or type(e).__name__
+
+
+class _Bad(Exception):
+    """A manifest field that is missing or of the wrong type (Manifest.from_bytes names it)."""
+
+
+_MISSING: Any = object()
+
+
+def _field(obj: dict[Any, Any], key: str, kind: type, what: str, default: Any = _MISSING) -> Any:
+    value = obj.get(key, default)
+    if value is _MISSING:
+        raise _Bad(f"{what} is missing")
+    if not isinstance(value, kind) and not (value is None and default is not _MISSING and key == "lossy"):
+        raise _Bad(f"{what} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    """A byte count, offset or dimension: a non-negative integer that fits 64 bits."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value.bit_length() > 64:
+        raise _Bad(f"{what} {value!r} is not a non-negative integer")
+    return value
 
 
 def _sorted(obj: Any) -> Any:

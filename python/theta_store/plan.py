@@ -325,8 +325,9 @@ def load_plan(state_dir: str | os.PathLike[str], pointer: Pointer) -> ReadPlan |
         if version != PLAN_VERSION or size != pointer.size or blake3 != pointer.blake3:
             return None
         paths = []
+        folders = _pack_folders(state_dir)
         for path, length in packs:
-            if os.stat(path).st_size != length:
+            if not _is_pack_path(path, folders) or os.stat(path).st_size != length:
                 return None
             paths.append(path)
         chunks = []
@@ -346,6 +347,28 @@ def load_plan(state_dir: str | os.PathLike[str], pointer: Pointer) -> ReadPlan |
         return ReadPlan(paths, chunks, size, blake3, bases)
     except (OSError, ValueError, TypeError, msgpack.UnpackException):
         return None
+
+
+def _pack_folders(state_dir: str | os.PathLike[str]) -> set[str]:
+    """The pack folders of the repository whose state folder is `state_dir` (<git dir>/theta-store):
+    its own and its alternates'."""
+    objects = os.path.join(os.path.dirname(os.path.abspath(state_dir)), "objects")
+    folders = {os.path.join(objects, "pack")}
+    with contextlib.suppress(OSError), open(os.path.join(objects, "info", "alternates"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                folders.add(os.path.normpath(os.path.join(objects, line, "pack")))
+    return folders
+
+
+def _is_pack_path(path: object, folders: set[str]) -> bool:
+    """A pack as plans name them: pack-*.pack, by an absolute path without `..`, in one of the
+    repository's pack folders (a plan naming any other file is not ours: it is dropped, not read)."""
+    if not isinstance(path, str) or not os.path.isabs(path) or os.path.normpath(path) != path:
+        return False
+    folder, name = os.path.split(path)
+    return folder in folders and name.startswith("pack-") and name.endswith(".pack")
 
 
 def _is_id(value: object, n: int) -> bool:

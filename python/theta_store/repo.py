@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from . import remote as transport
 from .bases import base_version, delta_depth
 from .checkpoint import DEFAULT_CHUNK_BYTES, Factors, Scanned, add_file, restore_to, scan
 from .encodings import KINDS, chunk_kinds
-from .errors import CorruptObject, InvalidArgument, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
+from .errors import CorruptObject, FormatError, InvalidArgument, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
 from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
 from .lossy import apply_lossy, parse_spec
@@ -114,9 +115,21 @@ class Repo:
         depth = delta_depth(self.store)
         spec = parse_spec(lossy) if lossy is not None else None
         for path in paths:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                raise ObjectNotFound(f"{path}: no such file") from None
+            if not stat.S_ISREG(st.st_mode):
+                from .formats import file_kind  # the adapters load only when a file is stored
+
+                link = stat.S_ISLNK(st.st_mode)
+                raise FormatError(
+                    path,
+                    "",
+                    f"is {file_kind(st.st_mode)}, not a regular file: refusing to read it as a checkpoint",
+                    hint="git commits a link itself; add the file it points to" if link else "",
+                )
             rel = self.relpath(path)
-            if not os.path.isfile(path):
-                raise ObjectNotFound(f"{path}: no such file")
             against = base_version(self.store, rel, base) if depth else None
             factors: dict[str, Factors] = {}
             approximated: dict[str, dict[str, Any]] = {}

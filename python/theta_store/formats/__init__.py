@@ -10,6 +10,7 @@ a corrupt ``model.safetensors`` should be an error, not silently opaque bytes.
 from __future__ import annotations
 
 import os
+import stat
 from types import ModuleType
 
 from ..errors import FormatError
@@ -36,11 +37,34 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for an error message ("a FIFO", "a character device", ...)."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def detect(path: str | os.PathLike[str]) -> Layout:
     """Parse the structure of the file at ``path`` into a Layout (never reads tensor data)."""
     p = os.fspath(path)
-    with open(p, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    # Opened without blocking and checked before any read: a FIFO would wait for a writer forever,
+    # a device would never end.
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FormatError(p, "", f"is {file_kind(st.st_mode)}, not a regular file: refusing to read it as a checkpoint")
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as f:
+        size = st.st_size
         head = f.read(HEAD_BYTES)
         claimed = [a for a in ADAPTERS if p.lower().endswith(tuple(a.EXTENSIONS))]
         for adapter in ADAPTERS:
@@ -62,4 +86,4 @@ def detect(path: str | os.PathLike[str]) -> Layout:
         return raw.parse(p, f, size)
 
 
-__all__ = ["ADAPTERS", "CODEC_DTYPES", "FormatError", "Layout", "TensorRegion", "detect", "element_size"]
+__all__ = ["ADAPTERS", "CODEC_DTYPES", "FormatError", "Layout", "TensorRegion", "detect", "element_size", "file_kind"]

@@ -29,8 +29,11 @@ Fallbacks (documented, never exceptions):
   ``region: None``).
 
 Refused with :class:`FormatError`: a pickle naming a global that can run code when unpickled
-(``os.system``, ``builtins.eval``, ``subprocess``, ...). Malformed archives and pickles are
-FormatErrors too.
+(``os.system``, ``builtins.eval``, ``subprocess``, ...), torch's own loaders used as gadgets
+(``torch.load``, ``torch.hub``, ``torch.utils.cpp_extension``, ...), protocol-4 dotted names that
+walk to such a thing (``torch.serialization`` + ``os.system``, ``torch`` + ``load.__globals__``),
+and a deflated ``data.pkl`` that expands more than a pickle does (a zip bomb). Malformed archives
+and pickles are FormatErrors too.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ NAME = "torch"
 # ``.bin`` is claimed by content only (sniff): too many unrelated formats use that extension.
 EXTENSIONS = (".pt", ".pth")
 MAX_PICKLE = 256 << 20
+# The most a deflated data.pkl may expand (its claimed size against its deflated size).
+PICKLE_MAX_RATIO = 32
 MAX_INT = 1 << 62
 
 # pickle of the legacy magic number 0x1950a86a20f9469cfc6c (LONG1, 10 bytes), at the start of pre-1.6 files.
@@ -225,6 +230,32 @@ _DANGEROUS_BUILTINS = frozenset(
 )
 
 
+# torch's own callables that load or build code (another pickle, a TorchScript or C++ module, a hub
+# repository): no tensor checkpoint names them.
+_DANGEROUS_TORCH = frozenset(
+    {"torch.load", "torch.serialization.load", "torch.jit.load", "torch.ops.load_library", "torch.classes.load_library"}
+)
+_DANGEROUS_TORCH_MODULES = ("torch.hub", "torch.utils.cpp_extension", "torch.package", "torch._dynamo")
+
+
+def _gadget(module: str, name: str) -> bool:
+    """Whether global `module.name` is one that runs code when the pickle is loaded: a dangerous
+    module or builtin, torch's loaders, or a protocol-4 dotted name walking to one through another
+    module's attributes (`torch.serialization` + `os.system`) or through a dunder (`__globals__`)."""
+    full = f"{module}.{name}"
+    root = module.split(".", 1)[0]
+    if root in _DANGEROUS_MODULES or module.startswith("numpy.testing"):
+        return True
+    if root in ("builtins", "__builtin__") and name.split(".", 1)[0] in _DANGEROUS_BUILTINS:
+        return True
+    if root == "operator" and name in ("attrgetter", "methodcaller"):
+        return True
+    if full in _DANGEROUS_TORCH or any(full.startswith(m + ".") for m in _DANGEROUS_TORCH_MODULES):
+        return True
+    walk = name.split(".") if "." in name else []
+    return any(a.startswith("__") or a.lstrip("_") in _DANGEROUS_MODULES or a in _DANGEROUS_BUILTINS for a in walk)
+
+
 class _Global:
     """An allowed global, as a value (a dtype, a storage type) or a callable the interpreter knows."""
 
@@ -280,6 +311,15 @@ class _Opaque(Exception):
         self.names = names
 
 
+# Opcodes that make the interpreter keep a new object (a container or a memo entry). A checkpoint's
+# pickle spends several bytes on each, a hostile one may make one per byte (and each costs this
+# interpreter far more than a byte): more than one per OBJECT_BYTES (beyond MIN_OBJECTS) is refused.
+_BUILDS = frozenset(
+    {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "LIST", "DICT", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"}
+    | {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+)
+OBJECT_BYTES = 3
+MIN_OBJECTS = 65536
 _MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _PUSH_ARG = frozenset(
@@ -342,6 +382,15 @@ def parse(path: str, f: BinaryIO, size: int) -> Layout:
         if text not in ("little", "big"):
             raise FormatError(path, f"zip entry {bo.name!r}", f"is {text!r}, expected 'little' or 'big'")
         byteorder = text
+    if not pkl.stored and pkl.size > PICKLE_MAX_RATIO * pkl.compressed_size + (64 << 10):
+        # torch.save stores data.pkl uncompressed; a re-zipped pickle deflates maybe 10:1.
+        raise FormatError(
+            path,
+            f"zip entry {pkl.name!r}",
+            f"claims {pkl.size} bytes deflated into {pkl.compressed_size}, more than a pickle compresses "
+            f"(~{PICKLE_MAX_RATIO}:1 at most): refusing to inflate it",
+            hint="the archive is corrupt or hostile (zip bomb)",
+        )
     data = _zip.read_member(path, f, pkl, MAX_PICKLE)
     where = f"zip entry {pkl.name!r}"
     try:
@@ -411,10 +460,7 @@ def _ops(path: str, where: str, data: bytes) -> Iterator[tuple[str, Any, int]]:
     pos = 0
     while True:
         try:
-            with warnings.catch_warnings():
-                # a hostile STRING opcode with bad escapes makes pickletools warn: not the user's concern
-                warnings.simplefilter("ignore", DeprecationWarning)
-                op, arg, p = next(it)
+            op, arg, p = next(it)
         except StopIteration:
             return
         except (ValueError, OverflowError, struct.error, EOFError, IndexError, KeyError) as e:
@@ -457,8 +503,24 @@ class _Interpreter:
         return items
 
     def run(self) -> tuple[Any, dict[str, _Storage]]:
+        # One filter for the whole run, not one per opcode (setting it is dearer than most opcodes):
+        # a hostile STRING opcode with bad escapes makes pickletools warn, not the user's concern.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._run()
+
+    def _run(self) -> tuple[Any, dict[str, _Storage]]:
+        budget = len(self.data) // OBJECT_BYTES + MIN_OBJECTS
         for name, arg, pos in _ops(self.path, self.where, self.data):
             self.pos = pos
+            if name in _BUILDS:
+                budget -= 1
+                if budget < 0:
+                    raise self.fail(
+                        f"builds more containers and memo entries than {len(self.data) // OBJECT_BYTES + MIN_OBJECTS} "
+                        f"(a checkpoint's pickle builds one per ~8 bytes, this one of {len(self.data)} bytes more than one per "
+                        f"{OBJECT_BYTES}): refusing it"
+                    )
             if name == "STOP":
                 result = self.pop()
                 if self.unknown:
@@ -649,13 +711,7 @@ class _Interpreter:
         if role is not None:
             return _Global(module, name, role)
         full = f"{module}.{name}"
-        root = module.split(".", 1)[0]
-        if (
-            root in _DANGEROUS_MODULES
-            or (root in ("builtins", "__builtin__") and name in _DANGEROUS_BUILTINS)
-            or (root == "operator" and name in ("attrgetter", "methodcaller"))
-            or module.startswith("numpy.testing")
-        ):
+        if _gadget(module, name):
             raise _Refusal(
                 self.path,
                 f"{self.where} at pickle byte {self.pos}",
@@ -819,32 +875,35 @@ MAX_PATH_DEPTH = 256
 def _walk(path: str, root: Any) -> Iterator[tuple[list[str | int], Any]]:
     """Tensors and storages reachable from ``root``, depth-first in pickle order; each container once.
 
-    Paths are parent-linked while walking (deep containers cost O(1) per level); a tensor nested
-    deeper than MAX_PATH_DEPTH is a FormatError (no checkpoint nests like that, and its name would be absurd).
+    Paths are parent-linked while walking (deep containers cost O(1) per level), and each level
+    holds an iterator over its container, not a copy of its children; a tensor nested deeper than
+    MAX_PATH_DEPTH is a FormatError (no checkpoint nests like that, and its name would be absurd).
     """
     seen: set[int] = set()
     Chain = tuple[Any, str | int] | None  # (parent chain, key)
-    stack: list[tuple[Chain, int, Any]] = [(None, 0, root)]
+    top = object()
+    stack: list[tuple[Chain, int, Iterator[tuple[Any, Any]]]] = [(None, -1, iter([(top, root)]))]
     while stack:
-        chain, depth, v = stack.pop()
+        chain, depth, children = stack[-1]
+        item = next(children, None)
+        if item is None:
+            stack.pop()
+            continue
+        k, v = item
+        if k is not top:
+            chain = (chain, k if isinstance(k, (str, int)) and not isinstance(k, bool) else str(k))
         if isinstance(v, (_Tensor, _Storage)):
-            if depth > MAX_PATH_DEPTH:
-                raise FormatError(path, "data.pkl", f"a tensor is nested {depth} containers deep (limit {MAX_PATH_DEPTH})")
+            if depth + 1 > MAX_PATH_DEPTH:
+                raise FormatError(path, "data.pkl", f"a tensor is nested {depth + 1} containers deep (limit {MAX_PATH_DEPTH})")
             keys: list[str | int] = []
             while chain is not None:
-                chain, k = chain
-                keys.append(k)
+                chain, key = chain
+                keys.append(key)
             keys.reverse()
             yield keys, v
-        elif isinstance(v, (dict, list, tuple)):
-            if id(v) in seen:
-                continue
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
             seen.add(id(v))
-            items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
-            for k, child in reversed(items):
-                if isinstance(child, (_Tensor, _Storage, dict, list, tuple)):
-                    key = k if isinstance(k, (str, int)) and not isinstance(k, bool) else str(k)
-                    stack.append(((chain, key), depth + 1, child))
+            stack.append((chain, depth + 1, iter(v.items()) if isinstance(v, dict) else enumerate(v)))
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:

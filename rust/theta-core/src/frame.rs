@@ -138,6 +138,11 @@ fn header_len(bases: usize) -> usize {
 pub trait BaseCodec: Sync {
     /// The codec byte of the frames it decodes (not [`CODEC_PLANES`]).
     fn code(&self) -> u8;
+    /// How many bases its frames name: a frame naming another count is refused before any base
+    /// is fetched (a hostile frame may name up to [`MAX_BASES`]).
+    fn base_count(&self) -> usize {
+        1
+    }
     /// Turn `out`, which holds the decoded residual, into the chunk, given the bases' bytes.
     fn decode(&self, _bases: &[&[u8]], _out: &mut [u8]) -> Result<()> {
         Err(Error::CorruptFrame(format!(
@@ -1083,6 +1088,23 @@ thread_local! {
     static SECTIONS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The codec of a format-3 frame, checked to take as many bases as the frame names.
+fn codec_of<'c>(info: &FrameInfo, codecs: &[&'c dyn BaseCodec]) -> Result<&'c dyn BaseCodec> {
+    let codec = *codecs
+        .iter()
+        .find(|c| c.code() == info.codec)
+        .ok_or_else(|| Error::CorruptFrame(format!("unknown codec {}", info.codec)))?;
+    if codec.base_count() != info.bases.len() {
+        return Err(Error::CorruptFrame(format!(
+            "codec {} decodes against {} base(s) but the frame names {}",
+            info.codec,
+            codec.base_count(),
+            info.bases.len()
+        )));
+    }
+    Ok(codec)
+}
+
 /// Decode the sections of a payload frame and hand them to its codec.
 fn decode_sections(
     frame: &[u8],
@@ -1098,10 +1120,7 @@ fn decode_sections(
             out.len()
         )));
     }
-    let codec = codecs
-        .iter()
-        .find(|c| c.code() == info.codec)
-        .ok_or_else(|| Error::CorruptFrame(format!("unknown codec {}", info.codec)))?;
+    let codec = codec_of(info, codecs)?;
     // Taken out of the thread-local so that a codec may decode frames itself meanwhile.
     let mut buf = SECTIONS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     let total: u64 = info.sections.iter().sum();
@@ -1203,10 +1222,7 @@ pub fn decode_frame_unverified_with(
     if info.bases.is_empty() {
         return Ok(info);
     }
-    let codec = codecs
-        .iter()
-        .find(|c| c.code() == info.codec)
-        .ok_or_else(|| Error::CorruptFrame(format!("unknown codec {}", info.codec)))?;
+    let codec = codec_of(&info, codecs)?;
     let bases = info.bases.iter().map(resolve).collect::<Result<Vec<_>>>()?;
     let refs: Vec<&[u8]> = bases.iter().map(|b| &b[..]).collect();
     codec.decode(&refs, out)?;

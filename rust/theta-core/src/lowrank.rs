@@ -40,6 +40,9 @@ pub const CODEC_LOWRANK: u8 = 33;
 pub const FACTORS_MAGIC: [u8; 4] = *b"TSLR";
 pub const FACTORS_VERSION: u32 = 1;
 const FACTORS_HEADER: usize = 20;
+/// Largest factors chunk written or read: the read path takes no larger base beside a chunk's
+/// own, so a hostile frame cannot make it allocate more (factors are smaller than their tensor).
+pub const MAX_FACTORS_BYTES: u64 = 256 << 20;
 
 /// Matrices smaller than this (elements) are not worth factors.
 const MIN_ELEMS: usize = 4096;
@@ -512,6 +515,9 @@ impl BaseCodec for LowRank {
     fn code(&self) -> u8 {
         CODEC_LOWRANK
     }
+    fn base_count(&self) -> usize {
+        2
+    }
 
     fn decode_payload(
         &self,
@@ -895,6 +901,9 @@ pub(crate) fn encode_tensor_lowrank(
             break;
         }
         let raw = factors_bytes(&f);
+        if raw.len() as u64 > MAX_FACTORS_BYTES {
+            continue; // the reader would refuse it: the bit-level deltas code the tensor instead
+        }
         let fid = frame::chunk_id(&raw);
         let fframe = frame::encode_frame_with_id(&raw, DType::F32, &fid);
         let coded = job
@@ -1022,6 +1031,12 @@ pub fn lossy_lowrank(
         }
     };
     let raw = factors_bytes(&f);
+    if raw.len() as u64 > MAX_FACTORS_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "factors of {} bytes exceed the {MAX_FACTORS_BYTES}-byte limit",
+            raw.len()
+        )));
+    }
     let view = parse_factors(&raw)?;
     let mut recon = vec![0u8; new.len()];
     reconstruct(base, dtype, 0, &view, &mut recon)?;

@@ -20,10 +20,15 @@ fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<usize>> {
     let mut head = [0u8; 4];
     r.read_exact(&mut head)
         .map_err(|e| protocol(format!("reading a packet header: {e}")))?;
-    let text =
-        std::str::from_utf8(&head).map_err(|_| protocol(format!("bad packet header {head:?}")))?;
-    let n = usize::from_str_radix(text, 16)
-        .map_err(|_| protocol(format!("bad packet header {text:?}")))?;
+    // Four hex digits, as git writes them: from_str_radix alone also takes "+000" (a flush).
+    if !head.iter().all(u8::is_ascii_hexdigit) {
+        return Err(protocol(format!(
+            "bad packet header {:?}",
+            String::from_utf8_lossy(&head)
+        )));
+    }
+    let text = std::str::from_utf8(&head).expect("hex digits are ASCII");
+    let n = usize::from_str_radix(text, 16).expect("four hex digits");
     if n == 0 {
         return Ok(None);
     }

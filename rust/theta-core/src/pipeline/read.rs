@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::Progress;
 use crate::error::{Error, Result};
 use crate::frame::{self, hex, BaseCodec, ChunkId};
+use crate::lowrank::MAX_FACTORS_BYTES;
 use crate::pack::ObjectId;
 use crate::store::{FrameSource, Location};
 use crate::tensordelta::codecs;
@@ -53,6 +54,7 @@ fn base(
     codecs: &[&dyn BaseCodec],
     id: &ChunkId,
     level: usize,
+    max_len: u64,
 ) -> Result<(Vec<u8>, usize)> {
     if level > MAX_BASE_DEPTH {
         return Err(Error::CorruptFrame(format!(
@@ -62,9 +64,9 @@ fn base(
     }
     let f = source.read_by_id(id, None)?;
     let info = frame::frame_info(&f)?;
-    if info.id != *id || info.raw_len > MAX_CHUNK {
+    if info.id != *id || info.raw_len > max_len {
         return Err(Error::CorruptFrame(format!(
-            "base chunk {}: its frame holds chunk {} of {} bytes",
+            "base chunk {}: its frame holds chunk {} of {} bytes (at most {max_len} expected)",
             hex(id),
             hex(&info.id),
             info.raw_len
@@ -86,8 +88,17 @@ fn decode_counting(
     verify: Verify,
 ) -> Result<(frame::FrameInfo, usize)> {
     let deepest = AtomicUsize::new(0);
+    // A frame's first base is the chunk's own earlier version (as long as the chunk); any other
+    // is a low-rank factors chunk. Bounded before a byte is allocated for a base's claim.
+    let first = frame::frame_info(frame)?.bases.first().copied();
+    let chunk_len = out.len() as u64;
     let resolve = |b: &ChunkId| {
-        let (raw, d) = base(source, codecs, b, level + 1)?;
+        let max_len = if Some(*b) == first {
+            chunk_len
+        } else {
+            MAX_FACTORS_BYTES
+        };
+        let (raw, d) = base(source, codecs, b, level + 1, max_len)?;
         deepest.fetch_max(d + 1, Ordering::Relaxed);
         Ok(raw)
     };
