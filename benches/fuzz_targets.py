@@ -241,6 +241,19 @@ def _clean_cache(data: bytes) -> None:
     assert all(len(k) == 32 for k in cache.entries)
 
 
+def _index_record(data: bytes) -> None:
+    from theta_store.chunkstore import decode_record, encode_record
+    from theta_store.errors import CorruptObject
+
+    try:
+        placed = decode_record(data, b"\x00" * 32)
+    except CorruptObject:
+        return
+    for p in placed.values():
+        assert p.offset >= 0 and p.offset + p.frame.frame_len <= p.size, f"frame at {p.offset} of an object of {p.size}"
+    assert decode_record(encode_record(placed), b"\x00" * 32) == placed, "an accepted record survives writing it again"
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": _adapter("safetensors"),
     "torch": _adapter("torch"),
@@ -256,6 +269,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "frames_table": _frames_table,
     "pktline": _pktline,
     "clean_cache": _clean_cache,
+    "index_record": _index_record,
 }
 
 _SCRATCH: list[str] = []
@@ -362,6 +376,15 @@ def seeds(name: str) -> list[bytes]:
         body = next(_fixtures(".safetensors"))
         chunks = b"".join(pkt(body[i : i + 65516]) for i in range(0, len(body), 65516))
         return [hello + caps + req + pkt(ptr) + b"0000", req + chunks + b"0000"]
+    if name == "index_record":
+        from theta_store.chunkstore import Placed, encode_record
+        from theta_store.gitstore import StoredFrame
+
+        placed = {
+            cid: Placed(StoredFrame(cid[:20], 100 + k, "raw+zstd", (ids[0],) if k % 2 else ()), f"{k % 3:064x}", 200 * k, 200 * len(ids))
+            for k, cid in enumerate(ids)
+        }
+        return [encode_record(placed)]
     if name == "clean_cache":
         ptrs = [Pointer(i, 10, i, 1, "raw").to_bytes() for i in ids]
         return [b"".join(struct.pack("<32sH", i[::-1], len(p)) + p for i, p in zip(ids, ptrs, strict=True))]
@@ -384,6 +407,7 @@ def run(name: str, seconds: int, corpus: str, artifacts: str) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["theta_store"]):
+        import theta_store.chunkstore
         import theta_store.filterproc
         import theta_store.formats
         import theta_store.formats._zip
