@@ -54,6 +54,15 @@ def manifest() -> dict[str, object]:
     return json.loads((FIXTURES / "MANIFEST.json").read_text())  # type: ignore[no-any-return]
 
 
+def settled(path: Path) -> None:
+    """Date a file just written two seconds back: an add of it then need not wait out git's racy
+    second (GitStore.stage_blob), which property tests with many examples would pay each time."""
+    import time
+
+    t = time.time() - 2
+    os.utime(path, (t, t))
+
+
 def fixture_entries(prefix: str = "", valid: bool | None = None) -> list[dict[str, object]]:
     out = []
     for e in manifest()["files"]:  # type: ignore[index]

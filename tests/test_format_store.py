@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import theta_store
-from conftest import FIXTURES, fixture_entries, git
+from conftest import FIXTURES, fixture_entries, git, settled
 from test_formats import (
     FLAX_DTYPES,
     FORMAT_OF,
@@ -107,6 +107,7 @@ def check_show(repo: theta_store.Repo, path: Path, layout: Layout, rev: str | No
 def round_trip(repo: theta_store.Repo, path: Path, data: bytes) -> tuple[theta_store.AddReport, Layout]:
     """Write `data` at `path`, add it, delete it, restore it from the index: the bytes come back."""
     path.write_bytes(data)
+    settled(path)
     layout = detect(path)
     (report,) = repo.add([str(path)])
     assert report.format == layout.format and report.size == len(data) and report.tensors == len(layout.regions)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import theta_store
-from conftest import FIXTURES, fixture_entries, git
+from conftest import FIXTURES, fixture_entries, git, settled
 from theta_store import _native
 from theta_store.formats.base import CODEC_DTYPES
 
@@ -30,6 +30,7 @@ MALFORMED_SAFETENSORS = [e for e in fixture_entries("malformed/") if e["name"].e
 
 def round_trip(repo: theta_store.Repo, path: Path) -> theta_store.AddReport:
     original = path.read_bytes()
+    settled(path)
     report = repo.add([str(path)])[0]
     path.unlink()
     repo.restore([str(path)])

@@ -29,7 +29,7 @@ from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
 from .lossy import apply_lossy, parse_spec
 from .manifest import SpanEntry
-from .plan import REF_PREFIX, load_manifest, native_chunks, plan_from_store
+from .plan import INDEX_PREFIX, REF_PREFIX, load_manifest, native_chunks, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 from .reader import TensorView, is_sharded_model, numpy_dtype, tensor_views
 from .remote import ensure_versions
@@ -711,7 +711,7 @@ class Repo:
         if not damaged:
             return []
         # Every branch, tag, remote branch and stash; not the version refs, which hold no pointers.
-        revs = ["--exclude=refs/theta/*", "--exclude=refs/theta-index/*", "--all"]
+        revs = [f"--exclude={REF_PREFIX}*", f"--exclude={INDEX_PREFIX}*", "--all"]
         for w in pointer_writes(self.store, revs) if self.store.has_revision("HEAD") else []:
             hit = damaged.get(w.version.hex())
             if hit is not None:
