@@ -80,3 +80,14 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int
         else:
             spans.append((start, end))
     return spans
+
+
+def file_key(path: Path) -> str:
+    """BLAKE3 hex of a file's content, read in 8 MiB blocks (the S3 and directory stores' key)."""
+    from . import _native
+
+    h = _native.Hasher()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.digest().hex()

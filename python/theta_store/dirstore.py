@@ -12,20 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from . import _native
-from .blobstore import TransferStats
+from .blobstore import TransferStats, file_key
 from .errors import BlobStoreError, BlobStoreUnreachable
 
 _BLOCK = 8 << 20
-
-
-def file_key(path: Path) -> str:
-    """BLAKE3 hex of a file's content, read in blocks."""
-    h = _native.Hasher()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.digest().hex()
 
 
 class DirStore:

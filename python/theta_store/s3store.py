@@ -38,7 +38,7 @@ from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, Unauth
 from obstore.store import S3Store as _ObS3Store
 
 from . import _native
-from .blobstore import TransferStats, coalesce
+from .blobstore import TransferStats, coalesce, file_key
 from .errors import BlobStoreAuthError, BlobStoreCorrupt, BlobStoreError, BlobStoreUnreachable, FileChanged, InvalidArgument
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ MiB = 1 << 20
 COALESCE_GAP = 1 * MiB
 # S3 refuses multipart parts under 5 MiB (except the last one)
 MIN_PART_SIZE = 5 * MiB
-READ_BLOCK = 8 * MiB
 
 _STATUS = re.compile(r"status(?: code)?: (\d{3})")
 _S3_CODE = re.compile(r"<Code>([^<]+)</Code>")
@@ -243,11 +242,7 @@ class S3Store:
         return f"{self.prefix}/frames/{key}" if self.prefix else f"frames/{key}"
 
     def key(self, path: Path) -> str:
-        h = _native.Hasher()
-        with open(path, "rb") as f:
-            while block := f.read(READ_BLOCK):
-                h.update(block)
-        return h.digest().hex()
+        return file_key(path)
 
     # ------------------------------------------------------------------ errors
 
