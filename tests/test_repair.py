@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 
 import theta_store
@@ -75,6 +76,39 @@ def test_stash_over_a_damaged_version(tmp_path: Path, how: str) -> None:
         # nothing lost: git saved the change (the deletion) before it failed to put v1 back
         assert "stash@{0}" in g(a, "stash", "list").stdout
         assert g(a, "stash", "show", "--name-status").stdout.split() == ["D", M]
+
+
+def _fine_tune_of_v1(path: Path, changed: range) -> bytes:
+    """v1 of `_damaged_head` with the matrices `changed` nudged: a new version whose delta base is v1."""
+    rng = np.random.default_rng(0)  # as model_bytes(0)
+    tensors = {f"layers.{i}.weight": (rng.standard_normal((512, 1024)) * 0.02).astype(np.float32) for i in range(3)}
+    for i in changed:
+        tensors[f"layers.{i}.weight"] += np.float32(1e-4)
+    tensors["layers.0.bias"] = np.zeros(1024, np.float32)
+    theta_store.save_safetensors(str(path), tensors)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("how", SETTINGS)
+def test_stash_of_a_new_version_over_a_damaged_base(tmp_path: Path, how: str) -> None:
+    """The usual stash: a fine-tune written over the checkpoint. Its add must not need the damaged
+    v1 (its delta base), and the stash gives back the fine-tune byte for byte."""
+    a, _, version = _damaged_head(tmp_path)
+    env, skip = _setting(a, how), how != "off"
+    tuned = _fine_tune_of_v1(a / M, range(3))
+    r = g(a, "stash", env=env, ok=skip)
+    assert f"version {version[:16]} (the delta base) is damaged, storing whole frames" in r.stderr, r.stderr
+    assert "stash@{0}" in g(a, "stash", "list").stdout
+    if skip:
+        assert "left as its pointer" in r.stderr and _is_pointer_to(a / M, version)
+    else:
+        assert "smudge filter thetastore failed" in r.stderr, r.stderr
+    g(a, "stash", "pop", env=env)
+    assert (a / M).read_bytes() == tuned
+    assert g(a, "status", "--porcelain", env=env).stdout.split() == ["M", M]
+    # The new version holds no frame of the damage: fsck names v1 alone.
+    code, report = _fsck(a)
+    assert code == 1 and [d["version"] for d in report["damaged"]] == [version], report
 
 
 @pytest.mark.parametrize("how", SETTINGS)

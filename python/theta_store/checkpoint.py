@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _native, packs
+from .errors import CorruptObject, ObjectNotFound
 from .manifest import Manifest, Pointer, SpanEntry
 from .plan import PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
@@ -135,12 +137,12 @@ def add_file(
     smallest of the plain frame and the deltas, at most `max_depth` deltas deep (0: no deltas).
     `factors`: low-rank predictors of the change per tensor name (a LoRA adapter's).
     `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy)."""
-    from .gitstore import StoredFrame, remove_stale, with_bases
+    from .gitstore import remove_stale
 
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
         scanned = scan(path, chunk_bytes, progress)
-    layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
+    layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
     entries: list[SpanEntry] = []
     all_chunks: dict[bytes, ScannedChunk] = {}
     for span, chunks in zip(scanned.spans, scanned.chunked, strict=True):
@@ -159,7 +161,6 @@ def add_file(
             all_chunks.setdefault(c[3], c)
     manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}))
     mbytes = manifest.to_bytes()
-    manifest_id = _native.chunk_id(mbytes)
 
     frames: dict[bytes, StoredFrame] = {}
     todo: list[ScannedChunk] = []
@@ -175,6 +176,40 @@ def add_file(
     if deltas is not None:
         coded = {c[3] for job in deltas.jobs for c in job[4]}
         todo = [c for c in todo if c[3] not in coded]
+    if deltas is not None:
+        try:
+            return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, deltas, max_depth)
+        except (CorruptObject, ObjectNotFound) as e:
+            # A damaged base must not stop the new version from being saved (git stash, a fine-tune's
+            # add): its tensors are stored whole instead, and the damage is named once.
+            assert base is not None and deltas.jobs
+            sys.stderr.write(
+                f"theta-store: {path}: version {base.manifest_id.hex()[:16]} (the delta base) is damaged, storing whole frames: {e}\n"
+            )
+            todo = sorted(c for c in all_chunks.values() if c[3] not in frames)
+    return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, None, max_depth)
+
+
+def _add_frames(
+    store: GitStore,
+    path: str,
+    progress: bool | None,
+    scanned: Scanned,
+    manifest: Manifest,
+    mbytes: bytes,
+    all_chunks: dict[bytes, ScannedChunk],
+    frames: dict[bytes, StoredFrame],
+    todo: list[ScannedChunk],
+    deltas: _Deltas | None,
+    max_depth: int,
+) -> AddResult:
+    """The rest of `add_file`: one pack holding the `todo` chunks' frames (and `deltas`' coded
+    chunks), then the version's objects; `frames` holds the chunks already stored."""
+    from .gitstore import StoredFrame, with_bases
+
+    layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
+    manifest_id = _native.chunk_id(mbytes)
+    frames = dict(frames)
     # One pack per add: the new frames, then the version's objects (which name the frames).
     builder = _native.PackBuilder(str(store.pack_dir), store.version_object_count(c[3] for c in todo))
     with builder:
@@ -254,8 +289,6 @@ def _delta_plan(
     new chunk is coded against that keyframe, one delta deep, rather than stored whole. A
     chunk changed in every version (a training run's checkpoints) is so coded against the
     keyframe, until a whole frame is smaller than the delta and the chain starts again."""
-    from .errors import CorruptObject, ObjectNotFound
-
     try:
         bm = load_manifest(store, base.manifest_id)
         bframes = store.version_frames(base.manifest_id)
@@ -377,7 +410,7 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
 
 def _damaged_version(e: Exception, dest: str, pointer: Pointer, chunk: str) -> Exception:
     """A version that cannot be read, said naming the checkpoint, the version and (if known) the chunk."""
-    from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
+    from .errors import PointerError, ThetaStoreError, VersionsMissing
 
     if isinstance(e, (PointerError, VersionsMissing)) or not e.args:
         return e
