@@ -117,17 +117,28 @@ def remove_stale(folder: Path, prefix: str) -> int:
         pid = name[len(prefix) :].split("_", 1)[0].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if _running(int(pid)):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / name)
             removed += 1
     return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie: a killed process stays one until its
+    parent reaps it, forever under a container's PID 1 that never does."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it exists
 
 
 def _append(path: Path, blob: bytes, record: int) -> None:

@@ -116,6 +116,11 @@ def _transport(store: GitStore) -> dict[str, str]:
         for d in ("refs", "objects"):
             (t / d).mkdir(parents=True, exist_ok=True)
         (t / "HEAD").write_text("ref: refs/heads/unused\n")
+    # We hold the transport lock: a lock file here (shallow.lock...) is a killed git's, and git
+    # would refuse every later fetch over it, in a repository no user looks into.
+    for stale in t.glob("*.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     config = store.common_dir / "config"
     # Frames are compressed and rarely similar: delta search over them is slow and finds nothing.
     (t / "config").write_text(
