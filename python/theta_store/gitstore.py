@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -105,7 +106,7 @@ def with_bases(frames: dict[bytes, StoredFrame], lookup: Callable[[bytes], Store
 
 
 def remove_stale(folder: Path, prefix: str) -> int:
-    """Remove files `<prefix><pid>_...` left by a killed process (whose pid is gone). Returns the count."""
+    """Remove files (and folders) `<prefix><pid>_...` left by a killed process (whose pid is gone). Returns the count."""
     removed = 0
     try:
         names = os.listdir(folder)
@@ -118,6 +119,10 @@ def remove_stale(folder: Path, prefix: str) -> int:
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         if _running(int(pid)):
+            continue
+        if (folder / name).is_dir():  # a folder of files (a fetch's incoming objects)
+            shutil.rmtree(folder / name, ignore_errors=True)
+            removed += 1
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / name)
