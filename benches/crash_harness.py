@@ -81,6 +81,7 @@ OUR_TEMPS = (
     re.compile(r"\.theta-tmp\."),  # the work tree: a file being restored
     re.compile(r"^clean-"),  # theta-store/: a copy of what git streamed
     re.compile(r"\.tmp$"),  # theta-store/, objects/pack: plans, keep files, caches being replaced
+    re.compile(r"^theta-incoming-"),  # objects: what a fetch is receiving
 )
 GIT_LOCK = re.compile(r"Unable to create '([^']+\.lock)': File exists")
 
@@ -131,9 +132,11 @@ class Harness:
     """Prepared repositories (one set per command, copied for each run), a git daemon, and the
     checks. `work` is a scratch folder; everything happens under it."""
 
-    def __init__(self, work: Path, verbose: bool = False) -> None:
+    def __init__(self, work: Path, verbose: bool = False, commands: tuple[str, ...] = COMMANDS, all_variants: bool = True) -> None:
         self.work = work.resolve()
         self.verbose = verbose
+        self.commands = commands
+        self.all_variants = all_variants  # time (and check) every variant unkilled, or only the first
         self.run_dir = self.work / "run"  # every run at the same path: saved plans and remote URLs stay valid
         self.templates = self.work / "templates"
         self.scratch = self.work / "scratch"
@@ -158,7 +161,8 @@ class Harness:
         self._daemon = contextlib.ExitStack()
         self.daemon_url = self._daemon.enter_context(git_daemon(self.work))
         self.data = {"v1": model(0), "v2": model(0, 1), "v3": model(0, 2), "v4": model(0, 3), "x": model(7)}
-        for c in COMMANDS:
+        self._base()
+        for c in self.commands:
             self._template(c)
         return self
 
@@ -194,8 +198,10 @@ class Harness:
         self.version_sha[ptr.manifest_id.hex()] = sha256(self.data[name])
         return c
 
-    def _base(self) -> Path:
-        """Repository a: main = c1 (v1), c2 (v2), c3 (v3); branch `old` at c1."""
+    def _base(self) -> None:
+        """Repository a: main = c1 (v1), c2 (v2), c3 (v3); branch `old` at c1. Made once, the
+        start of every command's set: the same commits everywhere."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         a = self.run_dir / "a"
         a.mkdir(parents=True)
         self.git(a, "init", "-q", "-b", "main")
@@ -205,13 +211,14 @@ class Harness:
         self.git(a, "branch", "old")
         self._commit(a, "v2", "v2")
         self._commit(a, "v3", "v3")
-        return a
+        shutil.rmtree(self.templates / "base", ignore_errors=True)
+        shutil.move(str(self.run_dir), self.templates / "base")
 
     def _template(self, command: str) -> None:
         """Build the repositories `command` runs in at run_dir, time one run of it on a copy
         (the delays are drawn from that duration, and the copy's final checks must pass), keep them."""
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        a = self._base()
+        self._restore_template("base")
+        a = self.run_dir / "a"
         if command in ("add", "git-add"):
             (a / M).write_bytes(self.data["v4"])
             if command == "git-add":
@@ -244,7 +251,7 @@ class Harness:
         shutil.move(str(self.run_dir), dest)
         # The control run: unkilled, timed, checked like a second attempt.
         durations = []
-        for variant in self.variants(command):
+        for variant in self.variants(command)[: None if self.all_variants else 1]:
             self._restore_template(command)
             argv, cwd = self.argv(command, variant)
             t0 = time.monotonic()
@@ -437,7 +444,7 @@ class Harness:
             if not repo.exists():
                 continue
             git_dir = repo / ".git" if (repo / ".git").is_dir() else repo
-            places = [git_dir / "objects" / "pack", git_dir / "theta-store", repo]
+            places = [git_dir / "objects", git_dir / "objects" / "pack", git_dir / "theta-store", repo]
             for place in places:
                 if not place.is_dir():
                     continue
@@ -455,6 +462,8 @@ class Harness:
         """One seeded run: the command, its variant and the delay come from `seed`."""
         rng = random.Random(seed)
         command = COMMANDS[seed % len(COMMANDS)]
+        if command not in self.commands:
+            raise ValueError(f"seed {seed} runs {command}, which this harness was not set up for")
         variant = rng.choice(self.variants(command))
         run = Run(seed, command, variant)
         t0 = time.monotonic()
@@ -618,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     print(f"theta_store from {theta_store.__file__}; work folder {work}", flush=True)
     try:
-        with Harness(work, verbose=args.replay is not None) as h:
+        used = tuple(c for c in COMMANDS if any(COMMANDS[s % len(COMMANDS)] == c for s in seeds))
+        with Harness(work, verbose=args.replay is not None, commands=used) as h:
             print("measured durations: " + ", ".join(f"{c} {d:.2f} s" for c, d in h.durations.items()), flush=True)
             for i, s in enumerate(seeds):
                 r = h.run(s)
