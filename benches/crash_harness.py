@@ -122,6 +122,7 @@ class Run:
     git_steps: list[str] = field(default_factory=list)  # what git's messages asked for before the second attempt
     temps_after_kill: list[str] = field(default_factory=list)  # ours, before the second attempt (which must remove them)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: copy, command, checks, again, final
 
     @property
     def ok(self) -> bool:
@@ -471,6 +472,7 @@ class Harness:
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir()
         argv, cwd = self.argv(command, variant)
+        run.phases["copy"] = time.monotonic() - t0
         run.delay = rng.uniform(0.0, self.durations[command])
         with open(self.work / "killed.out", "wb") as out:
             p = subprocess.Popen(
@@ -485,14 +487,20 @@ class Harness:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         self._settle(p.pid)
+        run.phases["command"] = time.monotonic() - t0 - run.phases["copy"]
         if run.exit_status not in (None, 0):
             run.failures.append(f"the command failed before the kill: {(self.work / 'killed.out').read_text(errors='replace')[-500:]}")
         run.failures += [f"after the kill: {p}" for p in self.invariants(command, fetch=False)]
         run.temps_after_kill = self.our_temps()
+        t1 = time.monotonic()
+        run.phases["checks"] = t1 - t0 - run.phases["copy"] - run.phases["command"]
         run.failures += self._again(run, argv, cwd, command, variant)
+        t2 = time.monotonic()
+        run.phases["again"] = t2 - t1
         if not run.failures:
             run.failures += self.final_checks(command, variant)
         run.seconds = time.monotonic() - t0
+        run.phases["final"] = run.seconds - (t2 - t0)
         return run
 
     def _settle(self, pgid: int) -> None:
