@@ -273,7 +273,10 @@ def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> lis
     for i in range(0, len(refs), PUSH_BATCH):
         batch = refs[i : i + PUSH_BATCH]
         specs = [f"+{r}:{r}" for r in batch]
-        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
+        # Our objects are the fetch's alternate (below): their repository's branches must not be
+        # offered as haves (a shallow clone's cannot be walked), as they never were.
+        args = ["-c", "core.alternateRefsCommand=true", "fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q"]
+        args += [*(["--progress"] if tty else []), remote, *specs]
         with _transport_lock(store), _incoming(store) as incoming:
             # Into a folder of its own (our objects as its alternate): what a failed fetch half-wrote
             # (git leaves tmp_obj_ and tmp_pack_ files on a full disk) goes with the folder.
