@@ -38,9 +38,13 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[crash_harness.
         yield h
 
 
-def test_harness_runs_this_checkout() -> None:
-    """The harness's commands import the package under test, not another installed copy."""
-    assert Path(crash_harness.theta_store.__file__).resolve() == Path(theta_store.__file__).resolve()
+def test_harness_runs_the_package_under_test(harness: crash_harness.Harness) -> None:
+    """The commands the harness starts (and git's filter and hooks, installed by it) import the
+    package this test imports, not another copy."""
+    here = str(Path(theta_store.__file__).resolve().parents[1])
+    assert harness.env["PYTHONPATH"].split(os.pathsep)[0] == here
+    config = subprocess.run(["git", "config", "--get", "filter.thetastore.process"], env=harness.env, capture_output=True, text=True)
+    assert str(Path(here) / "theta_store" / "_launch.py") in config.stdout
 
 
 @pytest.mark.parametrize("seed", [CI_SEED * crash_harness.SEED_STRIDE + i for i in range(CI_RUNS)])
