@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _native, packs
 from .manifest import Manifest, Pointer, SpanEntry
-from .plan import PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
+from .plan import PLAN_TEMP, PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ def add_file(
     `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy)."""
     from .gitstore import remove_stale
 
-    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
+    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs (and keep files) of an add that was killed
+    remove_stale(store.state_dir / "plans", PLAN_TEMP)
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
         scanned = scan(path, chunk_bytes, progress)
     layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
