@@ -107,6 +107,60 @@ def test_pack_of_a_killed_add_is_swept_while_it_is_a_zombie(tmp_path: Path) -> N
         child.wait()
 
 
+def test_add_killed_before_each_rename(tmp_path: Path) -> None:
+    """`theta-store add` SIGKILLed just before each of its renames in turn (strace injects the
+    signal: the commit points a random delay rarely hits). Each left something (the ref's
+    `.lock`, the keep file's or the plan's temporary file) that made the next add of the version
+    fail (a traceback: "File exists: .../refs/theta/<id>.lock") or stayed for good."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (.ci/run installs it)")
+    a = new_repo(tmp_path / "a")
+    _model(a / "m.safetensors", 0)
+    c1 = commit(a, "v1")
+    v1 = (a / "m.safetensors").read_bytes()
+    v2 = _model(a / "m.safetensors", 1)
+    template = tmp_path / "template"
+    shutil.copytree(a, template, symlinks=True)
+    trace = ["strace", "-f", "-qq", "-o", os.devnull, "-e", "signal=none", "-e", "trace=rename,renameat,renameat2"]
+    killed = 0
+    for n in range(1, 30):
+        shutil.rmtree(a)
+        shutil.copytree(template, a, symlinks=True)
+        inject = ["-e", f"inject=rename,renameat,renameat2:signal=KILL:when={n}"]
+        r = subprocess.run([*trace, *inject, "theta-store", "add", "m.safetensors"], cwd=a, capture_output=True, text=True)
+        if r.returncode == 0:
+            break  # fewer renames than n: every point was tried
+        assert r.returncode in (-9, 137), r.stderr
+        killed += 1
+        (a / ".git" / "index.lock").unlink(missing_ok=True)  # git's lock (our index write is git's format): git asks the user to remove it
+        r = subprocess.run(["theta-store", "add", "m.safetensors"], cwd=a, capture_output=True, text=True)
+        assert r.returncode == 0, f"killed before rename {n}, the next add: {r.stderr}"
+        assert _ours_left(a) == [], f"killed before rename {n}"
+        _intact(a, {c1: v1})
+        with theta_store.Repo(a, hooks=False) as repo, tempfile.TemporaryDirectory() as scratch:
+            theta_store.checkpoint.restore_to(repo.store, repo.pointer(str(a / "m.safetensors")), f"{scratch}/m")
+            assert Path(f"{scratch}/m").read_bytes() == v2
+    assert killed >= 5
+
+
+def test_gc_after_one_killed_while_removing_a_pack(tmp_path: Path) -> None:
+    """A gc killed after removing a rolled-up pack's index, before its keep file, left a kept
+    pack without an index, and every later `theta-store gc --prune` failed on it ("No such file
+    or directory: .../pack-<id>.idx"): found by the crash harness (seed 1600493)."""
+    a = new_repo(tmp_path / "a")
+    v1 = _model(a / "m.safetensors", 0)
+    c1 = commit(a, "v1")
+    pack_dir = a / ".git" / "objects" / "pack"
+    kept = sorted(pack_dir.glob("pack-*.keep"))
+    assert kept, "an add keeps its pack"
+    half = pack_dir / ("pack-" + "0" * 40)  # what _remove leaves when killed after the index went
+    shutil.copy(kept[0].with_suffix(".pack"), half.with_suffix(".pack"))
+    shutil.copy(kept[0], half.with_suffix(".keep"))
+    ts(a, "gc", "--prune")
+    assert not half.with_suffix(".pack").exists() and not half.with_suffix(".keep").exists()
+    _intact(a, {c1: v1})
+
+
 # ---------------------------------------------------------------- a full disk
 
 
