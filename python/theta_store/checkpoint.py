@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from . import _native, packs
 from .errors import CorruptObject, ObjectNotFound
 from .manifest import Manifest, Pointer, SpanEntry
-from .plan import PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
+from .plan import PLAN_TEMP, PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -139,7 +139,8 @@ def add_file(
     `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy)."""
     from .gitstore import remove_stale
 
-    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
+    remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs (and keep files) of an add that was killed
+    remove_stale(store.state_dir / "plans", PLAN_TEMP)
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
         scanned = scan(path, chunk_bytes, progress)
     layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
@@ -205,12 +206,61 @@ def _add_frames(
 ) -> AddResult:
     """The rest of `add_file`: one pack holding the `todo` chunks' frames (and `deltas`' coded
     chunks), then the version's objects; `frames` holds the chunks already stored."""
-    from .gitstore import StoredFrame, with_bases
-
-    layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
+    layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
     manifest_id = _native.chunk_id(mbytes)
     frames = dict(frames)
     # One pack per add: the new frames, then the version's objects (which name the frames).
+    try:
+        written, new, frames, pack = _write_version(store, path, manifest_id, mbytes, frames, todo, deltas, scanned, max_depth, progress)
+    except OSError as e:
+        from .errors import disk_full
+        from .sizes import human_size
+
+        raw = sum(c[1] for c in todo) + (deltas.bytes if deltas else 0)
+        full = disk_full(e, path, str(store.pack_dir), f"writing its frames (up to {human_size(raw)})", "nothing was stored")
+        if full is None:
+            raise
+        raise full from None
+    store.record_chunks(new)
+    # Before the plan is saved: a rollup moves the frames the plan names.
+    rolled = packs.settle(store, [pack] if pack is not None else [])
+    pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
+    # Where each chunk is, for the next checkout of this version (an old version, the usual case):
+    # it then starts streaming at once (plan.load_plan). The new frames' places are known; a rollup
+    # of the tier the pack joined moved them, and the pack indexes say where to.
+    placed = {w.object_id: (pack, w.offset) for w in written} if pack is not None and not rolled["packs"] else {}
+    save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames, placed))
+    reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
+    return AddResult(
+        pointer,
+        manifest,
+        size,
+        len(new),
+        sum(1 for cid in all_chunks if cid not in new),
+        sum(f.frame_len for f in new.values()),
+        reused_raw,
+        sum(1 for f in new.values() if f.bases),
+    )
+
+
+def _write_version(
+    store: GitStore,
+    path: str,
+    manifest_id: bytes,
+    mbytes: bytes,
+    frames: dict[bytes, StoredFrame],
+    todo: list[ScannedChunk],
+    deltas: _Deltas | None,
+    scanned: Scanned,
+    max_depth: int,
+    progress: bool | None,
+) -> tuple[list[Any], dict[bytes, StoredFrame], dict[bytes, StoredFrame], str | None]:
+    """Write the new frames and the version's objects into one new pack and point the version's
+    ref at it; a failure leaves no pack. Returns (frames written, new frames by chunk, all
+    frames by chunk, the pack's path or None)."""
+    from .gitstore import StoredFrame, with_bases
+
+    stamp = scanned.stamp
     builder = _native.PackBuilder(str(store.pack_dir), store.version_object_count(c[3] for c in todo))
     with builder:
         with Progress(f"storing {os.path.basename(path)}", sum(c[1] for c in todo) + (deltas.bytes if deltas else 0), progress) as p:
@@ -245,27 +295,8 @@ def _add_frames(
         if not finished:  # the version was there already: the frames alone
             finished.append(builder.finish())
             store.refresh()
-    store.record_chunks(new)
     pack = os.fspath(finished[0]) if finished[0] is not None else None
-    # Before the plan is saved: a rollup moves the frames the plan names.
-    rolled = packs.settle(store, [pack] if pack is not None else [])
-    pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
-    # Where each chunk is, for the next checkout of this version (an old version, the usual case):
-    # it then starts streaming at once (plan.load_plan). The new frames' places are known; a rollup
-    # of the tier the pack joined moved them, and the pack indexes say where to.
-    placed = {w.object_id: (pack, w.offset) for w in written} if pack is not None and not rolled["packs"] else {}
-    save_plan(store.state_dir, pointer, plan_from_store(store, manifest_id, manifest, frames, placed))
-    reused_raw = sum(c[1] for cid, c in all_chunks.items() if cid not in new)
-    return AddResult(
-        pointer,
-        manifest,
-        size,
-        len(new),
-        sum(1 for cid in all_chunks if cid not in new),
-        sum(f.frame_len for f in new.values()),
-        reused_raw,
-        sum(1 for f in new.values() if f.bases),
-    )
+    return written, new, frames, pack
 
 
 @dataclass
@@ -396,6 +427,15 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
                 _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p, plan.native_bases())
             except ThetaStoreError as e:
                 raise _damaged_version(e, dest, pointer, damaged_chunk(plan, store.read_object)) from None
+            except OSError as e:
+                from .errors import disk_full
+                from .sizes import human_size
+
+                what = f"restoring it ({human_size(plan.size)})"
+                full = disk_full(e, dest, folder, what, "the file was left as it was")
+                if full is None:
+                    raise
+                raise full from None
         try:
             os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
         except FileNotFoundError:

@@ -111,3 +111,25 @@ class BlobStoreAuthError(BlobStoreError, PermissionError):
 
 class BlobStoreCorrupt(BlobStoreError, CorruptObject):
     """An object read from the chunk store does not match its id: names the store, object and chunk."""
+
+
+class DiskFull(ThetaStoreError, OSError):
+    """The file system filled up (ENOSPC, or EDQUOT over quota) while theta-store wrote to it:
+    names the checkpoint and the folder. What was half-written is removed; nothing stored changed."""
+
+
+def disk_full(e: BaseException, subject: str, folder: str, doing: str, undone: str) -> DiskFull | None:
+    """`e` said as a DiskFull if it is one (None otherwise): "`subject`: the disk is full (ENOSPC)
+    `doing` in `folder`: `undone`"."""
+    import errno
+
+    code = getattr(e, "errno", None)
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    name = "ENOSPC: no space left on device" if code == errno.ENOSPC else "EDQUOT: disk quota exceeded"
+    out = DiskFull(
+        f"{subject}: the disk is full ({name}) {doing} in {folder}: {undone}",
+        hint="free space on that file system, then run the command again",
+    )
+    out.errno = code
+    return out

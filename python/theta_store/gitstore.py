@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -57,6 +58,9 @@ _RECORD = struct.Struct("<32s20sQBHI")
 # chunk id (32) | id of one of its bases (32), in the order the frame names them | CRC-32
 _BASE_RECORD = struct.Struct("<32s32sI")
 _MODES = ("raw", "zstd", "rans")
+# git prunes files named tmp_obj_* it finds in object folders (after two weeks), and so do we, at once, once their writer is gone
+LOOSE_TEMP = "tmp_obj_theta_"
+REF_TEMP = "ref-"  # a version ref being written (GitStore._set_version_ref), in the state folder
 _TABLE = b"frames"  # the frames table's name: never a frame's (those are hex)
 # What dulwich raises for an object it finds but cannot read (a damaged loose file or pack entry).
 _UNREADABLE = (ObjectFormatException, ChecksumMismatch, zlib.error, ValueError, EOFError)
@@ -106,7 +110,7 @@ def with_bases(frames: dict[bytes, StoredFrame], lookup: Callable[[bytes], Store
 
 
 def remove_stale(folder: Path, prefix: str) -> int:
-    """Remove files `<prefix><pid>_...` left by a killed process (whose pid is gone). Returns the count."""
+    """Remove files (and folders) `<prefix><pid>_...` left by a killed process (whose pid is gone). Returns the count."""
     removed = 0
     try:
         names = os.listdir(folder)
@@ -118,12 +122,11 @@ def remove_stale(folder: Path, prefix: str) -> int:
         pid = name[len(prefix) :].split("_", 1)[0].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if _running(int(pid)):
+            continue
+        if (folder / name).is_dir():  # a folder of files (a fetch's incoming objects)
+            shutil.rmtree(folder / name, ignore_errors=True)
+            removed += 1
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / name)
@@ -150,6 +153,22 @@ def _records(path: Path, layout: struct.Struct) -> Iterator[tuple[Any, ...]]:
         *fields, crc = layout.unpack(rec)
         if zlib.crc32(rec[:-4]) == crc:
             yield tuple(fields)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie: a killed process stays one until its
+    parent reaps it, forever under a container's PID 1 that never does."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it exists
 
 
 def _append(path: Path, blob: bytes, record: int) -> None:
@@ -444,7 +463,7 @@ class GitStore:
             else:
                 write(raw)
             self.refresh()
-        self.repo.refs[_ref(manifest_id)] = commit.id
+        self._set_version_ref(_ref(manifest_id), commit.id)
         return bytes.fromhex(commit.id.decode())
 
     def version_objects(self, manifest_id: bytes, manifest: bytes, frames: dict[bytes, StoredFrame]) -> tuple[Commit, list[Any]]:
@@ -520,6 +539,24 @@ class GitStore:
         assert isinstance(tree, Tree)
         return tree
 
+    def _set_version_ref(self, ref: Ref, sha: ObjectID) -> None:
+        """Point a version ref (refs/theta/ or refs/theta-index/) at `sha`: a temporary file
+        renamed over the loose ref, without a `.lock` file, which a writer killed in between
+        would leave behind, making every later write of that version fail. A version ref only
+        ever names a complete version of its id, so a concurrent write of it needs no lock."""
+        path = self.common_dir / ref.decode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.state_dir, REF_TEMP)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f"{REF_TEMP}{os.getpid()}_{time.monotonic_ns()}"
+        try:
+            tmp.write_bytes(sha + b"\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
     def read_manifest_bytes(self, manifest_id: bytes) -> bytes:
         tree = self._version_tree(manifest_id)
         _, sha = tree[b"manifest"]
@@ -585,7 +622,7 @@ class GitStore:
         if missing:
             _native.write_objects([(o.type_name.decode(), o.as_raw_string()) for o in missing], str(self.pack_dir))
             self.refresh()
-        self.repo.refs[Ref(index_ref_name(manifest_id).encode())] = commit.id
+        self._set_version_ref(Ref(index_ref_name(manifest_id).encode()), commit.id)
         return bytes.fromhex(commit.id.decode())
 
     def read_index_record(self, manifest_id: bytes) -> tuple[bytes, bytes] | None:
@@ -630,7 +667,7 @@ class GitStore:
         """
         blob = Blob.from_string(data)
         if blob.id not in self.repo.object_store:
-            self.repo.object_store.add_object(blob)
+            self._write_loose(blob)
         st = os.stat(self.worktree / relpath)
         # Racy git: an entry whose mtime is not older than the index (in whole seconds) is
         # re-read by the next git command. Wait out the second the file was written in, so the
@@ -655,6 +692,24 @@ class GitStore:
             index.write()
         except Exception:  # any index dulwich cannot write (split index, new extensions): let git do it
             self.git("update-index", "--add", "--cacheinfo", f"{mode:o},{blob.id.decode()},{relpath}")
+
+    def _write_loose(self, obj: Blob) -> None:
+        """Write a loose object as git does: a temporary file renamed into place, no `.lock` file
+        (dulwich's, left by a process killed in between, made every later write of that object
+        fail). Its content is its id, so a concurrent write of it needs no lock."""
+        hexid = obj.id.decode()
+        folder = self.objects_dir / hexid[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale(folder, LOOSE_TEMP)
+        tmp = folder / f"{LOOSE_TEMP}{os.getpid()}_{time.monotonic_ns()}"
+        try:
+            tmp.write_bytes(obj.as_legacy_object())
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, folder / hexid[2:])
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
     def read_path(self, relpath: str, rev: str | None) -> bytes:
         """The blob stored for `relpath` in the index (rev None) or in commit `rev`."""

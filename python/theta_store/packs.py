@@ -77,6 +77,12 @@ def ours(pack_dir: str | os.PathLike[str]) -> dict[str, int]:
         if not _is_ours(keep):
             continue
         pack = name[: -len(".keep")] + ".pack"
+        if not os.path.exists(os.path.join(pack_dir, name[: -len(".keep")] + ".idx")):
+            # Its index goes first when a pack is removed (_remove): a removal that was killed. Finish it.
+            for ext in _PACK_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(pack_dir, name[: -len(".keep")] + ext))
+            continue
         try:
             out[pack] = os.stat(os.path.join(pack_dir, pack)).st_size
         except FileNotFoundError:
@@ -101,7 +107,8 @@ def keep(pack_paths: Iterable[str]) -> list[str]:
         k = base + ".keep"
         if os.path.exists(k) or not os.path.exists(base + ".pack"):
             continue
-        tmp = f"{k}.{os.getpid()}.tmp"
+        # Named as an add's temporary pack is: the next add removes one a killed process left.
+        tmp = os.path.join(os.path.dirname(k), f"tmp_pack_theta_{os.getpid()}_keep_{os.path.basename(k)}")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(MARK)
         os.replace(tmp, k)

@@ -50,6 +50,7 @@ REF_PREFIX = "refs/theta/"
 # Versions whose frames are in a chunk store: a small commit of the manifest and where each frame is.
 INDEX_PREFIX = "refs/theta-index/"
 PLAN_VERSION = 3
+PLAN_TEMP = "tmp_"  # a plan being saved: plans/tmp_<pid>_<id> (adds remove those of dead processes)
 _NOT_IN_PACK = (1 << 64) - 1  # what the core reads as "ask read_object for it"
 
 
@@ -406,9 +407,10 @@ def save_plan(state_dir: str | os.PathLike[str], pointer: Pointer, plan: ReadPla
     import msgpack
 
     path = plan_path(state_dir, pointer.manifest_id)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f"{PLAN_TEMP}{os.getpid()}_{os.path.basename(path)}")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         packs = [[p, os.stat(p).st_size] for p in plan.packs]
         records = [[c.length, c.location.pack, c.location.offset, c.chunk_id, c.object_id] for c in plan.chunks if c.location is not None]
         bases = [[c.location.pack, c.location.offset, c.chunk_id, c.object_id] for c in plan.bases if c.location is not None]

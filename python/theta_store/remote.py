@@ -23,24 +23,28 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 if sys.platform != "win32":
     import fcntl
 
 from . import chunkstore, packs
-from .errors import BlobStoreAuthError, CorruptObject, GitCommandError, ThetaStoreError
+from .errors import BlobStoreAuthError, CorruptObject, DiskFull, GitCommandError, ThetaStoreError
 from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
 from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
-from .gitstore import GitStore
+from .gitstore import GitStore, remove_stale
 from .history import pointer_writes, pointers_in, tree_pointers
 from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, plan_path, ref_name, version_of_ref
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
 ZERO = "0" * 40
+# How git says it ran out of space (strerror(ENOSPC) and its own wording).
+_DISK_FULL = ("No space left on device", "Out of diskspace", "Disk quota exceeded")
 PUSH_BATCH = 400
 
 
@@ -116,6 +120,11 @@ def _transport(store: GitStore) -> dict[str, str]:
         for d in ("refs", "objects"):
             (t / d).mkdir(parents=True, exist_ok=True)
         (t / "HEAD").write_text("ref: refs/heads/unused\n")
+    # We hold the transport lock: a lock file here (shallow.lock...) is a killed git's, and git
+    # would refuse every later fetch over it, in a repository no user looks into.
+    for stale in t.glob("*.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     config = store.common_dir / "config"
     # Frames are compressed and rarely similar: delta search over them is slow and finds nothing.
     (t / "config").write_text(
@@ -154,19 +163,49 @@ def _transport_lock(store: GitStore) -> Iterator[None]:
         yield
 
 
-def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run git in the transport repository (call with _transport_lock held)."""
-    env = _transport(store)
-    return subprocess.run(["git", *args], cwd=store.worktree, env=env, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-
-
-def _run_transport_shown(store: GitStore, args: list[str], progress: bool) -> tuple[int, bytes]:
-    """_run_transport, with git's stderr (its progress) going on to ours as it comes when
-    `progress`; returns the exit status and what git said on stderr."""
+def _run_transport_shown(store: GitStore, args: list[str], progress: bool, env: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Run git in the transport repository (call with _transport_lock held), with git's stderr
+    (its progress) going on to ours as it comes when `progress`, and `env` on top of the
+    transport's; returns the exit status and what git said on stderr."""
+    full = {**_transport(store), **(env or {})}
     if progress:
-        return run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
-    r = _run_transport(store, *args)
+        return run_teeing_stderr(["git", *args], full, str(store.worktree))
+    r = subprocess.run(["git", *args], cwd=store.worktree, env=full, stdin=subprocess.DEVNULL, capture_output=True, check=False)
     return r.returncode, r.stderr
+
+
+INCOMING_PREFIX = "theta-incoming-"
+
+
+@contextlib.contextmanager
+def _incoming(store: GitStore) -> Iterator[Path]:
+    """A new folder in our object directory for a fetch to write into, removed afterwards with
+    whatever is left in it (one a killed fetch left is removed by the next fetch)."""
+    remove_stale(store.objects_dir, INCOMING_PREFIX)
+    path = Path(tempfile.mkdtemp(prefix=f"{INCOMING_PREFIX}{os.getpid()}_", dir=store.objects_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _adopt(incoming: Path, objects: Path) -> None:
+    """Move what a fetch wrote whole into our object directory: loose objects, then each pack
+    before its index (git sees a pack through its index). git's temporary files stay behind."""
+    for sub in sorted(incoming.iterdir()):
+        if len(sub.name) == 2 and sub.is_dir():
+            for f in sub.iterdir():
+                if not f.name.startswith("tmp_"):
+                    (objects / sub.name).mkdir(exist_ok=True)
+                    os.replace(f, objects / sub.name / f.name)
+    packs = incoming / "pack"
+    if packs.is_dir():
+        (objects / "pack").mkdir(exist_ok=True)
+        for idx in sorted(packs.glob("pack-*.idx")):
+            stem = idx.name[: -len(".idx")]
+            for ext in (".pack", ".rev", ".idx"):
+                if (packs / (stem + ext)).exists():
+                    os.replace(packs / (stem + ext), objects / "pack" / (stem + ext))
 
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
@@ -234,11 +273,27 @@ def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> lis
     for i in range(0, len(refs), PUSH_BATCH):
         batch = refs[i : i + PUSH_BATCH]
         specs = [f"+{r}:{r}" for r in batch]
-        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
-        with _transport_lock(store):
-            rc, err = _run_transport_shown(store, args, tty)
-            if rc != 0:
-                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {err.decode(errors='replace').strip()}")
+        # Our objects are the fetch's alternate (below): their repository's branches must not be
+        # offered as haves (a shallow clone's cannot be walked), as they never were.
+        args = ["-c", "core.alternateRefsCommand=true", "fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q"]
+        args += [*(["--progress"] if tty else []), remote, *specs]
+        with _transport_lock(store), _incoming(store) as incoming:
+            # Into a folder of its own (our objects as its alternate): what a failed fetch half-wrote
+            # (git leaves tmp_obj_ and tmp_pack_ files on a full disk) goes with the folder.
+            quarantine = {"GIT_OBJECT_DIRECTORY": str(incoming), "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(store.objects_dir)}
+            rc, err = _run_transport_shown(store, args, tty, quarantine)
+            if rc == 0:
+                _adopt(incoming, store.objects_dir)
+            else:
+                said = err.decode(errors="replace").strip()
+                if any(s in said for s in _DISK_FULL):
+                    # Said as such: the remote has the versions, and no other remote would fit either.
+                    raise DiskFull(
+                        f"fetching {len(batch)} checkpoint version(s) from {remote}: the disk is full (ENOSPC: no space left on"
+                        f" device) in {store.objects_dir}: no version was added (git said: {' '.join(said.split())[:300]})",
+                        hint="free space on that file system, then run the command again",
+                    )
+                raise ThetaStoreError(f"fetching checkpoint versions from {remote} failed: {said}")
             t = store.state_dir / "transport"
             listing = subprocess.run(
                 ["git", "for-each-ref", "--format=%(objectname) %(refname)", *batch],
@@ -275,8 +330,8 @@ def ensure_versions(
     for name in [remote] if remote else [r for r in remotes(store) if r not in exclude]:
         try:
             got = fetch_versions(store, name, missing)
-        except (CorruptObject, BlobStoreAuthError):
-            raise  # damaged data or refused credentials: another remote is no answer to those
+        except (CorruptObject, BlobStoreAuthError, DiskFull):
+            raise  # damaged data, refused credentials or a full disk: another remote is no answer to those
         except ThetaStoreError as e:
             if not quiet:
                 print(f"theta-store: {e}", file=sys.stderr)
