@@ -44,7 +44,7 @@ from dulwich.refs import Ref
 from dulwich.repo import Repo as DulwichRepo
 
 from . import _native
-from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
+from .errors import CorruptObject, GitCommandError, LockTimeout, NotARepository, ObjectNotFound
 from .manifest import unpack_problem
 from .plan import INDEX_PREFIX, Location, index_ref_name, ref_name
 from .plan import REF_PREFIX as _REF_PREFIX
@@ -150,6 +150,50 @@ def _records(path: Path, layout: struct.Struct) -> Iterator[tuple[Any, ...]]:
         *fields, crc = layout.unpack(rec)
         if zlib.crc32(rec[:-4]) == crc:
             yield tuple(fields)
+
+
+# How long an update of the git index waits for another process's index.lock (git itself gives up
+# at once; a `git status` or another add holds it for well under a second).
+INDEX_LOCK_WAIT = 20.0
+
+
+class LockFile:
+    """Git's kind of lock: `path` created with O_EXCL, held until it is removed or renamed onto the
+    file it guards. Entering waits up to `wait` seconds for another process to release it."""
+
+    def __init__(self, path: Path, wait: float) -> None:
+        self.path = path
+        self.wait = wait
+        self.held = False
+
+    def __enter__(self) -> LockFile:
+        deadline = time.monotonic() + self.wait
+        pause = 0.005
+        while True:
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                break
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"{self.path} exists: another git process seems to be running in this repository (waited {self.wait:.0f} s)",
+                        hint="wait for it to finish and run the command again; if no git process is running, remove the file",
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+        self.held = True
+        return self
+
+    def commit(self, target: Path) -> None:
+        """Rename the lock file (written with the new content) onto `target`: that releases it."""
+        os.replace(self.path, target)
+        self.held = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:  # not after commit: the name may be another process's lock by now
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False
 
 
 def _append(path: Path, blob: bytes, record: int) -> None:
@@ -639,20 +683,32 @@ class GitStore:
         if 0 < wait <= 1:
             time.sleep(wait)
         mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+        entry = IndexEntry(
+            ctime=(int(st.st_ctime), st.st_ctime_ns % 1_000_000_000),
+            mtime=(int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
+            dev=st.st_dev & 0xFFFFFFFF,
+            ino=st.st_ino & 0xFFFFFFFF,
+            mode=mode,
+            uid=st.st_uid & 0xFFFFFFFF,
+            gid=st.st_gid & 0xFFFFFFFF,
+            size=st.st_size & 0xFFFFFFFF,
+            sha=blob.id,
+        )
+        index_path = Path(self.repo.index_path())
+        lock = index_path.with_name(index_path.name + ".lock")
         try:
-            index = self.repo.open_index()
-            index[relpath.encode()] = IndexEntry(
-                ctime=(int(st.st_ctime), st.st_ctime_ns % 1_000_000_000),
-                mtime=(int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
-                dev=st.st_dev & 0xFFFFFFFF,
-                ino=st.st_ino & 0xFFFFFFFF,
-                mode=mode,
-                uid=st.st_uid & 0xFFFFFFFF,
-                gid=st.st_gid & 0xFFFFFFFF,
-                size=st.st_size & 0xFFFFFFFF,
-                sha=blob.id,
-            )
-            index.write()
+            # Read the index under git's index.lock: an entry another process (git, or a second
+            # add) staged since we started is kept, not overwritten by an older copy.
+            with LockFile(lock, INDEX_LOCK_WAIT) as held:
+                index = self.repo.open_index()
+                index[relpath.encode()] = entry
+                # dulwich writes `<name>.lock`, then renames it to <name>: here onto the index.lock
+                # we hold, which then becomes the index as git's own writers do it
+                index._filename = str(lock)
+                index.write()
+                held.commit(index_path)
+        except LockTimeout:
+            raise
         except Exception:  # any index dulwich cannot write (split index, new extensions): let git do it
             self.git("update-index", "--add", "--cacheinfo", f"{mode:o},{blob.id.decode()},{relpath}")
 
