@@ -560,3 +560,42 @@ def test_add_gives_up_on_a_stuck_index_lock_with_a_clear_error(tmp_path: Path, m
     with theta_store.Repo(repo) as r:
         report = r.add([str(repo / "a.safetensors")])[0]
     assert report.new_chunks == 0 and "a.safetensors" in _staged(repo)
+
+
+def _rewrite_packs(repo: Path) -> tuple[set[str], set[str]]:
+    """Roll every pack into one (as packs.consolidate does: the new pack first, then the old ones
+    removed). Returns (old, new) pack names."""
+    pack_dir = repo / ".git" / "objects" / "pack"
+    old = pack_names(repo)
+    names = "".join(n + "\n" for n in sorted(old)).encode()
+    subprocess.run(
+        ["git", "pack-objects", "-q", "--stdin-packs", str(pack_dir / "pack")], cwd=repo, input=names, check=True, capture_output=True
+    )
+    for n in old:
+        for f in pack_dir.glob(n[: -len(".pack")] + ".*"):
+            f.unlink()
+    return old, pack_names(repo)
+
+
+@pytest.mark.parametrize("read_before", [True, False], ids=["indexes-read", "packs-listed"])
+def test_plans_made_after_a_pack_was_replaced_name_the_new_pack(tmp_path: Path, read_before: bool) -> None:
+    """A store that saw the packs before a rollup replaced them (the filter process's, all through
+    a checkout) places each object in the new pack. Before: a pack whose index had been read
+    still answered, and the plan named a removed file; one only listed raised PackFileDisappeared
+    out of locate. Either way the smudge called a sound version damaged."""
+    from theta_store.gitstore import GitStore
+
+    repo = _tracked_repo(tmp_path)
+    write(repo / "b.safetensors", model(2))
+    head = commit(repo, "two models")
+    with GitStore(repo) as store:
+        oids = [f.object_id for v in versions(repo) for f in store.version_frames(bytes.fromhex(v)).values()]
+    with GitStore(repo) as store:
+        if read_before:
+            store.locate(oids)  # every pack index read
+        else:
+            assert len(store.repo.object_store.packs) >= 2  # listed, no index read yet
+        _, new = _rewrite_packs(repo)
+        paths, where = store.locate(oids)
+        assert {os.path.basename(p) for p in paths} == new and None not in where, (paths, new)
+    check_all(repo, Ledger({head: {"a.safetensors": sha(model(1)), "b.safetensors": sha(model(2))}}))

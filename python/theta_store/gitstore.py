@@ -40,6 +40,7 @@ import msgpack
 from dulwich.errors import ChecksumMismatch, NotGitRepository, ObjectFormatException
 from dulwich.index import IndexEntry
 from dulwich.objects import Blob, Commit, ObjectID, Tree
+from dulwich.pack import PackFileDisappeared
 from dulwich.refs import Ref
 from dulwich.repo import Repo as DulwichRepo
 
@@ -409,15 +410,11 @@ class GitStore:
         maps a whole pack to read any object in it, and reading the head of every frame of a
         version that way would put the version's packs in our resident set."""
         hexid = _hex(oid)
-        for pack in self.repo.object_store.packs:
-            try:
-                offset = pack.index.object_offset(hexid)
-            except KeyError:
-                continue
-            head = _packed_head(pack._data_path, offset, n)
+        found = self._find_packed(hexid)
+        if found is not None:
+            head = _packed_head(found[0], found[1], n)
             if head is not None:
                 return head
-            break
         else:
             head = _loose_head(self.objects_dir / hexid[:2].decode() / hexid[2:].decode(), n)
             if head is not None:
@@ -442,24 +439,48 @@ class GitStore:
 
     def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[Location | None]]:
         """Pack paths and, per object, where it lies in them (None: not in a pack)."""
-        packs = self.repo.object_store.packs
         paths: list[str] = []
-        numbers: dict[int, int] = {}
+        numbers: dict[str, int] = {}
         out: list[Location | None] = []
+        packs = self._packs()
         for oid in oids:
-            loc = None
-            for i, pack in enumerate(packs):
-                try:
-                    offset = pack.index.object_offset(_hex(oid))
-                except KeyError:
-                    continue
-                if i not in numbers:
-                    numbers[i] = len(paths)
-                    paths.append(pack._data_path)
-                loc = Location(numbers[i], offset)
-                break
-            out.append(loc)
+            found = self._find_packed(_hex(oid), packs)
+            if found is None:
+                out.append(None)
+                continue
+            path, offset = found
+            if path not in numbers:
+                numbers[path] = len(paths)
+                paths.append(path)
+            out.append(Location(numbers[path], offset))
         return paths, out
+
+    def _packs(self) -> list[Any]:
+        """The packs there are now, but git's temporary ones (.tmp-*, renamed or removed any moment).
+        dulwich's list holds the packs it saw before it looked again, one removed since included
+        (its index, once read, still answers): it looks once more."""
+        self.refresh()
+        return [p for p in self.repo.object_store.packs if os.path.basename(p._data_path).startswith("pack-")]
+
+    def _find_packed(self, hexid: ObjectID, packs: list[Any] | None = None) -> tuple[str, int] | None:
+        """The pack file holding object `hexid` and the object's offset there; None if no pack
+        does. `packs`: the list to search (from `_packs`), updated in place if one is gone. A pack
+        gone meanwhile (a gc or rollup replaced it, git's or ours) is forgotten and the packs are
+        listed again: its objects are in the pack that replaced it."""
+        if packs is None:
+            packs = self._packs()
+        for _ in range(8):
+            try:
+                for pack in packs:
+                    try:
+                        return pack._data_path, pack.index.object_offset(hexid)
+                    except KeyError:
+                        continue
+                return None
+            except PackFileDisappeared:
+                self.refresh()
+                packs[:] = self._packs()
+        return None
 
     # ---- versions ----
     def version_object_count(self, new_chunk_ids: Iterable[bytes]) -> int:
@@ -521,15 +542,10 @@ class GitStore:
         """Those of `ids` that are here, packed or loose, looked up with one scan of the pack folder
         (asking dulwich object by object rescans the folder on every miss)."""
         found: set[ObjectID] = set()
-        packs = self.repo.object_store.packs
+        packs = self._packs()
         for sha in ids:
-            for pack in packs:
-                try:
-                    pack.index.object_offset(sha)
-                except KeyError:
-                    continue
+            if self._find_packed(sha, packs) is not None:
                 found.add(sha)
-                break
             else:
                 h = sha.decode()
                 if (self.objects_dir / h[:2] / h[2:]).exists():
