@@ -599,3 +599,37 @@ def test_plans_made_after_a_pack_was_replaced_name_the_new_pack(tmp_path: Path, 
         paths, where = store.locate(oids)
         assert {os.path.basename(p) for p in paths} == new and None not in where, (paths, new)
     check_all(repo, Ledger({head: {"a.safetensors": sha(model(1)), "b.safetensors": sha(model(2))}}))
+
+
+def test_gc_waits_for_a_reader_and_a_checkout_for_gc(tmp_path: Path) -> None:
+    """The pack lock: gc rewrites packs only while no one reads them (a smudge, a restore, an add
+    holds it shared from making a plan to opening the packs), and a checkout waits while gc
+    rewrites. Before: gc removed a pack a checkout's plan named and the checkout failed calling
+    the version damaged."""
+    from theta_store.plan import pack_lock
+
+    repo = _tracked_repo(tmp_path)
+    commit(repo, "a")
+    git(repo, "switch", "-q", "-c", "scratch")
+    write(repo / "s.safetensors", model(3))
+    commit(repo, "scratch")
+    git(repo, "switch", "-q", "main")
+    git(repo, "branch", "-q", "-D", "scratch")
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    state = repo / ".git" / "theta-store"
+    before = pack_names(repo)
+    with pack_lock(state, shared=True):
+        gc = spawn(repo, "theta-store", "gc", "--prune")
+        time.sleep(2.0)
+        assert gc.popen.poll() is None, expect(gc.wait(), None).stderr.decode()
+        assert pack_names(repo) == before  # nothing removed while read
+    expect(gc.wait(), True)
+    assert pack_names(repo) != before  # the scratch version's pack went once the reader was done
+    (repo / "a.safetensors").unlink()
+    with pack_lock(state, shared=False):
+        co = spawn(repo, "git", "checkout", "--", "a.safetensors")
+        time.sleep(1.5)
+        assert co.popen.poll() is None, expect(co.wait(), None).stderr.decode()
+    expect(co.wait(), True)
+    assert sha((repo / "a.safetensors").read_bytes()) == sha(model(1))
+    check_all(repo, Ledger({git(repo, "rev-parse", "HEAD").strip(): {"a.safetensors": sha(model(1))}}))
