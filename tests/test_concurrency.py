@@ -633,3 +633,48 @@ def test_gc_waits_for_a_reader_and_a_checkout_for_gc(tmp_path: Path) -> None:
     expect(co.wait(), True)
     assert sha((repo / "a.safetensors").read_bytes()) == sha(model(1))
     check_all(repo, Ledger({git(repo, "rev-parse", "HEAD").strip(): {"a.safetensors": sha(model(1))}}))
+
+
+def test_gc_during_git_add_keeps_the_versions_being_staged(tmp_path: Path) -> None:
+    """`theta-store gc` while `git add` cleans many checkpoints: the filter stores each version at
+    once, git stages all the pointers at its end. gc waits for git's index.lock and keeps them.
+    Before: gc dropped every version stored so far, and the commit named versions not here."""
+    repo = new_repo(tmp_path / "repo")
+    files = {f"ckpt/m{i:02d}.safetensors": write(repo / "ckpt" / f"m{i:02d}.safetensors", model(300 + i, rows=32)) for i in range(30)}
+    add = spawn(repo, "git", "add", "ckpt")
+    deadline = time.monotonic() + TIMEOUT
+    while not versions(repo) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert add.popen.poll() is None, "git add finished before gc started: the test lost its point"
+    gc = spawn(repo, "theta-store", "gc")
+    expect(add.wait(), True)
+    expect(gc.wait(), True)
+    assert len(versions(repo)) == len(files)
+    git(repo, "commit", "-q", "-m", "checkpoints")
+    ledger = Ledger()
+    ledger.record(repo, files)
+    check_all(repo, ledger)
+
+
+def test_gc_during_theta_store_add_keeps_the_version_being_staged(tmp_path: Path) -> None:
+    """`theta-store gc` between an add writing its version and staging the pointer (held up here
+    by another process's index.lock) waits for the add (versions.lock), and keeps the version.
+    Before: gc dropped it, and the pointer staged next named a version not here."""
+    repo = _tracked_repo(tmp_path)
+    lock = repo / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    add = spawn(repo, "theta-store", "add", "a.safetensors")
+    deadline = time.monotonic() + TIMEOUT
+    while not versions(repo) and add.popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    gc = spawn(repo, "theta-store", "gc")
+    time.sleep(1.5)
+    assert gc.popen.poll() is None, expect(gc.wait(), None).stdout.decode()  # waits for the add
+    lock.unlink()
+    expect(add.wait(), True)
+    expect(gc.wait(), True)
+    assert len(versions(repo)) == 1
+    git(repo, "commit", "-q", "-m", "a")
+    ledger = Ledger()
+    ledger.record(repo, {"a.safetensors": sha(model(1))})
+    check_all(repo, ledger)

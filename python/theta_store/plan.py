@@ -435,12 +435,27 @@ def drop_plan(state_dir: str | os.PathLike[str], manifest_id: bytes) -> None:
 PACK_LOCK_WAIT = 600.0
 
 
-@contextlib.contextmanager
-def pack_lock(state_dir: str | os.PathLike[str], *, shared: bool, wait: float | None = PACK_LOCK_WAIT) -> Iterator[bool]:
+def pack_lock(
+    state_dir: str | os.PathLike[str], *, shared: bool, wait: float | None = PACK_LOCK_WAIT
+) -> contextlib.AbstractContextManager[bool]:
     """Hold `<state dir>/packs.lock`: shared while a plan is made or read (restore, smudge, an add
     coding against stored frames), exclusive while packs are rewritten and removed (packs.py).
     `wait` None: yield False at once if the lock is taken; else wait up to `wait` seconds, then
     raise LockTimeout. Without flock (Windows) it yields True and guards nothing."""
+    return _flock(state_dir, "packs.lock", shared, wait, "rewriting" if shared else "reading", "packs")
+
+
+def version_lock(
+    state_dir: str | os.PathLike[str], *, shared: bool, wait: float | None = PACK_LOCK_WAIT
+) -> contextlib.AbstractContextManager[bool]:
+    """Hold `<state dir>/versions.lock`: shared by an add from before it writes a version's ref
+    until the version's pointer is staged, exclusive while gc decides which versions nothing
+    needs and drops their refs: gc never drops a version an add is about to stage."""
+    return _flock(state_dir, "versions.lock", shared, wait, "dropping" if shared else "adding", "versions")
+
+
+@contextlib.contextmanager
+def _flock(state_dir: str | os.PathLike[str], name: str, shared: bool, wait: float | None, doing: str, what: str) -> Iterator[bool]:
     if sys.platform == "win32":
         yield True
         return
@@ -449,7 +464,7 @@ def pack_lock(state_dir: str | os.PathLike[str], *, shared: bool, wait: float | 
 
     try:
         os.makedirs(state_dir, exist_ok=True)
-        fd = os.open(os.path.join(state_dir, "packs.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(state_dir, name), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         if not shared:
             raise
@@ -471,8 +486,7 @@ def pack_lock(state_dir: str | os.PathLike[str], *, shared: bool, wait: float | 
                     from .errors import LockTimeout
 
                     raise LockTimeout(
-                        f"{os.path.join(state_dir, 'packs.lock')}: another theta-store process has been"
-                        f" {'rewriting' if shared else 'reading'} packs for {wait:.0f} s",
+                        f"{os.path.join(state_dir, name)}: another theta-store process has been {doing} {what} for {wait:.0f} s",
                         hint="wait for it (a `theta-store gc`, a checkout) to finish and run the command again",
                     ) from None
                 time.sleep(pause)
