@@ -168,22 +168,34 @@ class LockFile:
         self.held = False
 
     def __enter__(self) -> LockFile:
+        self._wait(take=True)
+        self.held = True
+        return self
+
+    def wait_free(self) -> None:
+        """Wait until no process holds the lock, without taking it (a git command starting
+        meanwhile must not find it taken)."""
+        self._wait(take=False)
+
+    def _wait(self, take: bool) -> None:
         deadline = time.monotonic() + self.wait
         pause = 0.005
         while True:
             try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                break
+                if take:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                    return
+                if not self.path.exists():
+                    return
             except FileExistsError:
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(
-                        f"{self.path} exists: another git process seems to be running in this repository (waited {self.wait:.0f} s)",
-                        hint="wait for it to finish and run the command again; if no git process is running, remove the file",
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
-        self.held = True
-        return self
+                pass
+            if time.monotonic() >= deadline:
+                raise LockTimeout(
+                    f"{self.path} exists: another git process seems to be running in this repository (waited {self.wait:.0f} s)",
+                    hint="wait for it to finish and run the command again; if no git process is running, remove the file",
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def commit(self, target: Path) -> None:
         """Rename the lock file (written with the new content) onto `target`: that releases it."""

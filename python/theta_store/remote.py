@@ -512,17 +512,16 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
     """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index
     needs; then, if `thetastore.cacheSize` is set and our packs exceed it, evict versions whose
     frames a chunk store holds (an index record is here) and that neither HEAD nor the index uses."""
-    with contextlib.ExitStack() as held:
-        if not dry_run:
-            # What nothing needs is decided, and dropped, while no add is between writing a
-            # version's ref and staging its pointer: theta-store add holds versions.lock, git (add,
-            # commit, merge: the filter stores versions whose pointers git stages at its end)
-            # holds index.lock for the whole command.
-            held.enter_context(version_lock(store.state_dir, shared=False))
-            index = Path(store.repo.index_path())
-            held.enter_context(LockFile(index.with_name(index.name + ".lock"), INDEX_LOCK_WAIT))
-        needed = set(pointers_in(store, GC_ROOTS))
+    with version_lock(store.state_dir, shared=False) if not dry_run else contextlib.nullcontext(True):
+        # What nothing needs is decided while no add is between writing a version's ref and
+        # staging its pointer: theta-store add holds versions.lock; git (add, commit, merge: the
+        # filter stores versions whose pointers git stages at its end) holds index.lock for the
+        # whole command, and a version git stores after this wait is not in `versions`.
         versions = store.versions()
+        if not dry_run:
+            index = Path(store.repo.index_path())
+            LockFile(index.with_name(index.name + ".lock"), INDEX_LOCK_WAIT).wait_free()
+        needed = set(pointers_in(store, GC_ROOTS))
         drop = [v for v in versions if v not in needed]
         kept = [v for v in versions if v in needed]
         keep_frames = _frames(store, kept)
