@@ -491,7 +491,7 @@ def _rng(name: str) -> random.Random:
 
 
 def test_two_adds_at_once(tmp_path: Path) -> None:
-    two_adds(tmp_path, _rng("two_adds"), rounds=4)
+    two_adds(tmp_path, _rng("two_adds"), rounds=3)
 
 
 def test_git_add_of_100_checkpoints(tmp_path: Path) -> None:
