@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Any
 from . import _native, packs
 from .errors import CorruptObject, ObjectNotFound
 from .manifest import Manifest, Pointer, SpanEntry
-from .plan import PLAN_TEMP, PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
+from .plan import (
+    PLAN_TEMP,
+    PlannedChunk,
+    ReadPlan,
+    damaged_chunk,
+    load_manifest,
+    native_chunks,
+    pack_lock,
+    plan_for,
+    plan_from_store,
+    save_plan,
+)
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -163,32 +174,37 @@ def add_file(
     manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}))
     mbytes = manifest.to_bytes()
 
-    frames: dict[bytes, StoredFrame] = {}
-    todo: list[ScannedChunk] = []
-    for cid, c in all_chunks.items():
-        known = store.known_frame(cid)
-        if known is not None:
-            frames[cid] = known
-        else:
-            todo.append(c)
-    todo.sort()
-    max_depth = min(max_depth, MAX_DELTA_DEPTH)
-    deltas = _delta_plan(store, scanned, todo, base, factors or {}, max_depth) if base is not None and max_depth > 0 else None
-    if deltas is not None:
-        coded = {c[3] for job in deltas.jobs for c in job[4]}
-        todo = [c for c in todo if c[3] not in coded]
-    if deltas is not None:
-        try:
-            return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, deltas, max_depth)
-        except (CorruptObject, ObjectNotFound) as e:
-            # A damaged base must not stop the new version from being saved (git stash, a fine-tune's
-            # add): its tensors are stored whole instead, and the damage is named once.
-            assert base is not None and deltas.jobs
-            sys.stderr.write(
-                f"theta-store: {path}: version {base.manifest_id.hex()[:16]} (the delta base) is damaged, storing whole frames: {e}\n"
-            )
-            todo = sorted(c for c in all_chunks.values() if c[3] not in frames)
-    return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, None, max_depth)
+    # Shared from the lookup of stored frames until the version's ref names them (_add_frames lets
+    # go then): no gc prunes or moves a frame this add reuses or codes against before the new
+    # version keeps it.
+    with contextlib.ExitStack() as reading:
+        reading.enter_context(pack_lock(store.state_dir, shared=True))
+        frames: dict[bytes, StoredFrame] = {}
+        todo: list[ScannedChunk] = []
+        for cid, c in all_chunks.items():
+            known = store.known_frame(cid)
+            if known is not None:
+                frames[cid] = known
+            else:
+                todo.append(c)
+        todo.sort()
+        max_depth = min(max_depth, MAX_DELTA_DEPTH)
+        deltas = _delta_plan(store, scanned, todo, base, factors or {}, max_depth) if base is not None and max_depth > 0 else None
+        if deltas is not None:
+            coded = {c[3] for job in deltas.jobs for c in job[4]}
+            todo = [c for c in todo if c[3] not in coded]
+        if deltas is not None:
+            try:
+                return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, deltas, max_depth, reading)
+            except (CorruptObject, ObjectNotFound) as e:
+                # A damaged base must not stop the new version from being saved (git stash, a fine-tune's
+                # add): its tensors are stored whole instead, and the damage is named once.
+                assert base is not None and deltas.jobs
+                sys.stderr.write(
+                    f"theta-store: {path}: version {base.manifest_id.hex()[:16]} (the delta base) is damaged, storing whole frames: {e}\n"
+                )
+                todo = sorted(c for c in all_chunks.values() if c[3] not in frames)
+        return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, None, max_depth, reading)
 
 
 def _add_frames(
@@ -203,9 +219,11 @@ def _add_frames(
     todo: list[ScannedChunk],
     deltas: _Deltas | None,
     max_depth: int,
+    reading: contextlib.ExitStack,
 ) -> AddResult:
     """The rest of `add_file`: one pack holding the `todo` chunks' frames (and `deltas`' coded
-    chunks), then the version's objects; `frames` holds the chunks already stored."""
+    chunks), then the version's objects; `frames` holds the chunks already stored. `reading` holds
+    the shared pack lock: closed once the version's ref is written, before the rollup."""
     layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
     manifest_id = _native.chunk_id(mbytes)
     frames = dict(frames)
@@ -221,6 +239,7 @@ def _add_frames(
         if full is None:
             raise
         raise full from None
+    reading.close()
     store.record_chunks(new)
     # Before the plan is saved: a rollup moves the frames the plan names.
     rolled = packs.settle(store, [pack] if pack is not None else [])
@@ -404,6 +423,12 @@ def add_buffers(
 
 def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | None = None) -> Manifest:
     """Rebuild the checkpoint of `pointer` at `dest`: temp file in the same folder, fsync, rename."""
+    # Shared: no gc or rollup removes a pack between the plan naming it and the core opening it.
+    with pack_lock(store.state_dir, shared=True):
+        return _restore_locked(store, pointer, dest, progress)
+
+
+def _restore_locked(store: GitStore, pointer: Pointer, dest: str, progress: bool | None) -> Manifest:
     from .errors import ThetaStoreError
     from .gitstore import remove_stale  # dulwich: only when a store is at hand anyway
 

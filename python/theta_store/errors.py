@@ -53,6 +53,10 @@ class GitCommandError(ThetaStoreError):
     """A git command that theta-store ran failed: names the command and git's own message."""
 
 
+class LockTimeout(ThetaStoreError, TimeoutError):
+    """Another process held a lock (git's index.lock, ours) for longer than we wait: names the lock file."""
+
+
 class FileChanged(ThetaStoreError, OSError):
     """A file changed (was cut short, rewritten) while theta-store read it: nothing was stored."""
 

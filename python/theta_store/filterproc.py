@@ -25,7 +25,7 @@ import threading
 from . import _native
 from .errors import CorruptObject, FormatError, ObjectNotFound, PointerError, ProtocolError, ThetaStoreError
 from .hooks import looks_installed
-from .plan import damaged_chunk, drop_plan, load_plan, plan_for, ref_name
+from .plan import damaged_chunk, drop_plan, load_plan, pack_lock, plan_for, ref_name
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 
 # Not typing, pathlib or re: this module starts with every filter process git runs (see
@@ -409,6 +409,11 @@ class FilterServer:
             self.reply(data)  # not a pointer (a file committed before it was tracked), or pointers wanted
             return
         self.progress()
+        # Shared: no gc or rollup removes a pack between the plan naming it and the core opening it.
+        with pack_lock(self.repo.state_dir, shared=True):
+            self._send(pathname, data, ptr, can_delay)
+
+    def _send(self, pathname: str, data: bytes, ptr: Pointer, can_delay: bool) -> None:
         plan: ReadPlan | None = load_plan(self.repo.state_dir, ptr)
         if plan is None:
             self.repo.prefetch()

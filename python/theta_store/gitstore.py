@@ -41,11 +41,12 @@ import msgpack
 from dulwich.errors import ChecksumMismatch, NotGitRepository, ObjectFormatException
 from dulwich.index import IndexEntry
 from dulwich.objects import Blob, Commit, ObjectID, Tree
+from dulwich.pack import PackFileDisappeared
 from dulwich.refs import Ref
 from dulwich.repo import Repo as DulwichRepo
 
 from . import _native
-from .errors import CorruptObject, GitCommandError, NotARepository, ObjectNotFound
+from .errors import CorruptObject, GitCommandError, LockTimeout, NotARepository, ObjectNotFound
 from .manifest import unpack_problem
 from .plan import INDEX_PREFIX, Location, index_ref_name, ref_name
 from .plan import REF_PREFIX as _REF_PREFIX
@@ -169,6 +170,62 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True  # no /proc (not Linux): it exists
+
+
+# How long an update of the git index waits for another process's index.lock (git itself gives up
+# at once; a `git status` or another add holds it for well under a second).
+INDEX_LOCK_WAIT = 20.0
+
+
+class LockFile:
+    """Git's kind of lock: `path` created with O_EXCL, held until it is removed or renamed onto the
+    file it guards. Entering waits up to `wait` seconds for another process to release it."""
+
+    def __init__(self, path: Path, wait: float) -> None:
+        self.path = path
+        self.wait = wait
+        self.held = False
+
+    def __enter__(self) -> LockFile:
+        self._wait(take=True)
+        self.held = True
+        return self
+
+    def wait_free(self) -> None:
+        """Wait until no process holds the lock, without taking it (a git command starting
+        meanwhile must not find it taken)."""
+        self._wait(take=False)
+
+    def _wait(self, take: bool) -> None:
+        deadline = time.monotonic() + self.wait
+        pause = 0.005
+        while True:
+            try:
+                if take:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                    return
+                if not self.path.exists():
+                    return
+            except FileExistsError:
+                pass
+            if time.monotonic() >= deadline:
+                raise LockTimeout(
+                    f"{self.path} exists: another git process seems to be running in this repository (waited {self.wait:.0f} s)",
+                    hint="wait for it to finish and run the command again; if no git process is running, remove the file",
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+    def commit(self, target: Path) -> None:
+        """Rename the lock file (written with the new content) onto `target`: that releases it."""
+        os.replace(self.path, target)
+        self.held = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:  # not after commit: the name may be another process's lock by now
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False
 
 
 def _append(path: Path, blob: bytes, record: int) -> None:
@@ -384,15 +441,11 @@ class GitStore:
         maps a whole pack to read any object in it, and reading the head of every frame of a
         version that way would put the version's packs in our resident set."""
         hexid = _hex(oid)
-        for pack in self.repo.object_store.packs:
-            try:
-                offset = pack.index.object_offset(hexid)
-            except KeyError:
-                continue
-            head = _packed_head(pack._data_path, offset, n)
+        found = self._find_packed(hexid)
+        if found is not None:
+            head = _packed_head(found[0], found[1], n)
             if head is not None:
                 return head
-            break
         else:
             head = _loose_head(self.objects_dir / hexid[:2].decode() / hexid[2:].decode(), n)
             if head is not None:
@@ -417,24 +470,48 @@ class GitStore:
 
     def locate(self, oids: Iterable[bytes]) -> tuple[list[str], list[Location | None]]:
         """Pack paths and, per object, where it lies in them (None: not in a pack)."""
-        packs = self.repo.object_store.packs
         paths: list[str] = []
-        numbers: dict[int, int] = {}
+        numbers: dict[str, int] = {}
         out: list[Location | None] = []
+        packs = self._packs()
         for oid in oids:
-            loc = None
-            for i, pack in enumerate(packs):
-                try:
-                    offset = pack.index.object_offset(_hex(oid))
-                except KeyError:
-                    continue
-                if i not in numbers:
-                    numbers[i] = len(paths)
-                    paths.append(pack._data_path)
-                loc = Location(numbers[i], offset)
-                break
-            out.append(loc)
+            found = self._find_packed(_hex(oid), packs)
+            if found is None:
+                out.append(None)
+                continue
+            path, offset = found
+            if path not in numbers:
+                numbers[path] = len(paths)
+                paths.append(path)
+            out.append(Location(numbers[path], offset))
         return paths, out
+
+    def _packs(self) -> list[Any]:
+        """The packs there are now, but git's temporary ones (.tmp-*, renamed or removed any moment).
+        dulwich's list holds the packs it saw before it looked again, one removed since included
+        (its index, once read, still answers): it looks once more."""
+        self.refresh()
+        return [p for p in self.repo.object_store.packs if os.path.basename(p._data_path).startswith("pack-")]
+
+    def _find_packed(self, hexid: ObjectID, packs: list[Any] | None = None) -> tuple[str, int] | None:
+        """The pack file holding object `hexid` and the object's offset there; None if no pack
+        does. `packs`: the list to search (from `_packs`), updated in place if one is gone. A pack
+        gone meanwhile (a gc or rollup replaced it, git's or ours) is forgotten and the packs are
+        listed again: its objects are in the pack that replaced it."""
+        if packs is None:
+            packs = self._packs()
+        for _ in range(8):
+            try:
+                for pack in packs:
+                    try:
+                        return pack._data_path, pack.index.object_offset(hexid)
+                    except KeyError:
+                        continue
+                return None
+            except PackFileDisappeared:
+                self.refresh()
+                packs[:] = self._packs()
+        return None
 
     # ---- versions ----
     def version_object_count(self, new_chunk_ids: Iterable[bytes]) -> int:
@@ -496,15 +573,10 @@ class GitStore:
         """Those of `ids` that are here, packed or loose, looked up with one scan of the pack folder
         (asking dulwich object by object rescans the folder on every miss)."""
         found: set[ObjectID] = set()
-        packs = self.repo.object_store.packs
+        packs = self._packs()
         for sha in ids:
-            for pack in packs:
-                try:
-                    pack.index.object_offset(sha)
-                except KeyError:
-                    continue
+            if self._find_packed(sha, packs) is not None:
                 found.add(sha)
-                break
             else:
                 h = sha.decode()
                 if (self.objects_dir / h[:2] / h[2:]).exists():
@@ -676,20 +748,32 @@ class GitStore:
         if 0 < wait <= 1:
             time.sleep(wait)
         mode = 0o100755 if st.st_mode & 0o111 else 0o100644
+        entry = IndexEntry(
+            ctime=(int(st.st_ctime), st.st_ctime_ns % 1_000_000_000),
+            mtime=(int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
+            dev=st.st_dev & 0xFFFFFFFF,
+            ino=st.st_ino & 0xFFFFFFFF,
+            mode=mode,
+            uid=st.st_uid & 0xFFFFFFFF,
+            gid=st.st_gid & 0xFFFFFFFF,
+            size=st.st_size & 0xFFFFFFFF,
+            sha=blob.id,
+        )
+        index_path = Path(self.repo.index_path())
+        lock = index_path.with_name(index_path.name + ".lock")
         try:
-            index = self.repo.open_index()
-            index[relpath.encode()] = IndexEntry(
-                ctime=(int(st.st_ctime), st.st_ctime_ns % 1_000_000_000),
-                mtime=(int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
-                dev=st.st_dev & 0xFFFFFFFF,
-                ino=st.st_ino & 0xFFFFFFFF,
-                mode=mode,
-                uid=st.st_uid & 0xFFFFFFFF,
-                gid=st.st_gid & 0xFFFFFFFF,
-                size=st.st_size & 0xFFFFFFFF,
-                sha=blob.id,
-            )
-            index.write()
+            # Read the index under git's index.lock: an entry another process (git, or a second
+            # add) staged since we started is kept, not overwritten by an older copy.
+            with LockFile(lock, INDEX_LOCK_WAIT) as held:
+                index = self.repo.open_index()
+                index[relpath.encode()] = entry
+                # dulwich writes `<name>.lock`, then renames it to <name>: here onto the index.lock
+                # we hold, which then becomes the index as git's own writers do it
+                index._filename = str(lock)
+                index.write()
+                held.commit(index_path)
+        except LockTimeout:
+            raise
         except Exception:  # any index dulwich cannot write (split index, new extensions): let git do it
             self.git("update-index", "--add", "--cacheinfo", f"{mode:o},{blob.id.decode()},{relpath}")
 

@@ -20,16 +20,13 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
-
-if sys.platform != "win32":
-    import fcntl
 
 from .errors import GitCommandError
+from .plan import PACK_LOCK_WAIT, pack_lock
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     from .gitstore import GitStore
 
@@ -116,23 +113,10 @@ def keep(pack_paths: Iterable[str]) -> list[str]:
     return done
 
 
-@contextlib.contextmanager
-def _locked(store: GitStore, wait: bool) -> Iterator[bool]:
-    """Hold the pack lock (or yield False at once if `wait` is off and another process has it)."""
-    if sys.platform == "win32":
-        yield True
-        return
-    store.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.state_dir / "packs.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+def _locked(store: GitStore, wait: bool) -> contextlib.AbstractContextManager[bool]:
+    """Hold the pack lock exclusively (or yield False at once if `wait` is off and another process
+    has it): readers of packs hold it shared (plan.pack_lock), so no pack they read goes meanwhile."""
+    return pack_lock(store.state_dir, shared=False, wait=PACK_LOCK_WAIT if wait else None)
 
 
 def _git(store: GitStore, *args: str, input: bytes = b"") -> bytes:

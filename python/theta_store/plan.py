@@ -5,6 +5,10 @@ and lazy reads get one from `plan_for`; gc drops it. A saved plan is a cache, a 
 `<git dir>/theta-store/plans/<manifest id>`, read without dulwich: the filter's checkout of a
 known version starts streaming without opening the object store.
 
+A plan names pack files, which gc and rollups (packs.py) rewrite and remove: `pack_lock` is held
+shared from making or loading a plan until the core has opened its packs, and exclusive while
+packs are removed, so no reader is ever pointed at a pack that is gone.
+
 Not typing, dataclasses, re or pathlib: the filter process imports this on every start.
 """
 
@@ -12,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from .errors import CorruptObject, PointerError
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from typing import Protocol
 
     from .manifest import Manifest
@@ -425,3 +430,69 @@ def save_plan(state_dir: str | os.PathLike[str], pointer: Pointer, plan: ReadPla
 def drop_plan(state_dir: str | os.PathLike[str], manifest_id: bytes) -> None:
     with contextlib.suppress(OSError):
         os.unlink(plan_path(state_dir, manifest_id))
+
+
+# ---- the pack lock: the places a plan names stay valid while it is held ----
+# How long a reader waits for a pack rewrite (or a rewrite for readers) before giving up.
+PACK_LOCK_WAIT = 600.0
+
+
+def pack_lock(
+    state_dir: str | os.PathLike[str], *, shared: bool, wait: float | None = PACK_LOCK_WAIT
+) -> contextlib.AbstractContextManager[bool]:
+    """Hold `<state dir>/packs.lock`: shared while a plan is made or read (restore, smudge, an add
+    coding against stored frames), exclusive while packs are rewritten and removed (packs.py).
+    `wait` None: yield False at once if the lock is taken; else wait up to `wait` seconds, then
+    raise LockTimeout. Without flock (Windows) it yields True and guards nothing."""
+    return _flock(state_dir, "packs.lock", shared, wait, "rewriting" if shared else "reading", "packs")
+
+
+def version_lock(
+    state_dir: str | os.PathLike[str], *, shared: bool, wait: float | None = PACK_LOCK_WAIT
+) -> contextlib.AbstractContextManager[bool]:
+    """Hold `<state dir>/versions.lock`: shared by an add from before it writes a version's ref
+    until the version's pointer is staged, exclusive while gc decides which versions nothing
+    needs and drops their refs: gc never drops a version an add is about to stage."""
+    return _flock(state_dir, "versions.lock", shared, wait, "dropping" if shared else "adding", "versions")
+
+
+@contextlib.contextmanager
+def _flock(state_dir: str | os.PathLike[str], name: str, shared: bool, wait: float | None, doing: str, what: str) -> Iterator[bool]:
+    if sys.platform == "win32":
+        yield True
+        return
+    import fcntl
+    import time
+
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        fd = os.open(os.path.join(state_dir, name), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not shared:
+            raise
+        yield True  # a repository we may not write to: no process of ours rewrites its packs either
+        return
+    try:
+        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        deadline = time.monotonic() + (wait or 0)
+        pause = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None:
+                    yield False
+                    return
+                if time.monotonic() >= deadline:
+                    from .errors import LockTimeout
+
+                    raise LockTimeout(
+                        f"{os.path.join(state_dir, name)}: another theta-store process has been {doing} {what} for {wait:.0f} s",
+                        hint="wait for it (a `theta-store gc`, a checkout) to finish and run the command again",
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        yield True
+    finally:
+        os.close(fd)

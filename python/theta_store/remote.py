@@ -36,9 +36,9 @@ from .errors import BlobStoreAuthError, CorruptObject, DiskFull, GitCommandError
 from .errors import IncompletePush as IncompletePush  # re-exported: callers import them from here too
 from .errors import VersionsMissing as VersionsMissing
 from .gitproc import git_command, is_quiet, push_flags
-from .gitstore import GitStore, remove_stale
+from .gitstore import INDEX_LOCK_WAIT, GitStore, LockFile, remove_stale
 from .history import pointer_writes, pointers_in, tree_pointers
-from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, plan_path, ref_name, version_of_ref
+from .plan import INDEX_PREFIX, REF_PREFIX, drop_plan, index_ref_name, plan_path, ref_name, version_lock, version_of_ref
 from .progress import on_terminal, run_teeing_stderr
 from .sizes import human_size
 
@@ -566,23 +566,32 @@ def gc(store: GitStore, dry_run: bool = False, prune: bool = False) -> dict[str,
     """Drop refs/theta versions that no ref (branch, tag, remote-tracking, stash...), reflog or index
     needs; then, if `thetastore.cacheSize` is set and our packs exceed it, evict versions whose
     frames a chunk store holds (an index record is here) and that neither HEAD nor the index uses."""
-    needed = set(pointers_in(store, GC_ROOTS))
-    versions = store.versions()
-    drop = [v for v in versions if v not in needed]
-    kept = [v for v in versions if v in needed]
-    keep_frames = _frames(store, kept)
-    drop_frames = _frames(store, drop)
-    freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
-    limit = cache_limit(store)
-    evict = _evictable(store, kept, keep_frames, limit - (_packs_size(store) - freed)) if limit is not None else []
-    if evict:
-        still = _frames(store, [v for v in kept if v not in evict])
-        freed += sum(n for cid, n in _frames(store, evict).items() if cid not in still)
+    with version_lock(store.state_dir, shared=False) if not dry_run else contextlib.nullcontext(True):
+        # What nothing needs is decided while no add is between writing a version's ref and
+        # staging its pointer: theta-store add holds versions.lock; git (add, commit, merge: the
+        # filter stores versions whose pointers git stages at its end) holds index.lock for the
+        # whole command, and a version git stores after this wait is not in `versions`.
+        versions = store.versions()
+        if not dry_run:
+            index = Path(store.repo.index_path())
+            LockFile(index.with_name(index.name + ".lock"), INDEX_LOCK_WAIT).wait_free()
+        needed = set(pointers_in(store, GC_ROOTS))
+        drop = [v for v in versions if v not in needed]
+        kept = [v for v in versions if v in needed]
+        keep_frames = _frames(store, kept)
+        drop_frames = _frames(store, drop)
+        freed = sum(n for cid, n in drop_frames.items() if cid not in keep_frames)
+        limit = cache_limit(store)
+        evict = _evictable(store, kept, keep_frames, limit - (_packs_size(store) - freed)) if limit is not None else []
+        if evict:
+            still = _frames(store, [v for v in kept if v not in evict])
+            freed += sum(n for cid, n in _frames(store, evict).items() if cid not in still)
+        if not dry_run:
+            for v in drop + evict:
+                _git(store, "update-ref", "-d", ref_name(v))
+                drop_plan(store.state_dir, v)
+            store.rebuild_chunk_index()
     if not dry_run:
-        for v in drop + evict:
-            _git(store, "update-ref", "-d", ref_name(v))
-            drop_plan(store.state_dir, v)
-        store.rebuild_chunk_index()
         if prune or evict:
             packs.prune(store)  # git never prunes from our kept packs
         if prune:

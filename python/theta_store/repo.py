@@ -10,6 +10,7 @@ them: the checkpoint core (checkpoint, reader, manifest, formats) and this porce
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -29,7 +30,7 @@ from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
 from .lossy import apply_lossy, parse_spec
 from .manifest import SpanEntry
-from .plan import INDEX_PREFIX, REF_PREFIX, damaged_chunks, load_manifest, plan_from_store
+from .plan import INDEX_PREFIX, REF_PREFIX, damaged_chunks, load_manifest, plan_from_store, version_lock
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 from .reader import TensorView, is_sharded_model, numpy_dtype, tensor_views
 from .remote import ensure_versions
@@ -111,6 +112,22 @@ class Repo:
         folder whose updates were folded into the checkpoint (its factors predict the change);
         `lossy`: "low-rank:rtol=T" or "low-rank:rank=R" stores each changed 2-D float tensor as
         the base plus a low-rank approximation, rewriting the file to match (lossy.py)."""
+        # Shared from before the first version is stored until the last pointer is staged: gc
+        # (exclusive) never drops a version in between.
+        with version_lock(self.store.state_dir, shared=True) if stage else contextlib.nullcontext(True):
+            return self._add(paths, stage, progress, chunk_bytes, scanned, base, lora, lossy)
+
+    def _add(
+        self,
+        paths: Sequence[str],
+        stage: bool,
+        progress: bool | None,
+        chunk_bytes: int,
+        scanned: Scanned | None,
+        base: str | None,
+        lora: str | os.PathLike[str] | None,
+        lossy: str | None,
+    ) -> list[AddReport]:
         reports = []
         depth = delta_depth(self.store)
         spec = parse_spec(lossy) if lossy is not None else None
