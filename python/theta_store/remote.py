@@ -99,6 +99,25 @@ def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = 
     return full | indexed
 
 
+# Bytes of packs git may keep mapped (core.packedGitWindowSize, core.packedGitLimit), given as
+# plain numbers: dulwich reads this config too and knows no "m" suffix.
+PACK_WINDOW = 16 << 20
+PACK_LIMIT = 64 << 20
+# A local remote's upload-pack runs here, in the remote's config: the same bound on its mapped packs.
+LOCAL_UPLOAD_PACK = f"git -c core.packedGitWindowSize={PACK_WINDOW} -c core.packedGitLimit={PACK_LIMIT} upload-pack"
+
+
+def _is_local(store: GitStore, remote: str) -> bool:
+    """Whether git reaches `remote` (a name or a URL) through the file system."""
+    url = _git(store, "ls-remote", "--get-url", remote, check=False).stdout.decode().strip()
+    if url.startswith("file://"):
+        return True
+    if "://" in url:
+        return False
+    head = url.split("/", 1)[0]
+    return ":" not in head  # `host:path` is ssh; `/path`, `./path`, `path` are local
+
+
 MARKER_ENV = {
     "GIT_AUTHOR_NAME": "theta-store",
     "GIT_AUTHOR_EMAIL": "theta-store@localhost",
@@ -118,8 +137,11 @@ def _transport(store: GitStore) -> dict[str, str]:
         (t / "HEAD").write_text("ref: refs/heads/unused\n")
     config = store.common_dir / "config"
     # Frames are compressed and rarely similar: delta search over them is slow and finds nothing.
+    # Pack windows: git maps up to 1 GiB of each pack (8 GiB in all) and every page it copied out
+    # stays resident, so pack-objects sending a 4 GB version would hold ~4 GB.
     (t / "config").write_text(
-        f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n[pack]\n\twindow = 0\n\tdepth = 0\n"
+        f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n"
+        f"\tpackedGitWindowSize = {PACK_WINDOW}\n\tpackedGitLimit = {PACK_LIMIT}\n[pack]\n\twindow = 0\n\tdepth = 0\n"
     )
     env = dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir))
     env.pop("GIT_WORK_TREE", None)
@@ -231,10 +253,12 @@ def lazy_version(store: GitStore, version: bytes) -> chunkstore.LazyVersion | No
 def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> list[bytes]:
     """Fetch these refs/theta/ or refs/theta-index/ refs through the transport into ours."""
     got: list[bytes] = []
+    local = bool(refs) and _is_local(store, remote)
     for i in range(0, len(refs), PUSH_BATCH):
         batch = refs[i : i + PUSH_BATCH]
         specs = [f"+{r}:{r}" for r in batch]
-        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else []), remote, *specs]
+        args = ["fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q", *(["--progress"] if tty else [])]
+        args += [*([f"--upload-pack={LOCAL_UPLOAD_PACK}"] if local else []), remote, *specs]
         with _transport_lock(store):
             rc, err = _run_transport_shown(store, args, tty)
             if rc != 0:
