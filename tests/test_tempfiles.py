@@ -171,3 +171,31 @@ def test_a_signal_in_the_middle_of_an_add_leaves_nothing(tmp_path: Path, command
     r = subprocess.run(["git", "add", M], cwd=a, capture_output=True, text=True)  # and the next add stores the file
     assert r.returncode == 0, r.stderr
     assert leftovers(a) == []
+
+
+def test_a_signal_in_the_middle_of_a_fetch_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM to `theta-store pull` alone (a service manager's stop) while git writes the fetched pack."""
+    remote = tmp_path / "remote.git"
+    g(tmp_path, "init", "-q", "--bare", "-b", "main", str(remote))
+    a = new_repo(tmp_path / "a")
+    g(a, "remote", "add", "origin", f"file://{remote}")
+    data = model(a / M, 24)
+    commit(a, "v1")
+    g(a, "push", "-q", "origin", "main")
+    b = tmp_path / "b"
+    g(tmp_path, "clone", "-q", f"file://{remote}", str(b), env={"THETA_STORE_SKIP_SMUDGE": "1"})
+    g(b, "config", "transfer.unpackLimit", "1")  # a pack even for few objects, as for a large version
+    pack_dir = b / ".git" / "objects" / "pack"
+    proc = subprocess.Popen([sys.executable, "-m", "theta_store", "pull"], cwd=b, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not any(n.startswith("tmp_pack_") for n in os.listdir(pack_dir)):
+        assert proc.poll() is None, f"the pull ended before git began its pack: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert leftovers(b) == [], f"after SIGTERM: {err}"
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    ts(b, "pull")  # and the next pull fetches the version
+    assert (b / M).read_bytes() == data
+    assert leftovers(b) == []

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 if sys.platform != "win32":
@@ -176,19 +177,63 @@ def _transport_lock(store: GitStore) -> Iterator[None]:
         yield
 
 
-def _run_transport(store: GitStore, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run git in the transport repository (call with _transport_lock held)."""
-    env = _transport(store)
-    return subprocess.run(["git", *args], cwd=store.worktree, env=env, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-
-
 def _run_transport_shown(store: GitStore, args: list[str], progress: bool) -> tuple[int, bytes]:
-    """_run_transport, with git's stderr (its progress) going on to ours as it comes when
-    `progress`; returns the exit status and what git said on stderr."""
-    if progress:
-        return run_teeing_stderr(["git", *args], _transport(store), str(store.worktree))
-    r = _run_transport(store, *args)
-    return r.returncode, r.stderr
+    """Run git in the transport repository (call with _transport_lock held), its stderr (its
+    progress) going on to ours as it comes when `progress`; returns the exit status and what git
+    said on stderr. A fetch that fails or is interrupted leaves no partial pack behind."""
+    before = _temp_packs(store.pack_dir)
+    ok = False
+    try:
+        rc, err = run_teeing_stderr(["git", *args], _transport(store), str(store.worktree), tee=progress)
+        ok = rc == 0
+        return rc, err
+    finally:
+        if not ok:
+            _drop_orphan_packs(store.pack_dir, before)
+
+
+def _temp_packs(pack_dir: Path) -> set[str]:
+    """git's temporary packs and indexes in `pack_dir` (ours, tmp_pack_theta_*, go by pid)."""
+    try:
+        names = os.listdir(pack_dir)
+    except FileNotFoundError:
+        return set()
+    return {n for n in names if n.startswith(("tmp_pack_", "tmp_idx_")) and not n.startswith("tmp_pack_theta_")}
+
+
+def _drop_orphan_packs(pack_dir: Path, before: set[str]) -> None:
+    """Remove the temporary packs that appeared since `before` and that no process has open: git's
+    index-pack leaves its partial pack when a fetch fails or is stopped (git gc drops it only
+    after two weeks), and a version's can be gigabytes."""
+    new = _temp_packs(pack_dir) - before
+    if not new:
+        return
+    held = _open_files()
+    if held is None:
+        return  # no /proc: cannot tell ours from a concurrent fetch's; git gc will remove them
+    for name in new:
+        path = os.path.realpath(pack_dir / name)
+        if path not in held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _open_files() -> set[str] | None:
+    """Every file any process has open (Linux /proc), or None where that cannot be known."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    held: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return held
 
 
 def fetch_versions(store: GitStore, remote: str, ids: set[bytes]) -> set[bytes]:
