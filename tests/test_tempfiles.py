@@ -52,9 +52,11 @@ def model(path: Path, mb: float, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     tensors = {f"layers.{i}.weight": (rng.standard_normal((n // 4, 1024), dtype=np.float32) * np.float32(0.02)) for i in range(4)}
     tensors["bias"] = np.zeros(1024, np.float32)
+    rewrite = path.exists()
     theta_store.save_safetensors(str(path), tensors)
-    t = time.time() - 2  # settled: no racy-git wait in the add
-    os.utime(path, (t, t))
+    if not rewrite:  # settled: no racy-git wait in an add; a rewrite dated back could look unchanged to git
+        t = time.time() - 2
+        os.utime(path, (t, t))
     return path.read_bytes()
 
 
