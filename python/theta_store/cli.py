@@ -8,9 +8,10 @@ merge-driver) goes to the git-facing modules (filterproc, remote.pre_push, gitdr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from .errors import MergeConflict, ThetaStoreError
+from .errors import MergeConflict, Terminated, ThetaStoreError
 from .sizes import human_size
 
 TYPE_CHECKING = False  # not typing's: see __init__.py
@@ -905,6 +906,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `theta-store` command. Run as a program (argv None), it ends the process itself."""
+    if argv is None:
+        signal.signal(signal.SIGTERM, _terminated)
     if (sys.argv[1:] if argv is None else list(argv)) == ["filter-process"]:
         # git starts this on every command that reads the work tree: skip argparse.
         rc = _guarded(cmd_filter_process, None)
@@ -963,9 +966,14 @@ def _guarded(fn: Any, args: argparse.Namespace | None) -> int:
     except (OSError, RuntimeError) as e:
         print(f"theta-store: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("theta-store: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"theta-store: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was left half-written", file=sys.stderr)
+        return 128 + signum
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,15 @@ class MergeConflict(ThetaStoreError):
         super().__init__(f"{path}: {len(conflicts)} conflicting tensor(s) or metadata key(s)", hint=hint)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt: the signal's default action ends the
+    process at once, leaving a pack or a restored file half-written under its temporary name."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)
+
+
 class BlobStoreError(ThetaStoreError):
     """A chunk store (S3-compatible bucket, Git LFS server) refused, failed or could not be reached:
     names the store's URL, the object and what the server said."""

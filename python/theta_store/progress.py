@@ -144,22 +144,34 @@ class StatusLine:
             self._clear()
 
 
-def run_teeing_stderr(argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, bytes]:
-    """Run a command whose stderr goes on to ours as it comes (git's progress, on a terminal) and is
-    also returned (its last 64 kB: error messages). Its stdin is closed, its stdout dropped: in the
-    filter process both are git's pipes to us."""
+def run_teeing_stderr(argv: list[str], env: dict[str, str], cwd: str, tee: bool = True) -> tuple[int, bytes]:
+    """Run a command whose stderr goes on to ours as it comes (git's progress, on a terminal) when
+    `tee`, and is also returned (its last 64 kB: error messages). Its stdin is closed, its stdout
+    dropped: in the filter process both are git's pipes to us."""
     import os
     import subprocess
 
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     kept = b""
-    while block := os.read(proc.stderr.fileno(), 65536):
-        kept = (kept + block)[-65536:]
+    try:
+        while block := os.read(proc.stderr.fileno(), 65536):
+            kept = (kept + block)[-65536:]
+            if not tee:
+                continue
+            try:
+                sys.stderr.buffer.write(block)
+                sys.stderr.buffer.flush()
+            except (OSError, ValueError):
+                pass
+        proc.stderr.close()
+        return proc.wait(), kept
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM): SIGTERM lets git remove its lock files, SIGKILL would not.
+        proc.terminate()
         try:
-            sys.stderr.buffer.write(block)
-            sys.stderr.buffer.flush()
-        except (OSError, ValueError):
-            pass
-    proc.stderr.close()
-    return proc.wait(), kept
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise

@@ -103,6 +103,25 @@ def remote_versions(store: GitStore, remote: str, ids: Iterable[bytes] | None = 
     return full | indexed
 
 
+# Bytes of packs git may keep mapped (core.packedGitWindowSize, core.packedGitLimit), given as
+# plain numbers: dulwich reads this config too and knows no "m" suffix.
+PACK_WINDOW = 16 << 20
+PACK_LIMIT = 64 << 20
+# A local remote's upload-pack runs here, in the remote's config: the same bound on its mapped packs.
+LOCAL_UPLOAD_PACK = f"git -c core.packedGitWindowSize={PACK_WINDOW} -c core.packedGitLimit={PACK_LIMIT} upload-pack"
+
+
+def _is_local(store: GitStore, remote: str) -> bool:
+    """Whether git reaches `remote` (a name or a URL) through the file system."""
+    url = _git(store, "ls-remote", "--get-url", remote, check=False).stdout.decode().strip()
+    if url.startswith("file://"):
+        return True
+    if "://" in url:
+        return False
+    head = url.split("/", 1)[0]
+    return ":" not in head  # `host:path` is ssh; `/path`, `./path`, `path` are local
+
+
 MARKER_ENV = {
     "GIT_AUTHOR_NAME": "theta-store",
     "GIT_AUTHOR_EMAIL": "theta-store@localhost",
@@ -127,8 +146,11 @@ def _transport(store: GitStore) -> dict[str, str]:
             stale.unlink()
     config = store.common_dir / "config"
     # Frames are compressed and rarely similar: delta search over them is slow and finds nothing.
+    # Pack windows: git maps up to 1 GiB of each pack (8 GiB in all) and every page it copied out
+    # stays resident, so pack-objects sending a 4 GB version would hold ~4 GB.
     (t / "config").write_text(
-        f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n[pack]\n\twindow = 0\n\tdepth = 0\n"
+        f"[include]\n\tpath = {config}\n[core]\n\tbare = true\n\trepositoryformatversion = 0\n"
+        f"\tpackedGitWindowSize = {PACK_WINDOW}\n\tpackedGitLimit = {PACK_LIMIT}\n[pack]\n\twindow = 0\n\tdepth = 0\n"
     )
     env = dict(os.environ, GIT_DIR=str(t), GIT_OBJECT_DIRECTORY=str(store.objects_dir))
     env.pop("GIT_WORK_TREE", None)
@@ -166,12 +188,61 @@ def _transport_lock(store: GitStore) -> Iterator[None]:
 def _run_transport_shown(store: GitStore, args: list[str], progress: bool, env: dict[str, str] | None = None) -> tuple[int, bytes]:
     """Run git in the transport repository (call with _transport_lock held), with git's stderr
     (its progress) going on to ours as it comes when `progress`, and `env` on top of the
-    transport's; returns the exit status and what git said on stderr."""
-    full = {**_transport(store), **(env or {})}
-    if progress:
-        return run_teeing_stderr(["git", *args], full, str(store.worktree))
-    r = subprocess.run(["git", *args], cwd=store.worktree, env=full, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    return r.returncode, r.stderr
+    transport's; returns the exit status and what git said on stderr. A fetch that fails or is
+    interrupted leaves no partial pack behind."""
+    before = _temp_packs(store.pack_dir)
+    ok = False
+    try:
+        rc, err = run_teeing_stderr(["git", *args], {**_transport(store), **(env or {})}, str(store.worktree), tee=progress)
+        ok = rc == 0
+        return rc, err
+    finally:
+        if not ok:
+            _drop_orphan_packs(store.pack_dir, before)
+
+
+def _temp_packs(pack_dir: Path) -> set[str]:
+    """git's temporary packs and indexes in `pack_dir` (ours, tmp_pack_theta_*, go by pid)."""
+    try:
+        names = os.listdir(pack_dir)
+    except FileNotFoundError:
+        return set()
+    return {n for n in names if n.startswith(("tmp_pack_", "tmp_idx_")) and not n.startswith("tmp_pack_theta_")}
+
+
+def _drop_orphan_packs(pack_dir: Path, before: set[str]) -> None:
+    """Remove the temporary packs that appeared since `before` and that no process has open: git's
+    index-pack leaves its partial pack when a fetch fails or is stopped (git gc drops it only
+    after two weeks), and a version's can be gigabytes."""
+    new = _temp_packs(pack_dir) - before
+    if not new:
+        return
+    held = _open_files()
+    if held is None:
+        return  # no /proc: cannot tell ours from a concurrent fetch's; git gc will remove them
+    for name in new:
+        path = os.path.realpath(pack_dir / name)
+        if path not in held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _open_files() -> set[str] | None:
+    """Every file any process has open (Linux /proc), or None where that cannot be known."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    held: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return held
 
 
 INCOMING_PREFIX = "theta-incoming-"
@@ -270,13 +341,14 @@ def lazy_version(store: GitStore, version: bytes) -> chunkstore.LazyVersion | No
 def _fetch_refs(store: GitStore, remote: str, refs: list[str], tty: bool) -> list[bytes]:
     """Fetch these refs/theta/ or refs/theta-index/ refs through the transport into ours."""
     got: list[bytes] = []
+    local = bool(refs) and _is_local(store, remote)
     for i in range(0, len(refs), PUSH_BATCH):
         batch = refs[i : i + PUSH_BATCH]
         specs = [f"+{r}:{r}" for r in batch]
         # Our objects are the fetch's alternate (below): their repository's branches must not be
         # offered as haves (a shallow clone's cannot be walked), as they never were.
         args = ["-c", "core.alternateRefsCommand=true", "fetch", "--depth=1", "--no-tags", "--no-write-fetch-head", "-q"]
-        args += [*(["--progress"] if tty else []), remote, *specs]
+        args += [*(["--progress"] if tty else []), *([f"--upload-pack={LOCAL_UPLOAD_PACK}"] if local else []), remote, *specs]
         with _transport_lock(store), _incoming(store) as incoming:
             # Into a folder of its own (our objects as its alternate): what a failed fetch half-wrote
             # (git leaves tmp_obj_ and tmp_pack_ files on a full disk) goes with the folder.
