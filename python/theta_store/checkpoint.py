@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Buffer
 
+    from .deflated import Deflated, Expanded
     from .formats.base import Layout
     from .gitstore import GitStore, StoredFrame
 
@@ -99,22 +100,39 @@ class Scanned:
     chunk_bytes: int
     # The bytes themselves, when they are in memory rather than in the file at `path`.
     buffers: Sequence[Buffer] | None = None
+    # The expanded file (deflated members inflated) that `layout`, `spans` and `chunked` describe,
+    # when the file at `path` is stored so (theta_store.deflated); `add_file` closes it.
+    expanded: Expanded | None = None
+
+    @property
+    def source(self) -> str:
+        """The file the core reads: the expanded one, else the file itself."""
+        return self.expanded.path if self.expanded is not None else self.path
 
 
 def scan(
     path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None, started: Callable[[], object] | None = None
 ) -> Scanned:
     """Parse the file's format, cut it into chunks and hash them (one pass, in the core).
-    `started` is called when the hashing starts (the GIL is then free for other threads)."""
+    `started` is called when the hashing starts (the GIL is then free for other threads).
+    An .npz whose deflated members the pinned zlib reproduces is scanned as its expanded file."""
+    from .deflated import expand
     from .formats import detect  # imports every adapter: only when a file is really stored
 
     layout = detect(path)
-    spans = spans_of(layout)
-    if started is not None:
-        started()
-    with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
-        size, file_id, chunked, stamp = _native.scan_file(path, native_spans(spans), chunk_bytes, p)
-    return Scanned(path, layout, spans, size, file_id, chunked, stamp, chunk_bytes)
+    expanded, layout = expand(path, layout)
+    try:
+        spans = spans_of(layout)
+        if started is not None:
+            started()
+        with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
+            source = expanded.path if expanded is not None else path
+            size, file_id, chunked, stamp = _native.scan_file(source, native_spans(spans), chunk_bytes, p)
+    except BaseException:
+        if expanded is not None:
+            expanded.close()
+        raise
+    return Scanned(path, layout, spans, size, file_id, chunked, stamp, chunk_bytes, expanded=expanded)
 
 
 def add_file(
@@ -135,11 +153,31 @@ def add_file(
     smallest of the plain frame and the deltas, at most `max_depth` deltas deep (0: no deltas).
     `factors`: low-rank predictors of the change per tensor name (a LoRA adapter's).
     `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy)."""
-    from .gitstore import StoredFrame, remove_stale, with_bases
+    from .gitstore import remove_stale
 
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
         scanned = scan(path, chunk_bytes, progress)
+    try:
+        return _add_scanned(store, path, chunk_bytes, progress, scanned, base, max_depth, factors, lossy)
+    finally:
+        if scanned.expanded is not None:
+            scanned.expanded.close()
+
+
+def _add_scanned(
+    store: GitStore,
+    path: str,
+    chunk_bytes: int,
+    progress: bool | None,
+    scanned: Scanned,
+    base: Pointer | None,
+    max_depth: int,
+    factors: dict[str, Factors] | None,
+    lossy: dict[str, dict[str, Any]] | None,
+) -> AddResult:
+    from .gitstore import StoredFrame, with_bases
+
     layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
     entries: list[SpanEntry] = []
     all_chunks: dict[bytes, ScannedChunk] = {}
@@ -157,7 +195,8 @@ def add_file(
         )
         for c in chunks:
             all_chunks.setdefault(c[3], c)
-    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}))
+    deflated = scanned.expanded.deflated if scanned.expanded is not None else None
+    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}), deflated)
     mbytes = manifest.to_bytes()
     manifest_id = _native.chunk_id(mbytes)
 
@@ -182,7 +221,7 @@ def add_file(
             if scanned.buffers is not None:
                 written = builder.write_buffers(scanned.buffers, todo, p)
             else:
-                written = builder.write_file(path, todo, stamp, p)
+                written = builder.write_file(scanned.source, todo, stamp, p)
             if deltas is not None and deltas.jobs:
                 written += builder.write_deltas(
                     deltas.jobs,
@@ -190,7 +229,7 @@ def add_file(
                     store.read_object,
                     deltas.plan.native_bases(),
                     max_depth,
-                    path=path if scanned.buffers is None else None,
+                    path=scanned.source if scanned.buffers is None else None,
                     stamp=stamp,
                     buffers=scanned.buffers,
                     progress=p,
@@ -214,7 +253,7 @@ def add_file(
     pack = os.fspath(finished[0]) if finished[0] is not None else None
     # Before the plan is saved: a rollup moves the frames the plan names.
     rolled = packs.settle(store, [pack] if pack is not None else [])
-    pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
+    pointer = Pointer(manifest_id, manifest.file_size, manifest.file_blake3, len(manifest.tensors), layout.format)
     # Where each chunk is, for the next checkout of this version (an old version, the usual case):
     # it then starts streaming at once (plan.load_plan). The new frames' places are known; a rollup
     # of the tier the pack joined moved them, and the pack indexes say where to.
@@ -224,7 +263,7 @@ def add_file(
     return AddResult(
         pointer,
         manifest,
-        size,
+        manifest.file_size,
         len(new),
         sum(1 for cid in all_chunks if cid not in new),
         sum(f.frame_len for f in new.values()),
@@ -359,10 +398,10 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
     os.close(fd)
     try:
         with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
-            try:
-                _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p, plan.native_bases())
-            except ThetaStoreError as e:
-                raise _damaged_version(e, dest, pointer, damaged_chunk(plan, store.read_object)) from None
+            if manifest.deflated is None:
+                _restore(store, plan, tmp, dest, pointer, p)
+            else:
+                _restore_deflated(store, plan, manifest.deflated, tmp, dest, pointer, p)
         try:
             os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
         except FileNotFoundError:
@@ -373,6 +412,32 @@ def restore_to(store: GitStore, pointer: Pointer, dest: str, progress: bool | No
             os.unlink(tmp)
         raise
     return manifest
+
+
+def _restore(store: GitStore, plan: ReadPlan, out: str, dest: str, pointer: Pointer, progress: Callable[[int], object] | None) -> None:
+    from .errors import ThetaStoreError
+
+    try:
+        _native.restore_file(out, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, progress, plan.native_bases())
+    except ThetaStoreError as e:
+        raise _damaged_version(e, dest, pointer, damaged_chunk(plan, store.read_object)) from None
+
+
+def _restore_deflated(
+    store: GitStore, plan: ReadPlan, deflated: Deflated, out: str, dest: str, pointer: Pointer, progress: Callable[[int], object] | None
+) -> None:
+    """Restore the expanded file to a nameless temporary beside `out`, then deflate its members
+    back into `out` (theta_store.deflated)."""
+    from .deflated import rebuild, temporary
+    from .errors import ThetaStoreError
+
+    with temporary(out) as expanded:
+        path = f"/proc/self/fd/{expanded.fileno()}"
+        _restore(store, plan, path, dest, pointer, progress)
+        try:
+            rebuild(path, out, deflated)
+        except ThetaStoreError as e:
+            raise _damaged_version(e, dest, pointer, "") from None
 
 
 def _damaged_version(e: Exception, dest: str, pointer: Pointer, chunk: str) -> Exception:
