@@ -174,8 +174,11 @@ def send_file(
     bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> None: ...
 def expand_file(
-    src: str, dst: str, members: list[tuple[int, int, int, int, int]]
-) -> list[tuple[tuple[int, int, int, int] | None, str]]: ...
+    src: str,
+    dst: str,
+    members: list[tuple[int, int, int, int, int]],
+    known: list[tuple[bytes, tuple[int, int, int, int]]] = ...,
+) -> list[tuple[tuple[int, int, int, int] | None, str, bytes]]: ...
 def reflate_file(
     src: str,
     dst: str,

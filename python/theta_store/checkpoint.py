@@ -111,16 +111,21 @@ class Scanned:
 
 
 def scan(
-    path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None, started: Callable[[], object] | None = None
+    path: str,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+    started: Callable[[], object] | None = None,
+    known: Deflated | None = None,
 ) -> Scanned:
     """Parse the file's format, cut it into chunks and hash them (one pass, in the core).
     `started` is called when the hashing starts (the GIL is then free for other threads).
-    An .npz whose deflated members the pinned zlib reproduces is scanned as its expanded file."""
+    An .npz whose deflated members the pinned zlib reproduces is scanned as its expanded file
+    (`known`: an earlier version's deflated members, see deflated.expand)."""
     from .deflated import expand
     from .formats import detect  # imports every adapter: only when a file is really stored
 
     layout = detect(path)
-    expanded, layout = expand(path, layout)
+    expanded, layout = expand(path, layout, known)
     try:
         spans = spans_of(layout)
         if started is not None:
@@ -157,7 +162,7 @@ def add_file(
 
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs of an add that was killed
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
-        scanned = scan(path, chunk_bytes, progress)
+        scanned = scan(path, chunk_bytes, progress, known=_deflated_of(store, base))
     try:
         return _add_scanned(store, path, chunk_bytes, progress, scanned, base, max_depth, factors, lossy)
     finally:
@@ -270,6 +275,18 @@ def _add_scanned(
         reused_raw,
         sum(1 for f in new.values() if f.bases),
     )
+
+
+def _deflated_of(store: GitStore, base: Pointer | None) -> Deflated | None:
+    """The deflated members of version `base`, if it is here and has any."""
+    from .errors import CorruptObject, ObjectNotFound
+
+    if base is None:
+        return None
+    try:
+        return load_manifest(store, base.manifest_id).deflated
+    except (ObjectNotFound, CorruptObject):
+        return None
 
 
 @dataclass

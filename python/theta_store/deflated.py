@@ -48,6 +48,7 @@ class Member:
     size: int
     crc32: int
     params: tuple[int, int, int, int] = (6, -15, 8, 0)
+    packed_blake3: bytes = b""  # of the compressed bytes: an add of the same bytes need not verify them again
 
     def native(self) -> tuple[int, int, int, int, int]:
         return (self.offset, self.packed, self.inflated_offset, self.size, self.crc32)
@@ -60,6 +61,7 @@ class Member:
             "inflated_offset": self.inflated_offset,
             "size": self.size,
             "crc32": self.crc32,
+            "packed_blake3": self.packed_blake3,
         }
         d.update(zip(_PARAM_KEYS, self.params, strict=True))
         return d
@@ -97,11 +99,16 @@ class Deflated:
                 raise ValueError(f"{w} has a missing or invalid offset, length or CRC-32")
             if not all(isinstance(p, int) and not isinstance(p, bool) and -64 <= p <= 64 for p in params):
                 raise ValueError(f"{w} has missing or invalid deflate parameters")
+            packed_id = m.get("packed_blake3")
+            if not isinstance(packed_id, bytes) or len(packed_id) != 32:
+                raise ValueError(f"{w}.packed_blake3 is not 32 bytes")
             offset, packed, inflated_offset, length, crc = nums
             if offset < packed_end or offset + packed > size or inflated_offset != offset + grow:
                 raise ValueError(f"{w} overlaps another member, lies outside the file, or is misplaced in the expanded file")
             packed_end, grow = offset + packed, grow + length - packed
-            members.append(Member(m["name"], offset, packed, inflated_offset, length, crc, (params[0], params[1], params[2], params[3])))
+            members.append(
+                Member(m["name"], offset, packed, inflated_offset, length, crc, (params[0], params[1], params[2], params[3]), packed_id)
+            )
         if size + grow != expanded_size:
             raise ValueError(f"deflated members expand the {size}-byte file to {size + grow} bytes, not {expanded_size}")
         return cls(size, blake3, tuple(members))
@@ -141,10 +148,11 @@ def _stat(path: str) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def expand(path: str, layout: Layout) -> tuple[Expanded | None, Layout]:
+def expand(path: str, layout: Layout, known: Deflated | None = None) -> tuple[Expanded | None, Layout]:
     """The expanded file of `path` if its format has deflated members that the pinned zlib
     reproduces (all of them), else None; and the layout to store the file by when not (the
-    same, its note saying why the members stay compressed)."""
+    same, its note saying why the members stay compressed). `known`: an earlier version's
+    members (verified when it was added), whose compressed bytes need no verifying again."""
     from .errors import FileChanged
     from .formats import numpy
 
@@ -162,12 +170,13 @@ def expand(path: str, layout: Layout) -> tuple[Expanded | None, Layout]:
         grow += e.size - e.compressed_size
     handle = temporary(path)
     try:
-        outcomes = _native.expand_file(path, f"/proc/self/fd/{handle.fileno()}", [m.native() for m in members])
-        kept = [f"{m.name}: {why}" for m, (params, why) in zip(members, outcomes, strict=True) if params is None]
+        verified = [(m.packed_blake3, m.params) for m in known.members] if known is not None else []
+        outcomes = _native.expand_file(path, f"/proc/self/fd/{handle.fileno()}", [m.native() for m in members], verified)
+        kept = [f"{m.name}: {why}" for m, (params, why, _) in zip(members, outcomes, strict=True) if params is None]
         if kept:
             handle.close()
             return None, _kept(layout, "; ".join(kept))
-        members = [replace(m, params=p) for m, (p, _) in zip(members, outcomes, strict=True) if p is not None]
+        members = [replace(m, params=p, packed_blake3=h) for m, (p, _, h) in zip(members, outcomes, strict=True) if p is not None]
         file_id = _hash(path, size)
         if _stat(path) != before:
             raise FileChanged(f"{path}: changed while being added; nothing was stored, add it again")

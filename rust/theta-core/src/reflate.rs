@@ -10,6 +10,7 @@
 //! Memory is bounded: members are read and written in windows, one stream per member, members
 //! in parallel.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -252,12 +253,14 @@ fn deflate_region(
 }
 
 /// Inflate member `m` of `src` into `dst` at its plain offset; None when it inflates to exactly
-/// its claimed length and CRC-32, else why not. Never writes past the claimed length.
+/// its claimed length and CRC-32, else why not. Never writes past the claimed length. Hashes
+/// the compressed bytes (BLAKE3) on the way: `packed` holds their id when it returns None.
 fn inflate_member(
     src: &File,
     dst: &File,
     names: (&str, &str),
     m: &Member,
+    packed: &mut blake3::Hasher,
 ) -> Result<Option<String>> {
     let mut z = match zlib::Stream::inflater() {
         Ok(z) => z,
@@ -278,6 +281,7 @@ fn inflate_member(
         }
         src.read_exact_at(&mut input[..n], m.packed_offset + read)
             .map_err(|e| Error::io(names.0, e))?;
+        packed.update(&input[..n]);
         read += n as u64;
         let mut at = 0;
         loop {
@@ -423,11 +427,19 @@ fn check_layout(members: &[Member], packed_size: u64) -> Result<u64> {
 }
 
 /// Write the expanded file of `src` (its `members` inflated in place) to `dst`, and find for
-/// each member the parameters that deflate it back exactly (trying [`CANDIDATES`]).
+/// each member the parameters that deflate it back exactly (trying [`CANDIDATES`]), with the
+/// BLAKE3 of its compressed bytes. A member whose compressed bytes are in `known` (verified at
+/// an earlier add: the same bytes inflate to the same bytes, which the pinned zlib deflates the
+/// same way) takes the parameters recorded there without being deflated again.
 /// Members are worked on in parallel. A member that does not inflate cleanly to its claimed
 /// size and CRC-32, or that no candidate reproduces, is [`Outcome::Kept`] (its place in `dst`
 /// then holds whatever it inflated to: the caller does not use such an expansion).
-pub fn expand_file(src: &Path, dst: &Path, members: &[Member]) -> Result<Vec<Outcome>> {
+pub fn expand_file(
+    src: &Path,
+    dst: &Path,
+    members: &[Member],
+    known: &HashMap<ChunkId, Params>,
+) -> Result<Vec<(Outcome, ChunkId)>> {
     let names = (src.display().to_string(), dst.display().to_string());
     let names = (names.0.as_str(), names.1.as_str());
     let input = File::open(src).map_err(|e| Error::io(names.0, e))?;
@@ -445,17 +457,22 @@ pub fn expand_file(src: &Path, dst: &Path, members: &[Member]) -> Result<Vec<Out
     members
         .par_iter()
         .map(|m| {
-            if let Some(why) = inflate_member(&input, &out, names, m)? {
-                return Ok(Outcome::Kept(why));
+            let mut hasher = blake3::Hasher::new();
+            let why = inflate_member(&input, &out, names, m, &mut hasher)?;
+            let id = *hasher.finalize().as_bytes();
+            if let Some(why) = why {
+                return Ok((Outcome::Kept(why), id));
+            }
+            if let Some(p) = known.get(&id) {
+                return Ok((Outcome::Reproduced(*p), id));
             }
             for p in CANDIDATES {
                 if reproduces(&out, &input, names, m, p)? {
-                    return Ok(Outcome::Reproduced(p));
+                    return Ok((Outcome::Reproduced(p), id));
                 }
             }
-            Ok(Outcome::Kept(
-                "no zlib level 1-9 (raw, memLevel 8) reproduces its compressed bytes".into(),
-            ))
+            let why = "no zlib level 1-9 (raw, memLevel 8) reproduces its compressed bytes";
+            Ok((Outcome::Kept(why.into()), id))
         })
         .collect()
 }
@@ -617,8 +634,8 @@ mod tests {
                 dir.path().join("b"),
             );
             std::fs::write(&src, &file).unwrap();
-            let got = expand_file(&src, &exp, &[m]).unwrap();
-            let Outcome::Reproduced(p) = got[0] else {
+            let got = expand_file(&src, &exp, &[m], &HashMap::new()).unwrap();
+            let Outcome::Reproduced(p) = got[0].0 else {
                 panic!("level {level} not reproduced: {got:?}")
             };
             let e = std::fs::read(&exp).unwrap();
@@ -653,8 +670,8 @@ mod tests {
             },
         ];
         for bad in lying {
-            let got = expand_file(&src, &exp, &[bad]).unwrap();
-            assert!(matches!(got[0], Outcome::Kept(_)), "{bad:?}: {got:?}");
+            let got = expand_file(&src, &exp, &[bad], &HashMap::new()).unwrap();
+            assert!(matches!(got[0].0, Outcome::Kept(_)), "{bad:?}: {got:?}");
         }
         // A stream flushed half way (another encoder's output) inflates but is not reproduced.
         let mut flushed = Vec::new();
@@ -673,9 +690,9 @@ mod tests {
             ..m
         };
         std::fs::write(&src, &f2).unwrap();
-        let got = expand_file(&src, &exp, &[m2]).unwrap();
+        let got = expand_file(&src, &exp, &[m2], &HashMap::new()).unwrap();
         assert!(
-            matches!(&got[0], Outcome::Kept(w) if w.contains("reproduces")),
+            matches!(&got[0].0, Outcome::Kept(w) if w.contains("reproduces")),
             "{got:?}"
         );
         // Garbage is corrupt, not a crash.
@@ -689,9 +706,10 @@ mod tests {
                 packed_len: 5000,
                 ..m
             }],
+            &HashMap::new(),
         )
         .unwrap();
-        assert!(matches!(got[0], Outcome::Kept(_)), "{got:?}");
+        assert!(matches!(got[0].0, Outcome::Kept(_)), "{got:?}");
     }
 
     #[test]
@@ -705,7 +723,8 @@ mod tests {
             dir.path().join("b"),
         );
         std::fs::write(&src, &file).unwrap();
-        let Outcome::Reproduced(p) = expand_file(&src, &exp, &[m]).unwrap()[0] else {
+        let Outcome::Reproduced(p) = expand_file(&src, &exp, &[m], &HashMap::new()).unwrap()[0].0
+        else {
             panic!()
         };
         let mut e = std::fs::read(&exp).unwrap();
@@ -715,5 +734,27 @@ mod tests {
         let err =
             reflate_file(&exp, &back, &[(m, p)], file.len() as u64, &id, &NoProgress).unwrap_err();
         assert!(err.to_string().contains("member 0"), "{err}");
+    }
+
+    #[test]
+    fn known_packed_bytes_take_their_recorded_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = sample();
+        let (file, m) = packed_file(&plain, 9);
+        let (src, exp) = (dir.path().join("f"), dir.path().join("e"));
+        std::fs::write(&src, &file).unwrap();
+        let got = expand_file(&src, &exp, &[m], &HashMap::new()).unwrap();
+        let packed = *blake3::hash(&file[8..8 + m.packed_len as usize]).as_bytes();
+        assert_eq!(got[0].1, packed);
+        let Outcome::Reproduced(p) = got[0].0 else {
+            panic!("{got:?}")
+        };
+        // Recorded parameters are taken as they are for the same compressed bytes (the search
+        // would have found level 9 again): no member is deflated.
+        let recorded = Params { level: 7, ..p };
+        let known = HashMap::from([(packed, recorded)]);
+        let again = expand_file(&src, &exp, &[m], &known).unwrap();
+        assert_eq!(again[0].0, Outcome::Reproduced(recorded));
+        assert_eq!(std::fs::read(&exp).unwrap()[8..8 + plain.len()], plain[..]);
     }
 }

@@ -979,29 +979,50 @@ fn member(t: MemberTuple) -> reflate::Member {
 }
 
 /// Write the expanded file of `src` (the deflated `members`, sorted, inflated in place) to
-/// `dst`; per member, (the deflate parameters that reproduce it exactly with the pinned zlib,
-/// "") or (None, why it is kept compressed).
+/// `dst`; per member (the deflate parameters that reproduce it exactly with the pinned zlib,
+/// "", BLAKE3 of its compressed bytes) or (None, why it is kept compressed, ...). `known`:
+/// [(BLAKE3 of compressed bytes, parameters)] verified at an earlier add, taken as they are.
 #[pyfunction]
-fn expand_file(
-    py: Python<'_>,
+#[pyo3(signature = (src, dst, members, known=Vec::new()))]
+#[allow(clippy::type_complexity)]
+fn expand_file<'py>(
+    py: Python<'py>,
     src: PathBuf,
     dst: PathBuf,
     members: Vec<MemberTuple>,
-) -> PyResult<Vec<(Option<ParamsTuple>, String)>> {
+    known: Vec<(Vec<u8>, ParamsTuple)>,
+) -> PyResult<Vec<(Option<ParamsTuple>, String, Bound<'py, PyBytes>)>> {
     let members: Vec<reflate::Member> = members.into_iter().map(member).collect();
+    let known = known
+        .into_iter()
+        .map(|(id, p)| Ok((id32(&id, "packed id")?, params(p))))
+        .collect::<PyResult<std::collections::HashMap<_, _>>>()?;
     let out = py
-        .detach(|| reflate::expand_file(&src, &dst, &members))
+        .detach(|| reflate::expand_file(&src, &dst, &members, &known))
         .map_err(to_py)?;
     Ok(out
         .into_iter()
-        .map(|o| match o {
-            reflate::Outcome::Reproduced(p) => (
-                Some((p.level, p.wbits, p.mem_level, p.strategy)),
-                String::new(),
-            ),
-            reflate::Outcome::Kept(why) => (None, why),
+        .map(|(o, id)| {
+            let id = PyBytes::new(py, &id);
+            match o {
+                reflate::Outcome::Reproduced(p) => (
+                    Some((p.level, p.wbits, p.mem_level, p.strategy)),
+                    String::new(),
+                    id,
+                ),
+                reflate::Outcome::Kept(why) => (None, why, id),
+            }
         })
         .collect())
+}
+
+fn params(p: ParamsTuple) -> reflate::Params {
+    reflate::Params {
+        level: p.0,
+        wbits: p.1,
+        mem_level: p.2,
+        strategy: p.3,
+    }
 }
 
 /// Rebuild a file (`size` bytes, BLAKE3 `file_id`) at `dst` from its expanded form `src`: each
@@ -1020,15 +1041,7 @@ fn reflate_file(
     let file_id = id32(&file_id, "file id")?;
     let members: Vec<(reflate::Member, reflate::Params)> = members
         .into_iter()
-        .map(|(m, p)| {
-            let params = reflate::Params {
-                level: p.0,
-                wbits: p.1,
-                mem_level: p.2,
-                strategy: p.3,
-            };
-            (member(m), params)
-        })
+        .map(|(m, p)| (member(m), params(p)))
         .collect();
     let errors = ErrorSlot(Mutex::new(None));
     let p = PyProgress {
