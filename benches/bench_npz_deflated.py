@@ -3,10 +3,11 @@ deflated back by the pinned zlib) versus stored as before (members opaque) and G
 
 A BERT-like fp32 model (randn * 0.02) is written with np.savez_compressed (v1), then again with
 one matrix updated as a fine-tuning step would (v2: w += w * 1e-3 * randn). For each tool, in the
-same run: `git add` + `git commit` of v1 and of v2 (seconds, peak RSS, bytes the repository grew
-by), and `git checkout` of v1 over v2 (seconds, peak RSS, bytes checked). Tools: theta-store of
-this tree, theta-store of `--baseline-python` (a checkout from before this change: the deflated
-members kept opaque), Git LFS. Also zstd-1 of each version, the cost of a full compressed copy.
+same run: `git add` + `git commit` of v1 and of v2 (seconds, CPU seconds, peak RSS, bytes the
+repository grew by), and `git checkout` of v1 over v2 (seconds, CPU seconds, peak RSS, bytes
+checked). Tools: theta-store of this tree, theta-store of `--baseline-python` (a checkout from
+before this change: the deflated members kept opaque), Git LFS. Also zstd-1 of each version, the
+cost of a full compressed copy.
 
     python benches/bench_npz_deflated.py --baseline-python /work/main/python   # ~200 MB
     python benches/bench_npz_deflated.py --params 100e6 --baseline-python ...  # ~400 MB
@@ -32,16 +33,19 @@ from common import ENV, bert_like, ensure_tools, fresh_repo, median, write_json,
 CHANGED = "encoder.layer.0.intermediate.dense.weight"
 
 
-def run(cwd: Path, env: dict[str, str], *args: str) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one command, under /usr/bin/time -v."""
+def run(cwd: Path, env: dict[str, str], *args: str) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MB, CPU seconds: user + system of it and its children) of one
+    command, under /usr/bin/time -v. CPU seconds compare better than seconds on a busy machine."""
     os.sync()
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed in {cwd}: {r.stderr[-2000:]}")
-    rss = next(int(line.split(":")[1]) / 1024 for line in r.stderr.splitlines() if "Maximum resident set size" in line)
-    return dt, rss
+    lines = r.stderr.splitlines()
+    rss = next(int(line.split(":")[1]) / 1024 for line in lines if "Maximum resident set size" in line)
+    cpu = sum(float(line.split(":")[1]) for line in lines if "User time (seconds)" in line or "System time (seconds)" in line)
+    return dt, rss, cpu
 
 
 def stored(repo: Path) -> int:
@@ -72,13 +76,18 @@ def one_tool(root: Path, name: str, env: dict[str, str], files: list[Path]) -> d
     for i, f in enumerate(files, 1):
         shutil.copyfile(f, target)
         before = stored(repo)
-        t_add, rss_add = run(repo, env, "git", "add", "model.npz")
-        t_commit, _ = run(repo, env, "git", "commit", "-qm", f"v{i}")
-        out[f"v{i}"] = {"add_commit_s": t_add + t_commit, "add_rss_mb": rss_add, "grew_bytes": stored(repo) - before}
+        t_add, rss_add, cpu_add = run(repo, env, "git", "add", "model.npz")
+        t_commit, _, cpu_commit = run(repo, env, "git", "commit", "-qm", f"v{i}")
+        out[f"v{i}"] = {
+            "add_commit_s": t_add + t_commit,
+            "add_commit_cpu_s": cpu_add + cpu_commit,
+            "add_rss_mb": rss_add,
+            "grew_bytes": stored(repo) - before,
+        }
     target.unlink()
-    t_co, rss_co = run(repo, env, "git", "checkout", "HEAD~1", "--", "model.npz")
+    t_co, rss_co, cpu_co = run(repo, env, "git", "checkout", "HEAD~1", "--", "model.npz")
     assert sha(target) == sha(files[0]), f"{name}: checkout is not byte-exact"
-    out["checkout_v1"] = {"s": t_co, "rss_mb": rss_co}
+    out["checkout_v1"] = {"s": t_co, "cpu_s": cpu_co, "rss_mb": rss_co}
     return out
 
 
@@ -128,12 +137,15 @@ def main() -> None:
     print(f"\n{'step':34} " + " ".join(f"{t:>12}" for t in tools) + "   theta/lfs" + ("  theta/before" if "before" in tools else ""))
     rows = [
         ("v1 add+commit (s)", ("v1", "add_commit_s")),
+        ("v1 add+commit (CPU s)", ("v1", "add_commit_cpu_s")),
         ("v1 add peak RSS (MB)", ("v1", "add_rss_mb")),
         ("v1 stored (MB)", ("v1", "grew_bytes")),
         ("v2 add+commit (s)", ("v2", "add_commit_s")),
+        ("v2 add+commit (CPU s)", ("v2", "add_commit_cpu_s")),
         ("v2 add peak RSS (MB)", ("v2", "add_rss_mb")),
         ("v2 stored (MB)", ("v2", "grew_bytes")),
         ("checkout v1 (s)", ("checkout_v1", "s")),
+        ("checkout v1 (CPU s)", ("checkout_v1", "cpu_s")),
         ("checkout peak RSS (MB)", ("checkout_v1", "rss_mb")),
     ]
     summary: dict[str, Any] = {"params": args.params, "file_bytes": v1.stat().st_size, "zstd1": zstd, "runs": runs}

@@ -86,7 +86,11 @@ def test_savez_compressed_arrays_stored_as_tensors(repo_dir: Path) -> None:
     v2 = path.read_bytes()
     with theta_store.Repo(repo_dir) as r:
         (rep,) = r.add([str(path)])
+        m2 = Manifest.from_bytes(r.store.read_manifest_bytes(bytes.fromhex(rep.manifest)))
     assert rep.new_bytes < 0.05 * len(v2), rep
+    assert m2.deflated is not None
+    same = {a.name for a, b in zip(mf.deflated.members, m2.deflated.members, strict=True) if a.packed_blake3 == b.packed_blake3}
+    assert same == {f"{k}.npy" for k in arrays} - {"proj.npy"}
     # A whole array replaced costs about that array.
     arrays["embed"] = (np.random.default_rng(9).standard_normal((512, 512)) * 0.02).astype(np.float32)
     np.savez_compressed(path, **arrays)
