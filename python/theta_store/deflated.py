@@ -177,7 +177,7 @@ def expand(path: str, layout: Layout, known: Deflated | None = None) -> tuple[Ex
             handle.close()
             return None, _kept(layout, "; ".join(kept))
         members = [replace(m, params=p, packed_blake3=h) for m, (p, _, h) in zip(members, outcomes, strict=True) if p is not None]
-        file_id = _hash(path, size)
+        file_id = _hash(path)
         if _stat(path) != before:
             raise FileChanged(f"{path}: changed while being added; nothing was stored, add it again")
         handle.flush()
@@ -190,10 +190,11 @@ def expand(path: str, layout: Layout, known: Deflated | None = None) -> tuple[Ex
 
 
 def _kept(layout: Layout, why: str) -> Layout:
-    return replace(layout, note="; ".join(n for n in (layout.note, f"deflated members kept compressed: {why}") if n))
+    notes = [n for n in layout.note.split("; ") if n and not n.startswith("deflated members")]
+    return replace(layout, note="; ".join([*notes, f"deflated members kept compressed in the skeleton: {why}"]))
 
 
-def _hash(path: str, size: int) -> bytes:
+def _hash(path: str) -> bytes:
     h = _native.Hasher()
     with open(path, "rb") as f:
         while True:

@@ -160,7 +160,7 @@ def _parse_npz(path: str, f: BinaryIO, size: int) -> Layout:
         arrays.append(info)
     regions.sort(key=lambda r: (r.offset, r.length))
     if any(a["compressed"] for a in arrays):
-        notes.append("deflated members are kept in the skeleton (their compressed bytes are not reproducible from the arrays)")
+        notes.append("deflated members kept compressed in the skeleton")
     return Layout(NAME, size, regions, metadata={"container": "npz", "arrays": arrays}, note="; ".join(notes))
 
 
