@@ -140,7 +140,7 @@ _STORE: list[Any] = []
 
 
 def _chunk_index(data: bytes) -> None:
-    """chunks.idx then chunk-bases.idx (u16 LE length of the first): the local chunk index."""
+    """chunks2.idx then chunk-bases2.idx (u16 LE length of the first): the local chunk index."""
     from theta_store.gitstore import GitStore
 
     if not _STORE:

@@ -109,6 +109,9 @@ def test_demo_runs(tmp_path: Path) -> None:
     for change in ("LoRA r=8 folded into 4 matrices", "1% of 3 matrices changed", "8 entries of one matrix changed"):
         assert 0 < updates[change]["stored"] < updates[change]["raw"]  # measured, and less than the whole file
     assert all(x["restores_exactly"] for x in v)
+    assert out["merge"]["exact"] and out["chunk_store"]["exact"]
+    assert out["repair"] == {"damaged_named": True, "repaired": True, "exact": True}
+    assert r.returncode == 0
 
 
 def test_git_theta_store_alias(repo_dir: Path) -> None:

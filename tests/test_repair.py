@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 
 import theta_store
@@ -75,6 +76,39 @@ def test_stash_over_a_damaged_version(tmp_path: Path, how: str) -> None:
         # nothing lost: git saved the change (the deletion) before it failed to put v1 back
         assert "stash@{0}" in g(a, "stash", "list").stdout
         assert g(a, "stash", "show", "--name-status").stdout.split() == ["D", M]
+
+
+def _fine_tune_of_v1(path: Path, changed: range) -> bytes:
+    """v1 of `_damaged_head` with the matrices `changed` nudged: a new version whose delta base is v1."""
+    rng = np.random.default_rng(0)  # as model_bytes(0)
+    tensors = {f"layers.{i}.weight": (rng.standard_normal((512, 1024)) * 0.02).astype(np.float32) for i in range(3)}
+    for i in changed:
+        tensors[f"layers.{i}.weight"] += np.float32(1e-4)
+    tensors["layers.0.bias"] = np.zeros(1024, np.float32)
+    theta_store.save_safetensors(str(path), tensors)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("how", SETTINGS)
+def test_stash_of_a_new_version_over_a_damaged_base(tmp_path: Path, how: str) -> None:
+    """The usual stash: a fine-tune written over the checkpoint. Its add must not need the damaged
+    v1 (its delta base), and the stash gives back the fine-tune byte for byte."""
+    a, _, version = _damaged_head(tmp_path)
+    env, skip = _setting(a, how), how != "off"
+    tuned = _fine_tune_of_v1(a / M, range(3))
+    r = g(a, "stash", env=env, ok=skip)
+    assert f"version {version[:16]} (the delta base) is damaged, storing whole frames" in r.stderr, r.stderr
+    assert "stash@{0}" in g(a, "stash", "list").stdout
+    if skip:
+        assert "left as its pointer" in r.stderr and _is_pointer_to(a / M, version)
+    else:
+        assert "smudge filter thetastore failed" in r.stderr, r.stderr
+    g(a, "stash", "pop", env=env)
+    assert (a / M).read_bytes() == tuned
+    assert g(a, "status", "--porcelain", env=env).stdout.split() == ["M", M]
+    # The new version holds no frame of the damage: fsck names v1 alone.
+    code, report = _fsck(a)
+    assert code == 1 and [d["version"] for d in report["damaged"]] == [version], report
 
 
 @pytest.mark.parametrize("how", SETTINGS)
@@ -196,7 +230,7 @@ def _damage(repo: Path, version: str, kind: str) -> None:
         tuples[0], tuples[1] = tuples[1], tuples[0]
         plan.write_bytes(msgpack.packb([v, size, blake3, packs, tuples, bases]))
     elif kind == "damaged-chunk-index":
-        index = state / "chunks.idx"
+        index = state / "chunks2.idx"
         data = bytearray(index.read_bytes())
         for i in range(0, len(data), 7):
             data[i] ^= 0xA5
@@ -325,17 +359,16 @@ def test_a_wrong_pointer_never_gives_wrong_weights(tmp_path: Path, wrong: str) -
         assert not (a / M).exists(), cmd
 
 
-@pytest.mark.xfail(strict=True, reason="add trusts the chunk index's object for a chunk (known_frame checks only that it exists)")
 def test_add_over_a_chunk_index_with_swapped_records(tmp_path: Path) -> None:
     """Two records of the chunk index with their objects swapped (each object exists): a new version
-    sharing those chunks must still be stored right. Today the add stores a version whose tree
-    names the wrong objects; restore refuses it (never wrong weights) but the version is lost."""
+    sharing those chunks must still be stored right (each record's checksum fails: the chunks are
+    stored again), never as a tree naming the wrong objects."""
     from theta_store.gitstore import _RECORD
 
     a = new_repo(tmp_path / "a")
     write(a / M, model_bytes(0))
     commit(a, "v1")
-    index = a / ".git" / "theta-store" / "chunks.idx"
+    index = a / ".git" / "theta-store" / "chunks2.idx"
     records = [list(r) for r in _RECORD.iter_unpack(index.read_bytes())]
     records[0][1:3], records[1][1:3] = records[1][1:3], records[0][1:3]
     index.write_bytes(b"".join(_RECORD.pack(*r) for r in records))
@@ -345,3 +378,24 @@ def test_add_over_a_chunk_index_with_swapped_records(tmp_path: Path) -> None:
     (a / M).unlink()
     ts(a, "restore", M)
     assert (a / M).read_bytes() == v2
+
+
+def test_chunk_index_of_an_earlier_release_is_rebuilt(tmp_path: Path) -> None:
+    """A chunk index written before records carried a checksum is rebuilt from the versions once,
+    so the next add still finds the chunks it shares with them."""
+    from theta_store.gitstore import _RECORD
+
+    a = new_repo(tmp_path / "a")
+    write(a / M, model_bytes(0))
+    commit(a, "v1")
+    state = a / ".git" / "theta-store"
+    new = (state / "chunks2.idx").read_bytes()
+    (state / "chunks.idx").write_bytes(b"".join(new[i : i + _RECORD.size - 4] for i in range(0, len(new), _RECORD.size)))
+    (state / "chunks2.idx").unlink()
+    (state / "chunk-bases2.idx").unlink(missing_ok=True)
+    (state / "chunk-bases.idx").write_bytes(b"")
+    with theta_store.Repo(a) as r:
+        known = r.store.chunk_index()
+    assert len(known) == len(new) // _RECORD.size > 0
+    assert (state / "chunks2.idx").read_bytes() == new
+    assert not (state / "chunks.idx").exists() and not (state / "chunk-bases.idx").exists()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _native, packs
+from .errors import CorruptObject, ObjectNotFound
 from .manifest import Manifest, Pointer, SpanEntry
 from .plan import PlannedChunk, ReadPlan, damaged_chunk, load_manifest, native_chunks, plan_for, plan_from_store, save_plan
 from .progress import Progress
@@ -181,9 +183,7 @@ def _add_scanned(
     factors: dict[str, Factors] | None,
     lossy: dict[str, dict[str, Any]] | None,
 ) -> AddResult:
-    from .gitstore import StoredFrame, with_bases
-
-    layout, size, file_id, stamp = scanned.layout, scanned.size, scanned.file_id, scanned.stamp
+    layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
     entries: list[SpanEntry] = []
     all_chunks: dict[bytes, ScannedChunk] = {}
     for span, chunks in zip(scanned.spans, scanned.chunked, strict=True):
@@ -203,7 +203,6 @@ def _add_scanned(
     deflated = scanned.expanded.deflated if scanned.expanded is not None else None
     manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}), deflated)
     mbytes = manifest.to_bytes()
-    manifest_id = _native.chunk_id(mbytes)
 
     frames: dict[bytes, StoredFrame] = {}
     todo: list[ScannedChunk] = []
@@ -219,6 +218,40 @@ def _add_scanned(
     if deltas is not None:
         coded = {c[3] for job in deltas.jobs for c in job[4]}
         todo = [c for c in todo if c[3] not in coded]
+    if deltas is not None:
+        try:
+            return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, deltas, max_depth)
+        except (CorruptObject, ObjectNotFound) as e:
+            # A damaged base must not stop the new version from being saved (git stash, a fine-tune's
+            # add): its tensors are stored whole instead, and the damage is named once.
+            assert base is not None and deltas.jobs
+            sys.stderr.write(
+                f"theta-store: {path}: version {base.manifest_id.hex()[:16]} (the delta base) is damaged, storing whole frames: {e}\n"
+            )
+            todo = sorted(c for c in all_chunks.values() if c[3] not in frames)
+    return _add_frames(store, path, progress, scanned, manifest, mbytes, all_chunks, frames, todo, None, max_depth)
+
+
+def _add_frames(
+    store: GitStore,
+    path: str,
+    progress: bool | None,
+    scanned: Scanned,
+    manifest: Manifest,
+    mbytes: bytes,
+    all_chunks: dict[bytes, ScannedChunk],
+    frames: dict[bytes, StoredFrame],
+    todo: list[ScannedChunk],
+    deltas: _Deltas | None,
+    max_depth: int,
+) -> AddResult:
+    """The rest of `add_file`: one pack holding the `todo` chunks' frames (and `deltas`' coded
+    chunks), then the version's objects; `frames` holds the chunks already stored."""
+    from .gitstore import StoredFrame, with_bases
+
+    layout, stamp = scanned.layout, scanned.stamp
+    manifest_id = _native.chunk_id(mbytes)
+    frames = dict(frames)
     # One pack per add: the new frames, then the version's objects (which name the frames).
     builder = _native.PackBuilder(str(store.pack_dir), store.version_object_count(c[3] for c in todo))
     with builder:
@@ -279,8 +312,6 @@ def _add_scanned(
 
 def _deflated_of(store: GitStore, base: Pointer | None) -> Deflated | None:
     """The deflated members of version `base`, if it is here and has any."""
-    from .errors import CorruptObject, ObjectNotFound
-
     if base is None:
         return None
     try:
@@ -310,8 +341,6 @@ def _delta_plan(
     new chunk is coded against that keyframe, one delta deep, rather than stored whole. A
     chunk changed in every version (a training run's checkpoints) is so coded against the
     keyframe, until a whole frame is smaller than the delta and the chain starts again."""
-    from .errors import CorruptObject, ObjectNotFound
-
     try:
         bm = load_manifest(store, base.manifest_id)
         bframes = store.version_frames(base.manifest_id)
@@ -459,7 +488,7 @@ def _restore_deflated(
 
 def _damaged_version(e: Exception, dest: str, pointer: Pointer, chunk: str) -> Exception:
     """A version that cannot be read, said naming the checkpoint, the version and (if known) the chunk."""
-    from .errors import CorruptObject, ObjectNotFound, PointerError, ThetaStoreError, VersionsMissing
+    from .errors import PointerError, ThetaStoreError, VersionsMissing
 
     if isinstance(e, (PointerError, VersionsMissing)) or not e.args:
         return e

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _native
 from .formats.safetensors import save
+from .history import tree_pointers
 from .reader import open as theta_store_open
 from .repo import Repo
 
@@ -152,6 +153,38 @@ def _chunk_store(work: str, repo: str, digest: bytes, cfg: list[str], say: Any) 
     return {"git_bytes": in_git, "store_bytes": in_store, "exact": exact}
 
 
+def _damage_and_repair(clone: str, digest: bytes, say: Any) -> dict[str, Any]:
+    """A byte flipped in a pack of the clone, as a failing disk would: fsck names the version and
+    the commits that use it, and `fsck --repair` fetches an intact copy from origin."""
+    with Repo(clone) as r:
+        mid = tree_pointers(r.store, "v1")["model.safetensors"].manifest_id
+        frames = r.store.version_frames(mid)
+        paths, where = r.store.locate([max(frames.values(), key=lambda f: f.frame_len).object_id])
+    loc = where[0]
+    assert loc is not None
+    pack = Path(paths[loc.pack])
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + 1000] ^= 0x20
+    os.chmod(pack, 0o644)
+    pack.write_bytes(bytes(data))
+    with Repo(clone) as r:
+        found = r.fsck(progress=False)
+        hit = next((d for d in found["damaged"] if d["version"] == mid.hex()), None)
+        fixed = r.repair("origin", progress=False)
+    _git(clone, "checkout", "-q", "v1")
+    exact = _native.chunk_id(Path(os.path.join(clone, "model.safetensors")).read_bytes()) == digest
+    _git(clone, "checkout", "-q", "main")
+    named = hit is not None and hit["paths"] == ["model.safetensors"]
+    commits = len({c["commit"] for d in found["damaged"] for c in d["commits"]})
+    say(
+        f"  a byte flipped in a pack of the clone: fsck names {len(found['damaged'])} damaged version(s)"
+        + (f" and the {commits} commit(s) of model.safetensors using them" if named else " WRONG")
+        + "; fsck --repair fetched intact copies from origin"
+        + ("; v1 restores byte-identically" if fixed["ok"] and exact else " WRONG")
+    )
+    return {"damaged_named": named, "repaired": fixed["ok"], "exact": exact}
+
+
 def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool = False) -> int:
     """Versions of a small model through plain git: add, commit, push, clone, checkout, storage table."""
     from .install import config_items, install, track
@@ -218,6 +251,8 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
     ok = ok and merged["exact"]
     stored_elsewhere = _chunk_store(work, repo, digests[-1], cfg, say)
     ok = ok and stored_elsewhere["exact"]
+    repaired = _damage_and_repair(clone, digests[0], say)
+    ok = ok and all(repaired.values())
     total_raw = sum(r["raw"] for r in rows)
     total_stored = sum(r["stored"] for r in rows)
     if json_out:
@@ -230,6 +265,7 @@ def run_demo(directory: str | None = None, json_out: bool = False, quiet: bool =
             "remote_check": check,
             "merge": merged,
             "chunk_store": stored_elsewhere,
+            "repair": repaired,
         }
         print(json.dumps(out, indent=2))
     elif not quiet:

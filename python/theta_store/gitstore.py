@@ -52,9 +52,10 @@ from .plan import REF_PREFIX as _REF_PREFIX
 REF_PREFIX = Ref(_REF_PREFIX.encode())
 AUTHOR = b"theta-store <theta-store@localhost>"
 # chunk id (32) | git object id (20) | frame length (u64 LE) | plane count (u8) | modes (u16 LE, 2 bits each)
-_RECORD = struct.Struct("<32s20sQBH")
-# chunk id (32) | id of one of its bases (32), in the order the frame names them
-_BASE_RECORD = struct.Struct("<32s32s")
+# | CRC-32 of the rest (u32 LE)
+_RECORD = struct.Struct("<32s20sQBHI")
+# chunk id (32) | id of one of its bases (32), in the order the frame names them | CRC-32
+_BASE_RECORD = struct.Struct("<32s32sI")
 _MODES = ("raw", "zstd", "rans")
 _TABLE = b"frames"  # the frames table's name: never a frame's (those are hex)
 # What dulwich raises for an object it finds but cannot read (a damaged loose file or pack entry).
@@ -128,6 +129,27 @@ def remove_stale(folder: Path, prefix: str) -> int:
             os.unlink(folder / name)
             removed += 1
     return removed
+
+
+def _record(layout: struct.Struct, *fields: Any) -> bytes:
+    """One record of the chunk index, its CRC-32 last."""
+    body = layout.pack(*fields, 0)[:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _records(path: Path, layout: struct.Struct) -> Iterator[tuple[Any, ...]]:
+    """The records of a chunk index file, without their checksum. A record that fails its checksum
+    (a damaged cache) is dropped, and so is a partial last record a crash left: their chunks are
+    then stored again."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    for i in range(0, len(data) - layout.size + 1, layout.size):
+        rec = data[i : i + layout.size]
+        *fields, crc = layout.unpack(rec)
+        if zlib.crc32(rec[:-4]) == crc:
+            yield tuple(fields)
 
 
 def _append(path: Path, blob: bytes, record: int) -> None:
@@ -250,30 +272,27 @@ class GitStore:
     # ---- the chunk index: a cache BLAKE3 -> object, rebuildable from the version trees ----
     @property
     def _index_path(self) -> Path:
-        return self.state_dir / "chunks.idx"
+        return self.state_dir / "chunks2.idx"
 
     @property
     def _bases_path(self) -> Path:
-        return self.state_dir / "chunk-bases.idx"
+        return self.state_dir / "chunk-bases2.idx"
 
     def chunk_index(self) -> dict[bytes, StoredFrame]:
         if self._index is None:
+            if not self._index_path.exists() and (self.state_dir / "chunks.idx").exists():
+                # The index of an earlier release, whose records had no checksum: rebuilt once.
+                with contextlib.suppress(ObjectNotFound, CorruptObject):
+                    self.rebuild_chunk_index()
+                for old in ("chunks.idx", "chunk-bases.idx"):
+                    (self.state_dir / old).unlink(missing_ok=True)
+                if self._index is not None:
+                    return self._index
             index: dict[bytes, StoredFrame] = {}
-            try:
-                data = self._index_path.read_bytes()
-            except FileNotFoundError:
-                data = b""
-            # A crash mid-append can leave a partial last record: ignore it.
-            usable = len(data) - len(data) % _RECORD.size
             bases: dict[bytes, list[bytes]] = {}
-            try:
-                raw = self._bases_path.read_bytes()
-            except FileNotFoundError:
-                raw = b""
-            for cid, base in _BASE_RECORD.iter_unpack(raw[: len(raw) - len(raw) % _BASE_RECORD.size]):
+            for cid, base in _records(self._bases_path, _BASE_RECORD):
                 bases.setdefault(cid, []).append(base)
-            for cid, oid, flen, n, code in _RECORD.iter_unpack(data[:usable]):
-                # A record no add writes (a damaged cache) is dropped: its chunk is then stored again.
+            for cid, oid, flen, n, code in _records(self._index_path, _RECORD):
                 if n <= 8 and all((code >> (2 * j)) & 3 < len(_MODES) for j in range(n)):
                     index[cid] = StoredFrame(oid, flen, _unpack_modes(n, code), tuple(bases.get(cid, ())))
             self._index = index
@@ -288,12 +307,12 @@ class GitStore:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Bases first: a chunk whose record made it has its bases recorded (a crash in between
         # leaves bases of a chunk the index does not know, which nothing reads).
-        based = b"".join(_BASE_RECORD.pack(cid, b) for cid, f in sorted(new.items()) for b in f.bases)
+        based = b"".join(_record(_BASE_RECORD, cid, b) for cid, f in sorted(new.items()) for b in f.bases)
         if based:
             _append(self._bases_path, based, _BASE_RECORD.size)
         _append(
             self._index_path,
-            b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(new.items())),
+            b"".join(_record(_RECORD, cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(new.items())),
             _RECORD.size,
         )
         index.update(new)
@@ -304,11 +323,13 @@ class GitStore:
         for mid in self.versions():
             frames.update(self.version_frames(mid))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._bases_path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(_BASE_RECORD.pack(cid, b) for cid, f in sorted(frames.items()) for b in f.bases))
+        tmp = self._bases_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(b"".join(_record(_BASE_RECORD, cid, b) for cid, f in sorted(frames.items()) for b in f.bases))
         os.replace(tmp, self._bases_path)
-        tmp = self._index_path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(_RECORD.pack(cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(frames.items())))
+        tmp = self._index_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(
+            b"".join(_record(_RECORD, cid, f.object_id, f.frame_len, *_pack_modes(f.planes)) for cid, f in sorted(frames.items()))
+        )
         os.replace(tmp, self._index_path)
         self._index = frames
         return len(frames)

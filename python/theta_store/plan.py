@@ -227,6 +227,30 @@ def damaged_chunk(plan: ReadPlan, read_object: Callable[[bytes], bytes]) -> str:
     return ""
 
 
+def damaged_chunks(
+    chunks: Sequence[PlannedChunk], plan: ReadPlan, read_object: Callable[[bytes], bytes], batch: int = 16
+) -> dict[tuple[bytes, bytes], str]:
+    """Which of `chunks` (of `plan`) do not read back, by (chunk id, object id), each with why.
+    Reads `batch` chunks at a time and a failed batch again chunk by chunk."""
+    from . import _native
+    from .errors import ObjectNotFound
+
+    bases, bad = plan.native_bases(), {}
+    for i in range(0, len(chunks), batch):
+        part = chunks[i : i + batch]
+        try:
+            _native.read_chunks(native_chunks(part), plan.packs, read_object, bases)
+            continue
+        except (ObjectNotFound, CorruptObject, OSError):
+            pass
+        for c in part:  # find which ones
+            try:
+                _native.read_chunks(native_chunks([c]), plan.packs, read_object, bases)
+            except (ObjectNotFound, CorruptObject, OSError) as e:
+                bad[(c.chunk_id, c.object_id)] = f"chunk {c.chunk_id.hex()[:16]}: {e}"
+    return bad
+
+
 # ---- versions and where their chunks are, from the store ----
 def load_manifest(store: VersionStore, manifest_id: bytes) -> Manifest:
     """The manifest of version `manifest_id`, checked against its id."""

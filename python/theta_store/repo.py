@@ -29,7 +29,7 @@ from .gitstore import GitStore
 from .history import pointer_writes, tree_pointers
 from .lossy import apply_lossy, parse_spec
 from .manifest import SpanEntry
-from .plan import INDEX_PREFIX, REF_PREFIX, load_manifest, native_chunks, plan_from_store
+from .plan import INDEX_PREFIX, REF_PREFIX, damaged_chunks, load_manifest, plan_from_store
 from .pointer import POINTER_MAX, Pointer, looks_like_pointer
 from .reader import TensorView, is_sharded_model, numpy_dtype, tensor_views
 from .remote import ensure_versions
@@ -582,7 +582,6 @@ class Repo:
             try:
                 m = load_manifest(self.store, mid)
                 plan = plan_from_store(self.store, mid, m)
-                packs, bases = plan.packs, plan.native_bases()
                 chunks = list({(c.chunk_id, c.object_id): c for c in plan.chunks if (c.chunk_id, c.object_id) not in checked}.values())
             except (ObjectNotFound, CorruptObject, KeyError) as e:
                 problems.append({"version": mid.hex(), "object": "", "problem": str(e)})
@@ -590,19 +589,10 @@ class Repo:
             shared = {(c.chunk_id, c.object_id) for c in plan.chunks} & bad.keys()  # with a version checked before
             for key in sorted(shared):
                 problems.append({"version": mid.hex(), "object": key[1].hex(), "problem": bad[key]})
-            for i in range(0, len(chunks), FSCK_BATCH):
-                batch = chunks[i : i + FSCK_BATCH]
-                try:
-                    _native.read_chunks(native_chunks(batch), packs, self.store.read_object, bases)
-                except (ObjectNotFound, CorruptObject, OSError):
-                    for c in batch:  # find which ones
-                        try:
-                            _native.read_chunks(native_chunks([c]), packs, self.store.read_object, bases)
-                        except (ObjectNotFound, CorruptObject, OSError) as e:
-                            key = (c.chunk_id, c.object_id)
-                            bad[key] = f"chunk {c.chunk_id.hex()[:16]}: {e}"
-                            problems.append({"version": mid.hex(), "object": c.object_id.hex(), "problem": bad[key]})
-                checked.update((c.chunk_id, c.object_id) for c in batch)
+            for key, why in damaged_chunks(chunks, plan, self.store.read_object, FSCK_BATCH).items():
+                bad[key] = why
+                problems.append({"version": mid.hex(), "object": key[1].hex(), "problem": why})
+            checked.update((c.chunk_id, c.object_id) for c in chunks)
         for rel, oid in self.store.iter_paths(None):
             try:
                 data = self.store.read_object(oid)
