@@ -15,6 +15,7 @@ __all__ = [
     "chunk_id",
     "decode_frame",
     "encode_frame",
+    "expand_file",
     "frame_info",
     "frame_kind",
     "lowrank_factors",
@@ -23,10 +24,12 @@ __all__ = [
     "read_joined",
     "read_pack_blobs",
     "receive_content",
+    "reflate_file",
     "restore_file",
     "scan_buffers",
     "scan_file",
     "send_file",
+    "send_path",
     "tensor_chunk_len",
     "write_objects",
     "write_pack",
@@ -170,6 +173,21 @@ def send_file(
     read_object: Callable[[bytes], bytes],
     bases: list[tuple[int, int, bytes, bytes]] = ...,
 ) -> None: ...
+def expand_file(
+    src: str,
+    dst: str,
+    members: list[tuple[int, int, int, int, int]],
+    known: list[tuple[bytes, tuple[int, int, int, int]]] = ...,
+) -> list[tuple[tuple[int, int, int, int] | None, str, bytes]]: ...
+def reflate_file(
+    src: str,
+    dst: str,
+    members: list[tuple[tuple[int, int, int, int, int], tuple[int, int, int, int]]],
+    size: int,
+    file_id: bytes,
+    progress: Callable[[int], object] | None = None,
+) -> None: ...
+def send_path(out_path: str, src: str) -> None: ...
 def write_objects(objects: list[tuple[str, bytes]], pack_dir: str) -> str: ...
 def receive_content(
     in_path: str, worktree: str | None, spill_dir: str | None, head_max: int = 1025, compare: bool = True

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Buffer
 
+    from .deflated import Deflated, Expanded
     from .formats.base import Layout
     from .gitstore import GitStore, StoredFrame
 
@@ -112,22 +113,44 @@ class Scanned:
     chunk_bytes: int
     # The bytes themselves, when they are in memory rather than in the file at `path`.
     buffers: Sequence[Buffer] | None = None
+    # The expanded file (deflated members inflated) that `layout`, `spans` and `chunked` describe,
+    # when the file at `path` is stored so (theta_store.deflated); `add_file` closes it.
+    expanded: Expanded | None = None
+
+    @property
+    def source(self) -> str:
+        """The file the core reads: the expanded one, else the file itself."""
+        return self.expanded.path if self.expanded is not None else self.path
 
 
 def scan(
-    path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None, started: Callable[[], object] | None = None
+    path: str,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+    started: Callable[[], object] | None = None,
+    known: Deflated | None = None,
 ) -> Scanned:
     """Parse the file's format, cut it into chunks and hash them (one pass, in the core).
-    `started` is called when the hashing starts (the GIL is then free for other threads)."""
+    `started` is called when the hashing starts (the GIL is then free for other threads).
+    An .npz whose deflated members the pinned zlib reproduces is scanned as its expanded file
+    (`known`: an earlier version's deflated members, see deflated.expand)."""
+    from .deflated import expand
     from .formats import detect  # imports every adapter: only when a file is really stored
 
     layout = detect(path)
-    spans = spans_of(layout)
-    if started is not None:
-        started()
-    with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
-        size, file_id, chunked, stamp = _native.scan_file(path, native_spans(spans), chunk_bytes, p)
-    return Scanned(path, layout, spans, size, file_id, chunked, stamp, chunk_bytes)
+    expanded, layout = expand(path, layout, known)
+    try:
+        spans = spans_of(layout)
+        if started is not None:
+            started()
+        with Progress(f"hashing {os.path.basename(path)}", layout.size, progress) as p:
+            source = expanded.path if expanded is not None else path
+            size, file_id, chunked, stamp = _native.scan_file(source, native_spans(spans), chunk_bytes, p)
+    except BaseException:
+        if expanded is not None:
+            expanded.close()
+        raise
+    return Scanned(path, layout, spans, size, file_id, chunked, stamp, chunk_bytes, expanded=expanded)
 
 
 def add_file(
@@ -153,7 +176,25 @@ def add_file(
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs (and keep files) of an add that was killed
     remove_stale(store.state_dir / "plans", PLAN_TEMP)
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
-        scanned = scan(path, chunk_bytes, progress)
+        scanned = scan(path, chunk_bytes, progress, known=_deflated_of(store, base))
+    try:
+        return _add_scanned(store, path, chunk_bytes, progress, scanned, base, max_depth, factors, lossy)
+    finally:
+        if scanned.expanded is not None:
+            scanned.expanded.close()
+
+
+def _add_scanned(
+    store: GitStore,
+    path: str,
+    chunk_bytes: int,
+    progress: bool | None,
+    scanned: Scanned,
+    base: Pointer | None,
+    max_depth: int,
+    factors: dict[str, Factors] | None,
+    lossy: dict[str, dict[str, Any]] | None,
+) -> AddResult:
     layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
     entries: list[SpanEntry] = []
     all_chunks: dict[bytes, ScannedChunk] = {}
@@ -171,7 +212,8 @@ def add_file(
         )
         for c in chunks:
             all_chunks.setdefault(c[3], c)
-    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}))
+    deflated = scanned.expanded.deflated if scanned.expanded is not None else None
+    manifest = Manifest(layout.format, size, file_id, chunk_bytes, entries, layout.metadata, layout.note, dict(lossy or {}), deflated)
     mbytes = manifest.to_bytes()
 
     # Shared from the lookup of stored frames until the version's ref names them (_add_frames lets
@@ -224,7 +266,7 @@ def _add_frames(
     """The rest of `add_file`: one pack holding the `todo` chunks' frames (and `deltas`' coded
     chunks), then the version's objects; `frames` holds the chunks already stored. `reading` holds
     the shared pack lock: closed once the version's ref is written, before the rollup."""
-    layout, size, file_id = scanned.layout, scanned.size, scanned.file_id
+    layout = scanned.layout
     manifest_id = _native.chunk_id(mbytes)
     frames = dict(frames)
     # One pack per add: the new frames, then the version's objects (which name the frames).
@@ -243,7 +285,7 @@ def _add_frames(
     store.record_chunks(new)
     # Before the plan is saved: a rollup moves the frames the plan names.
     rolled = packs.settle(store, [pack] if pack is not None else [])
-    pointer = Pointer(manifest_id, size, file_id, len(manifest.tensors), layout.format)
+    pointer = Pointer(manifest_id, manifest.file_size, manifest.file_blake3, len(manifest.tensors), layout.format)
     # Where each chunk is, for the next checkout of this version (an old version, the usual case):
     # it then starts streaming at once (plan.load_plan). The new frames' places are known; a rollup
     # of the tier the pack joined moved them, and the pack indexes say where to.
@@ -253,7 +295,7 @@ def _add_frames(
     return AddResult(
         pointer,
         manifest,
-        size,
+        manifest.file_size,
         len(new),
         sum(1 for cid in all_chunks if cid not in new),
         sum(f.frame_len for f in new.values()),
@@ -286,7 +328,7 @@ def _write_version(
             if scanned.buffers is not None:
                 written = builder.write_buffers(scanned.buffers, todo, p)
             else:
-                written = builder.write_file(path, todo, stamp, p)
+                written = builder.write_file(scanned.source, todo, stamp, p)
             if deltas is not None and deltas.jobs:
                 written += builder.write_deltas(
                     deltas.jobs,
@@ -294,7 +336,7 @@ def _write_version(
                     store.read_object,
                     deltas.plan.native_bases(),
                     max_depth,
-                    path=path if scanned.buffers is None else None,
+                    path=scanned.source if scanned.buffers is None else None,
                     stamp=stamp,
                     buffers=scanned.buffers,
                     progress=p,
@@ -316,6 +358,16 @@ def _write_version(
             store.refresh()
     pack = os.fspath(finished[0]) if finished[0] is not None else None
     return written, new, frames, pack
+
+
+def _deflated_of(store: GitStore, base: Pointer | None) -> Deflated | None:
+    """The deflated members of version `base`, if it is here and has any."""
+    if base is None:
+        return None
+    try:
+        return load_manifest(store, base.manifest_id).deflated
+    except (ObjectNotFound, CorruptObject):
+        return None
 
 
 @dataclass
@@ -447,20 +499,20 @@ def _restore_locked(store: GitStore, pointer: Pointer, dest: str, progress: bool
     fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}_", dir=folder)
     os.close(fd)
     try:
-        with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
-            try:
-                _native.restore_file(tmp, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, p, plan.native_bases())
-            except ThetaStoreError as e:
-                raise _damaged_version(e, dest, pointer, damaged_chunk(plan, store.read_object)) from None
-            except OSError as e:
-                from .errors import disk_full
-                from .sizes import human_size
+        try:
+            with Progress(f"restoring {os.path.basename(dest)}", manifest.size, progress) as p:
+                if manifest.deflated is None:
+                    _restore(store, plan, tmp, dest, pointer, p)
+                else:
+                    _restore_deflated(store, plan, manifest.deflated, tmp, dest, pointer, p)
+        except OSError as e:
+            from .errors import disk_full
+            from .sizes import human_size
 
-                what = f"restoring it ({human_size(plan.size)})"
-                full = disk_full(e, dest, folder, what, "the file was left as it was")
-                if full is None:
-                    raise
-                raise full from None
+            full = disk_full(e, dest, folder, f"restoring it ({human_size(plan.size)})", "the file was left as it was")
+            if full is None:
+                raise
+            raise full from None
         try:
             os.chmod(tmp, os.stat(dest).st_mode & 0o7777)
         except FileNotFoundError:
@@ -471,6 +523,32 @@ def _restore_locked(store: GitStore, pointer: Pointer, dest: str, progress: bool
             os.unlink(tmp)
         raise
     return manifest
+
+
+def _restore(store: GitStore, plan: ReadPlan, out: str, dest: str, pointer: Pointer, progress: Callable[[int], object] | None) -> None:
+    from .errors import ThetaStoreError
+
+    try:
+        _native.restore_file(out, plan.native(), plan.packs, plan.size, plan.blake3, store.read_object, progress, plan.native_bases())
+    except ThetaStoreError as e:
+        raise _damaged_version(e, dest, pointer, damaged_chunk(plan, store.read_object)) from None
+
+
+def _restore_deflated(
+    store: GitStore, plan: ReadPlan, deflated: Deflated, out: str, dest: str, pointer: Pointer, progress: Callable[[int], object] | None
+) -> None:
+    """Restore the expanded file to a nameless temporary beside `out`, then deflate its members
+    back into `out` (theta_store.deflated)."""
+    from .deflated import rebuild, temporary
+    from .errors import ThetaStoreError
+
+    with temporary(out) as expanded:
+        path = f"/proc/self/fd/{expanded.fileno()}"
+        _restore(store, plan, path, dest, pointer, progress)
+        try:
+            rebuild(path, out, deflated)
+        except ThetaStoreError as e:
+            raise _damaged_version(e, dest, pointer, "") from None
 
 
 def _damaged_version(e: Exception, dest: str, pointer: Pointer, chunk: str) -> Exception:

@@ -196,7 +196,7 @@ def version_log(store: Any, specs: list[str]) -> dict[str, Any]:
             files.setdefault(w.path, []).append(entry)
             continue
         prev = last.get(w.path)
-        entry.update(size=m.size, stored=sum(frames[c].frame_len for c in m.chunk_ids() if c in frames))
+        entry.update(size=m.file_size, stored=sum(frames[c].frame_len for c in m.chunk_ids() if c in frames))
         entry["added"] = sum(f.frame_len for cid, f in frames.items() if prev is None or cid not in prev[1])
         if prev is None:
             entry.update(summary=None, summary_line=f"added: {len(m.tensors)} tensors")

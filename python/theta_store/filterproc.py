@@ -435,6 +435,9 @@ class FilterServer:
                 raise
             except Exception as e:  # fail before announcing success when we can
                 raise _damaged(ptr, e) from None
+        if plan.deflated is not None:
+            self._smudge_rebuilt(pathname, ptr, plan)
+            return
         if self.skip_errors:
             # Once git has "status=success" the file can only fail, not become its pointer: decode
             # the version once to nowhere first, so damage is found while the pointer can still go.
@@ -459,6 +462,41 @@ class FilterServer:
             return
         self.done += 1
         self.done_bytes += plan.size
+        self.rest()
+        self.io.flush_pkt()
+        self.io.flush_pkt()
+
+    def _smudge_rebuilt(self, pathname: str, ptr: Pointer, plan: ReadPlan) -> None:
+        """Smudge a file stored expanded (theta_store.deflated): deflating cannot keep up with a
+        stream, so the file is rebuilt and checked on disk first (nameless temporaries in the
+        state folder), then sent; any damage is found before git has "status=success"."""
+        from .deflated import rebuild, temporary
+
+        assert plan.deflated is not None
+        near = os.path.join(self.repo.state_dir, "smudge")
+        with temporary(near) as expanded, temporary(near) as real:
+            xp, rp = f"/proc/self/fd/{expanded.fileno()}", f"/proc/self/fd/{real.fileno()}"
+            try:
+                _native.restore_file(
+                    xp, plan.native(), plan.packs, plan.size, plan.blake3, self.repo.read_object, None, plan.native_bases()
+                )
+                rebuild(xp, rp, plan.deflated)
+            except Exception as e:
+                raise _damaged(ptr, e, damaged_chunk(plan, self.repo.read_object)) from None
+            expanded.close()
+            self.io.write_text("status=success")
+            self.io.flush_pkt()
+            try:
+                _native.send_path(f"/dev/fd/{self.out_fd}", rp)
+            except Exception as e:  # git drops what it got so far
+                self.failed_count += 1
+                self.say(f"theta-store: smudge {pathname}: {_message(_damaged(ptr, e))}")
+                self.io.flush_pkt()
+                self.io.write_text("status=error")
+                self.io.flush_pkt()
+                return
+        self.done += 1
+        self.done_bytes += plan.deflated.size
         self.rest()
         self.io.flush_pkt()
         self.io.flush_pkt()

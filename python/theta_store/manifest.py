@@ -3,7 +3,9 @@
 
 A *manifest* (msgpack, maps with sorted keys, no timestamps) lists the spans that tile a file in
 order: skeleton spans (opaque bytes) and tensor spans (name, dtype, shape), each with its chunks
-as ``[chunk_id, length]``. Its id is the BLAKE3 of its bytes.
+as ``[chunk_id, length]``. Its id is the BLAKE3 of its bytes. An ``.npz`` stored as its expanded
+file (theta_store.deflated) has spans that tile the expanded file, and ``deflated`` records the real
+file and how to deflate its members back (manifest version 2).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from typing import Any
 
 import msgpack
 
+from .deflated import Deflated
 from .errors import CorruptObject
 from .pointer import POINTER_MAX, POINTER_VERSION, Pointer, looks_like_pointer
 
 MANIFEST_TYPE = "theta-store/manifest"
 MANIFEST_VERSION = 1
+# The version of a manifest that tiles an expanded file (deflated members inflated, `deflated`):
+# a build that does not know it refuses it rather than restore the expanded bytes.
+MANIFEST_VERSION_DEFLATED = 2
 __all__ = ["POINTER_MAX", "POINTER_VERSION", "Manifest", "Pointer", "SpanEntry", "looks_like_pointer"]
 
 
@@ -56,6 +62,17 @@ class Manifest:
     note: str = ""
     # Tensors stored as approximations (`add --lossy`): name -> {"method", "rank", "rel_err"}.
     lossy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # When the spans tile the expanded file of the real one (theta_store.deflated): its members.
+    deflated: Deflated | None = None
+
+    @property
+    def file_size(self) -> int:
+        """The size of the file as the user has it (`size` is what the spans tile)."""
+        return self.deflated.size if self.deflated is not None else self.size
+
+    @property
+    def file_blake3(self) -> bytes:
+        return self.deflated.blake3 if self.deflated is not None else self.blake3
 
     @property
     def tensors(self) -> list[SpanEntry]:
@@ -67,7 +84,7 @@ class Manifest:
     def to_bytes(self) -> bytes:
         obj = {
             "type": MANIFEST_TYPE,
-            "version": MANIFEST_VERSION,
+            "version": MANIFEST_VERSION if self.deflated is None else MANIFEST_VERSION_DEFLATED,
             "format": self.format,
             "file": {"size": self.size, "blake3": self.blake3},
             "chunk_bytes": self.chunk_bytes,
@@ -75,6 +92,8 @@ class Manifest:
             "metadata": self.metadata,
             "note": self.note,
         }
+        if self.deflated is not None:
+            obj["deflated"] = self.deflated.to_obj()
         if self.lossy:  # absent when empty: a lossless manifest keeps the bytes (and id) it always had
             obj["lossy"] = self.lossy
         return bytes(msgpack.packb(_sorted(obj), use_bin_type=True))
@@ -97,8 +116,13 @@ class Manifest:
     def _from_obj(cls, obj: Any) -> Manifest:
         if not isinstance(obj, dict) or obj.get("type") != MANIFEST_TYPE:
             raise _Bad("not a theta-store manifest")
-        if obj.get("version") != MANIFEST_VERSION:
-            raise _Bad(f"manifest version {obj.get('version')!r} is not supported (this build reads {MANIFEST_VERSION})")
+        version = obj.get("version")
+        if version not in (MANIFEST_VERSION, MANIFEST_VERSION_DEFLATED) or isinstance(version, bool):
+            raise _Bad(
+                f"manifest version {version!r} is not supported (this build reads {MANIFEST_VERSION} and {MANIFEST_VERSION_DEFLATED})"
+            )
+        if (version == MANIFEST_VERSION_DEFLATED) != ("deflated" in obj):
+            raise _Bad(f"manifest version {version} {'lacks' if version == MANIFEST_VERSION_DEFLATED else 'has'} a 'deflated' map")
         f = _field(obj, "file", dict, "file")
         size = _count(f.get("size"), "file.size")
         blake3 = _field(f, "blake3", bytes, "file.blake3")
@@ -137,6 +161,12 @@ class Manifest:
         if pos != size:
             raise _Bad(f"spans cover {pos} bytes, file has {size}")
         lossy = _field(obj, "lossy", dict, "lossy", {}) or {}
+        deflated = None
+        if "deflated" in obj:
+            try:
+                deflated = Deflated.from_obj(obj["deflated"], size)
+            except ValueError as e:
+                raise _Bad(str(e)) from None
         return cls(
             _field(obj, "format", str, "format"),
             size,
@@ -146,6 +176,7 @@ class Manifest:
             _field(obj, "metadata", dict, "metadata", {}),
             _field(obj, "note", str, "note", ""),
             dict(lossy),
+            deflated,
         )
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from typing import Protocol
 
+    from .deflated import Deflated
     from .manifest import Manifest
     from .pointer import Pointer
 
@@ -138,24 +139,33 @@ class PlannedChunk:
 class ReadPlan:
     """What the core needs to rebuild a file: the packs, its chunks in file order, its size and
     BLAKE3, and the other chunks its delta frames are decoded against (`bases`: chunks of earlier
-    versions and low-rank factors, length 0 as the plan does not need it)."""
+    versions and low-rank factors, length 0 as the plan does not need it). `deflated`: when the
+    chunks make the expanded file of the real one, its deflated members (theta_store.deflated)."""
 
-    __slots__ = ("_starts", "bases", "blake3", "chunks", "packs", "size")
+    __slots__ = ("_starts", "bases", "blake3", "chunks", "deflated", "packs", "size")
 
     packs: list[str]
     chunks: list[PlannedChunk]
     size: int
     blake3: bytes
     bases: list[PlannedChunk]
+    deflated: Deflated | None
 
     def __init__(
-        self, packs: list[str], chunks: list[PlannedChunk], size: int, blake3: bytes, bases: list[PlannedChunk] | None = None
+        self,
+        packs: list[str],
+        chunks: list[PlannedChunk],
+        size: int,
+        blake3: bytes,
+        bases: list[PlannedChunk] | None = None,
+        deflated: Deflated | None = None,
     ) -> None:
         self.packs = packs
         self.chunks = chunks
         self.size = size
         self.blake3 = blake3
         self.bases = bases or []
+        self.deflated = deflated
         self._starts: list[int] | None = None
 
     def __eq__(self, other: object) -> bool:
@@ -312,7 +322,7 @@ def plan_from_store(
     named = {b for f in frames.values() for b in f.bases}
     extra = sorted(cid for cid in frames if cid not in held or cid in named)
     packs, chunks = locate(store, manifest_id, mine + [(cid, 0) for cid in extra], frames, known)
-    return ReadPlan(packs, chunks[: len(mine)], manifest.size, manifest.blake3, chunks[len(mine) :])
+    return ReadPlan(packs, chunks[: len(mine)], manifest.size, manifest.blake3, chunks[len(mine) :], manifest.deflated)
 
 
 def plan_for(store: VersionStore, pointer: Pointer, *, manifest: Manifest | None = None, where: str = "") -> ReadPlan:
@@ -325,10 +335,10 @@ def plan_for(store: VersionStore, pointer: Pointer, *, manifest: Manifest | None
     """
     if manifest is None:
         manifest = load_manifest(store, pointer.manifest_id)
-    if manifest.blake3 != pointer.blake3 or manifest.size != pointer.size:
+    if manifest.file_blake3 != pointer.blake3 or manifest.file_size != pointer.size:
         raise PointerError(
             f"{where + ': ' if where else ''}pointer and stored version {pointer.manifest_id.hex()[:16]} disagree on the file"
-            f" (size {pointer.size} vs {manifest.size}, BLAKE3 {pointer.blake3.hex()[:16]} vs {manifest.blake3.hex()[:16]})",
+            f" (size {pointer.size} vs {manifest.file_size}, BLAKE3 {pointer.blake3.hex()[:16]} vs {manifest.file_blake3.hex()[:16]})",
             hint="the pointer was edited: check out another commit, or commit the checkpoint again",
         )
     plan = plan_from_store(store, pointer.manifest_id, manifest)
@@ -407,6 +417,8 @@ def _is_id(value: object, n: int) -> bool:
 
 def save_plan(state_dir: str | os.PathLike[str], pointer: Pointer, plan: ReadPlan) -> None:
     """Keep `plan` for the next checkout of this version (best effort: it is only a cache)."""
+    if plan.deflated is not None:
+        return  # its restore needs the manifest's members anyway
     if any(c.location is None for c in [*plan.chunks, *plan.bases]):
         return  # a loose object: read through the object store each time
     import msgpack

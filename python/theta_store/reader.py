@@ -102,7 +102,7 @@ class CheckpointReader:
         self.manifest = manifest
         self.path = path
         self._views = tensor_views(manifest)
-        self._pointer = pointer or Pointer(manifest_id, manifest.size, manifest.blake3, len(manifest.tensors), manifest.format)
+        self._pointer = pointer or Pointer(manifest_id, manifest.file_size, manifest.file_blake3, len(manifest.tensors), manifest.format)
         self._plan: ReadPlan | None = None
         # A version whose frames are in a chunk store: each read fetches the frames it needs.
         self._lazy = lazy

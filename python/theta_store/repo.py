@@ -166,6 +166,11 @@ class Repo:
             if spec is not None and against is not None:
                 if scanned is None or scanned.path != path:
                     scanned = scan(path, chunk_bytes, progress)
+                if scanned.expanded is not None:  # its regions are in the expanded file, not in this one
+                    raise InvalidArgument(
+                        f"{rel}: --lossy cannot rewrite the arrays of deflated .npz members",
+                        hint="save it with np.savez (uncompressed) to store approximations",
+                    )
                 lossy_factors, approximated = apply_lossy(self.store, scanned, against, spec)
                 factors.update(lossy_factors)
                 if approximated:
@@ -499,8 +504,8 @@ class Repo:
         return {
             "path": self.relpath(path),
             "format": m.format,
-            "size": m.size,
-            "blake3": m.blake3.hex(),
+            "size": m.file_size,
+            "blake3": m.file_blake3.hex(),
             "manifest": p.manifest_id.hex(),
             "tensors": len(tensor_views(m)),
             "stored": sum(frames[c].frame_len for c in unique if c in frames),
@@ -557,7 +562,7 @@ class Repo:
                 {
                     "manifest": mid.hex(),
                     "format": m.format,
-                    "size": m.size,
+                    "size": m.file_size,
                     "tensors": len(m.tensors),
                     "stored": sum(fr[c].frame_len for c in ids if c in fr),
                     "added": added,

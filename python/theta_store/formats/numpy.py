@@ -5,9 +5,11 @@
 our own (no ``eval``, no ``ast``, no pickle), then the raw array bytes: one region.
 
 ``.npz``: a ZIP archive of ``NAME.npy`` members. A stored member's array bytes are a region named
-``NAME`` at their absolute offset in the file. A deflated member stays in the skeleton (its deflate
-stream cannot in general be reproduced byte-exactly from the array): its header is still read
-(by inflating only the first bytes) so ``metadata["arrays"]`` lists every array, stored or not.
+``NAME`` at their absolute offset in the file. A deflated member's header is read by inflating
+only its first bytes, so ``metadata["arrays"]`` lists every array, stored or deflated; the file's
+regions are those of stored members. When the pinned zlib reproduces the deflated members, the
+file is stored as its expanded file instead (theta_store.deflated), whose layout
+(`expanded_layout`) has a region for every array.
 
 dtypes: little-endian (or byte-order-free) ``b1 i1 i2 i4 i8 u1 u2 u4 u8 f2 f4 f8`` map to
 BOOL/I8/.../F64. Big-endian, complex, datetime, string and void arrays keep a region whose dtype is
@@ -26,7 +28,7 @@ import re
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any, BinaryIO, ClassVar
+from typing import IO, Any, BinaryIO, ClassVar
 
 from ..errors import FormatError
 from . import _zip, raw
@@ -158,8 +160,55 @@ def _parse_npz(path: str, f: BinaryIO, size: int) -> Layout:
         arrays.append(info)
     regions.sort(key=lambda r: (r.offset, r.length))
     if any(a["compressed"] for a in arrays):
-        notes.append("deflated members are kept in the skeleton (their compressed bytes are not reproducible from the arrays)")
+        notes.append("deflated members kept compressed in the skeleton")
     return Layout(NAME, size, regions, metadata={"container": "npz", "arrays": arrays}, note="; ".join(notes))
+
+
+def deflated_members(path: str, layout: Layout) -> list[_zip.ZipEntry]:
+    """The deflated members of an .npz whose arrays `layout` lists, in file order."""
+    arrays = layout.metadata.get("arrays") if layout.format == NAME and layout.metadata.get("container") == "npz" else None
+    wanted = {a["member"] for a in arrays or [] if a.get("compressed")}
+    if not wanted:
+        return []
+    with open(path, "rb") as f:
+        entries = _zip.read_directory(path, f, layout.size)
+    found = [e for e in entries if e.name in wanted and e.method == _zip.DEFLATED and not e.encrypted]
+    return sorted(found, key=lambda e: e.data_offset)
+
+
+def expanded_layout(path: str, layout: Layout, members: list[tuple[str, int, int, int, int]], f: IO[bytes]) -> Layout:
+    """The layout of the expanded file `f` of the .npz that `layout` describes: its `members`
+    ((name, offset, compressed length, offset in `f`, inflated length), in file order) inflated
+    in place, each array a region."""
+    regions: list[TensorRegion] = []
+    growth: list[tuple[int, int]] = []  # (file offset, what the members before it grew)
+    grown = 0
+    for name, packed_offset, packed_len, offset, length in members:
+
+        def get(n: int, offset: int = offset, length: int = length) -> bytes:
+            f.seek(offset)
+            return f.read(min(n, length))
+
+        h = _read_header(path, f"member {name!r} header", get, length)
+        if h.data_start + h.nbytes > length:
+            raise FormatError(
+                path,
+                f"member {name!r}",
+                f"{h.descr} shape {list(h.shape)} needs {h.nbytes} bytes but the member holds {length - h.data_start}",
+            )
+        regions.append(TensorRegion(name[:-4], h.dtype, h.shape, offset + h.data_start, h.nbytes, h.itemsize))
+        grown += length - packed_len
+        growth.append((packed_offset, grown))
+    for r in layout.regions:
+        shift = 0
+        for at, g in growth:  # a member can shrink when inflated (stored blocks): take the last before
+            if at < r.offset:
+                shift = g
+        regions.append(TensorRegion(r.name, r.dtype, r.shape, r.offset + shift, r.length, r.align))
+    regions.sort(key=lambda r: (r.offset, r.length))
+    note = "deflated members are stored inflated (deflated again on restore by the pinned zlib, checked)"
+    kept = [n for n in layout.note.split("; ") if n and not n.startswith("deflated members")]
+    return Layout(NAME, layout.size + grown, regions, metadata=layout.metadata, note="; ".join([*kept, note]))
 
 
 def _read_header(path: str, where: str, get: Callable[[int], bytes], avail: int) -> _Header:

@@ -10,6 +10,7 @@
 //! - [`pack`]: Git pack and index writing (zlib level 0), plain-blob reads.
 //! - [`pipeline`]: whole files: scan, write the new chunks, read them back.
 //! - [`store`]: where frames go and come from: the sink and source seams, Git packs, memory.
+//! - [`reflate`]: deflated ZIP members kept inflated, and deflated back byte-exactly (pinned zlib).
 //! - [`pktline`]: git's pkt-line content framing for the filter process.
 //! - [`tensordelta`]: one changed tensor coded against its base, the smallest frame per chunk.
 //! - [`sha1x16`]: Git object ids of many blobs at once (AVX-512 lanes).
@@ -25,6 +26,7 @@ pub mod mapped;
 pub mod pack;
 pub mod pipeline;
 pub mod pktline;
+pub mod reflate;
 pub mod sha1x16;
 pub mod sparse;
 pub mod store;

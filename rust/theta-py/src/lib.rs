@@ -13,6 +13,7 @@ use theta_core::frame::{self, ChunkId};
 use theta_core::pack::{self, ObjectId};
 use theta_core::pipeline::input::{Buffers, FileInput, Input};
 use theta_core::pipeline::{self, read, Chunk, Progress, RestoreChunk, Span, Written};
+use theta_core::reflate;
 use theta_core::sha1x16;
 use theta_core::store::{FrameRef, FrameSink, GitPacks, Location, ObjectStore, PackSink};
 use theta_core::{DType, Error};
@@ -961,6 +962,109 @@ fn send_file(
     )
 }
 
+/// A deflated member as `expand_file` and `reflate_file` take it:
+/// (packed offset, packed length, plain offset, plain length, CRC-32).
+type MemberTuple = (u64, u64, u64, u64, u32);
+/// Deflate parameters: (level, wbits, memLevel, strategy).
+type ParamsTuple = (i32, i32, i32, i32);
+
+fn member(t: MemberTuple) -> reflate::Member {
+    reflate::Member {
+        packed_offset: t.0,
+        packed_len: t.1,
+        plain_offset: t.2,
+        plain_len: t.3,
+        crc32: t.4,
+    }
+}
+
+/// Write the expanded file of `src` (the deflated `members`, sorted, inflated in place) to
+/// `dst`; per member (the deflate parameters that reproduce it exactly with the pinned zlib,
+/// "", BLAKE3 of its compressed bytes) or (None, why it is kept compressed, ...). `known`:
+/// [(BLAKE3 of compressed bytes, parameters)] verified at an earlier add, taken as they are.
+#[pyfunction]
+#[pyo3(signature = (src, dst, members, known=Vec::new()))]
+#[allow(clippy::type_complexity)]
+fn expand_file<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+    members: Vec<MemberTuple>,
+    known: Vec<(Vec<u8>, ParamsTuple)>,
+) -> PyResult<Vec<(Option<ParamsTuple>, String, Bound<'py, PyBytes>)>> {
+    let members: Vec<reflate::Member> = members.into_iter().map(member).collect();
+    let known = known
+        .into_iter()
+        .map(|(id, p)| Ok((id32(&id, "packed id")?, params(p))))
+        .collect::<PyResult<std::collections::HashMap<_, _>>>()?;
+    let out = py
+        .detach(|| reflate::expand_file(&src, &dst, &members, &known))
+        .map_err(to_py)?;
+    Ok(out
+        .into_iter()
+        .map(|(o, id)| {
+            let id = PyBytes::new(py, &id);
+            match o {
+                reflate::Outcome::Reproduced(p) => (
+                    Some((p.level, p.wbits, p.mem_level, p.strategy)),
+                    String::new(),
+                    id,
+                ),
+                reflate::Outcome::Kept(why) => (None, why, id),
+            }
+        })
+        .collect())
+}
+
+fn params(p: ParamsTuple) -> reflate::Params {
+    reflate::Params {
+        level: p.0,
+        wbits: p.1,
+        mem_level: p.2,
+        strategy: p.3,
+    }
+}
+
+/// Rebuild a file (`size` bytes, BLAKE3 `file_id`) at `dst` from its expanded form `src`: each
+/// member deflated back with its parameters, CRC-32 and size checked, fsynced.
+#[pyfunction]
+#[pyo3(signature = (src, dst, members, size, file_id, progress=None))]
+fn reflate_file(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    members: Vec<(MemberTuple, ParamsTuple)>,
+    size: u64,
+    file_id: Vec<u8>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let file_id = id32(&file_id, "file id")?;
+    let members: Vec<(reflate::Member, reflate::Params)> = members
+        .into_iter()
+        .map(|(m, p)| (member(m), params(p)))
+        .collect();
+    let errors = ErrorSlot(Mutex::new(None));
+    let p = PyProgress {
+        callback: progress.as_ref(),
+        errors: &errors,
+    };
+    let r = py.detach(|| reflate::reflate_file(&src, &dst, &members, size, &file_id, &p));
+    errors.finish(r)
+}
+
+/// Send the file `src` as pkt-line content packets to `out_path` (the filter's stdout).
+#[pyfunction]
+fn send_path(py: Python<'_>, out_path: PathBuf, src: PathBuf) -> PyResult<()> {
+    py.detach(|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&out_path)
+            .map_err(|e| Error::io(out_path.display().to_string(), e))?;
+        reflate::send_path(&mut f, &src)
+    })
+    .map_err(to_py)
+}
+
 /// Clean: read pkt-line content packets up to the flush packet from `in_path` (the filter's
 /// stdin, e.g. "/dev/fd/0"), hashing them; with `compare`, compared with the work-tree file
 /// `worktree` and copied to a file in `spill_dir` from the first difference on. Returns
@@ -1152,6 +1256,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_joined, m)?)?;
     m.add_function(wrap_pyfunction!(frame_kind, m)?)?;
     m.add_function(wrap_pyfunction!(send_file, m)?)?;
+    m.add_function(wrap_pyfunction!(expand_file, m)?)?;
+    m.add_function(wrap_pyfunction!(reflate_file, m)?)?;
+    m.add_function(wrap_pyfunction!(send_path, m)?)?;
     m.add_function(wrap_pyfunction!(receive_content, m)?)?;
     m.add_function(wrap_pyfunction!(write_objects, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_chunk_len, m)?)?;
