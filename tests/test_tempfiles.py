@@ -26,7 +26,7 @@ M = "model.safetensors"
 # folders) and ours (tmp_pack_theta_*, *.tmp, .NAME.theta-tmp.*, clean-* spills, upload-* folders).
 TEMP = re.compile(r"^tmp_|^tmp-|\.tmp|theta-tmp|theta-lossy|^clean-|^upload-|^incoming-|\.lock$")
 # Lock files that stay by design: flock(2) targets, never renamed into place.
-DURABLE = {"packs.lock", "transport.lock"}
+DURABLE = {"packs.lock", "versions.lock", "transport.lock"}
 
 
 @pytest.fixture(autouse=True)
@@ -187,10 +187,13 @@ def test_a_signal_in_the_middle_of_a_fetch_leaves_nothing(tmp_path: Path) -> Non
     b = tmp_path / "b"
     g(tmp_path, "clone", "-q", f"file://{remote}", str(b), env={"THETA_STORE_SKIP_SMUDGE": "1"})
     g(b, "config", "transfer.unpackLimit", "1")  # a pack even for few objects, as for a large version
-    pack_dir = b / ".git" / "objects" / "pack"
+    objects = b / ".git" / "objects"
     proc = subprocess.Popen([sys.executable, "-m", "theta_store", "pull"], cwd=b, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
-    while not any(n.startswith("tmp_pack_") for n in os.listdir(pack_dir)):
+    # git writes the pack into the fetch's quarantine folder (objects/theta-incoming-*/pack)
+    while not any(p.name.startswith("tmp_pack_") for p in objects.glob("*/pack/*")) and not any(
+        p.name.startswith("tmp_pack_") for p in objects.glob("pack/*")
+    ):
         assert proc.poll() is None, f"the pull ended before git began its pack: {proc.communicate()}"
         assert time.monotonic() < deadline
         time.sleep(0.001)

@@ -163,6 +163,7 @@ def add_file(
     max_depth: int = DEFAULT_DELTA_DEPTH,
     factors: dict[str, Factors] | None = None,
     lossy: dict[str, dict[str, Any]] | None = None,
+    before_store: Callable[[], object] | None = None,
 ) -> AddResult:
     """Store the file at `path` and return its pointer. Nothing is changed if anything fails.
     `scanned`: the file's scan, if it was done already (with this path and chunk size).
@@ -170,7 +171,9 @@ def add_file(
     kept its name, shape and dtype is coded against its chunks there, chunk by chunk as the
     smallest of the plain frame and the deltas, at most `max_depth` deltas deep (0: no deltas).
     `factors`: low-rank predictors of the change per tensor name (a LoRA adapter's).
-    `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy)."""
+    `lossy`: what the manifest records of tensors that are approximations (lossy.apply_lossy).
+    `before_store`: called once the file is read and parsed, before anything is written (where a
+    caller takes its locks, so that a file refused writes nothing, not even a lock file)."""
     from .gitstore import remove_stale
 
     remove_stale(store.pack_dir, "tmp_pack_theta_")  # packs (and keep files) of an add that was killed
@@ -178,6 +181,8 @@ def add_file(
     if scanned is None or scanned.path != path or scanned.chunk_bytes != chunk_bytes:
         scanned = scan(path, chunk_bytes, progress, known=_deflated_of(store, base))
     try:
+        if before_store is not None:
+            before_store()
         return _add_scanned(store, path, chunk_bytes, progress, scanned, base, max_depth, factors, lossy)
     finally:
         if scanned.expanded is not None:

@@ -765,6 +765,9 @@ class GitStore:
             # Read the index under git's index.lock: an entry another process (git, or a second
             # add) staged since we started is kept, not overwritten by an older copy.
             with LockFile(lock, INDEX_LOCK_WAIT) as held:
+                # dulwich's own lock on the file it writes: one left here is a killed writer's (it
+                # held index.lock, which is ours now)
+                lock.with_name(lock.name + ".lock").unlink(missing_ok=True)
                 index = self.repo.open_index()
                 index[relpath.encode()] = entry
                 # dulwich writes `<name>.lock`, then renames it to <name>: here onto the index.lock

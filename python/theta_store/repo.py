@@ -16,7 +16,7 @@ import mmap
 import os
 import stat
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,9 +113,16 @@ class Repo:
         `lossy`: "low-rank:rtol=T" or "low-rank:rank=R" stores each changed 2-D float tensor as
         the base plus a low-rank approximation, rewriting the file to match (lossy.py)."""
         # Shared from before the first version is stored until the last pointer is staged: gc
-        # (exclusive) never drops a version in between.
-        with version_lock(self.store.state_dir, shared=True) if stage else contextlib.nullcontext(True):
-            return self._add(paths, stage, progress, chunk_bytes, scanned, base, lora, lossy)
+        # (exclusive) never drops a version in between. Taken once a file has been read and parsed.
+        with contextlib.ExitStack() as held:
+            locked: list[bool] = []
+
+            def lock() -> None:
+                if stage and not locked:
+                    held.enter_context(version_lock(self.store.state_dir, shared=True))
+                    locked.append(True)
+
+            return self._add(paths, stage, progress, chunk_bytes, scanned, base, lora, lossy, lock)
 
     def _add(
         self,
@@ -127,6 +134,7 @@ class Repo:
         base: str | None,
         lora: str | os.PathLike[str] | None,
         lossy: str | None,
+        lock: Callable[[], None],
     ) -> list[AddReport]:
         reports = []
         depth = delta_depth(self.store)
@@ -185,6 +193,7 @@ class Repo:
                 max_depth=depth,
                 factors=factors,
                 lossy=approximated,
+                before_store=lock,
             )
             if stage:
                 self.store.stage_blob(rel, r.pointer.to_bytes())
