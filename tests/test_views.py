@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 import theta_store
 from conftest import FIXTURES, git
+from test_npz_deflated import other_encoder
 
 try:
     import torch
@@ -135,26 +135,6 @@ def npz_arrays() -> dict[str, np.ndarray[Any, Any]]:
         "fortran": np.asfortranarray(rng.standard_normal((5, 3))),
         "half": rng.standard_normal(9).astype(np.float16),
     }
-
-
-def other_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    """np.savez_compressed deflates as another encoder from now on: members the pinned zlib does
-    not reproduce, so they stay opaque (tests/test_npz_deflated.py has numpy's own)."""
-    monkeypatch.setattr(zipfile, "_get_compressor", lambda kind, level=None: SyncFlushing())
-
-
-class SyncFlushing:
-    """zlib level 6 with a sync flush after every write: a valid stream that no plain run of
-    zlib gives (numpy writes the .npy header and the data apart)."""
-
-    def __init__(self) -> None:
-        self.z = zlib.compressobj(6, zlib.DEFLATED, -15)
-
-    def compress(self, data: bytes) -> bytes:
-        return self.z.compress(data) + self.z.flush(zlib.Z_SYNC_FLUSH)
-
-    def flush(self) -> bytes:
-        return self.z.flush()
 
 
 def test_deflated_npz_members_listed_and_read(repo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
