@@ -188,61 +188,9 @@ def _transport_lock(store: GitStore) -> Iterator[None]:
 def _run_transport_shown(store: GitStore, args: list[str], progress: bool, env: dict[str, str] | None = None) -> tuple[int, bytes]:
     """Run git in the transport repository (call with _transport_lock held), with git's stderr
     (its progress) going on to ours as it comes when `progress`, and `env` on top of the
-    transport's; returns the exit status and what git said on stderr. A fetch that fails or is
-    interrupted leaves no partial pack behind."""
-    before = _temp_packs(store.pack_dir)
-    ok = False
-    try:
-        rc, err = run_teeing_stderr(["git", *args], {**_transport(store), **(env or {})}, str(store.worktree), tee=progress)
-        ok = rc == 0
-        return rc, err
-    finally:
-        if not ok:
-            _drop_orphan_packs(store.pack_dir, before)
-
-
-def _temp_packs(pack_dir: Path) -> set[str]:
-    """git's temporary packs and indexes in `pack_dir` (ours, tmp_pack_theta_*, go by pid)."""
-    try:
-        names = os.listdir(pack_dir)
-    except FileNotFoundError:
-        return set()
-    return {n for n in names if n.startswith(("tmp_pack_", "tmp_idx_")) and not n.startswith("tmp_pack_theta_")}
-
-
-def _drop_orphan_packs(pack_dir: Path, before: set[str]) -> None:
-    """Remove the temporary packs that appeared since `before` and that no process has open: git's
-    index-pack leaves its partial pack when a fetch fails or is stopped (git gc drops it only
-    after two weeks), and a version's can be gigabytes."""
-    new = _temp_packs(pack_dir) - before
-    if not new:
-        return
-    held = _open_files()
-    if held is None:
-        return  # no /proc: cannot tell ours from a concurrent fetch's; git gc will remove them
-    for name in new:
-        path = os.path.realpath(pack_dir / name)
-        if path not in held:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-def _open_files() -> set[str] | None:
-    """Every file any process has open (Linux /proc), or None where that cannot be known."""
-    if not os.path.isdir("/proc/self/fd"):
-        return None
-    held: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return held
+    transport's; returns the exit status and what git said on stderr. (A fetch writes into its
+    quarantine folder, `_incoming`: what a failed one half-wrote goes with it.)"""
+    return run_teeing_stderr(["git", *args], {**_transport(store), **(env or {})}, str(store.worktree), tee=progress)
 
 
 INCOMING_PREFIX = "theta-incoming-"
